@@ -1,0 +1,271 @@
+"""Every exception ctlive raises.
+
+One flat module, so users can catch exactly what they mean. Everything descends
+from :class:`CtliveError`, which carries the migration *phase* in which the
+failure happened (when known) and the underlying *cause*. Backend errors (OS,
+anyio, cffi, CRIU) are translated at the boundary where they occur, so they never
+reach the user untranslated.
+
+Sections are grouped by the subsystem that raises them; each subsystem adds its
+own classes inside its section.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AttestationError",
+    "AuthenticationError",
+    "BrokenChannelError",
+    "CertificateChainError",
+    "ChannelError",
+    "CheckpointError",
+    "ClosedChannelError",
+    "ConfigError",
+    "ConnectError",
+    "ConnectTimeoutError",
+    "CriuError",
+    "CriuNotFoundError",
+    "CtliveError",
+    "DeltaFormatError",
+    "HandshakeError",
+    "ImageFormatError",
+    "LocalProtocolError",
+    "MigrationError",
+    "NativeError",
+    "PeerNotAllowedError",
+    "PolicyViolationError",
+    "ProtocolError",
+    "RecordError",
+    "RemoteProtocolError",
+    "ReplayedRecordError",
+    "ReorderedRecordError",
+    "ReportFormatError",
+    "ReportSignatureError",
+    "RestoreError",
+    "TamperedRecordError",
+    "TransportError",
+    "TruncatedStreamError",
+    "VerificationError",
+]
+
+
+class CtliveError(Exception):
+    """Root of every ctlive exception.
+
+    ``phase`` names the migration phase (``"connect"``, ``"attest"``,
+    ``"iterate"``, ``"final-dump"``, ``"restore"``, ``"commit"`` …) when the
+    error happened inside a migration; ``cause`` is the original exception, if
+    any (it is also chained as ``__cause__``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        phase: str | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.phase = phase
+        self.cause = cause
+        if cause is not None:
+            self.__cause__ = cause
+
+    def __str__(self) -> str:
+        if self.phase:
+            return f"[{self.phase}] {self.message}"
+        return self.message
+
+
+class ConfigError(CtliveError):
+    """A configuration value, file or argument is invalid."""
+
+
+# --- native page-diff core -------------------------------------------------
+
+
+class NativeError(CtliveError):
+    """The native core reported an error that is not about its input."""
+
+
+class DeltaFormatError(CtliveError):
+    """A page-record stream is corrupt, truncated or hostile.
+
+    ``offset`` is the byte offset in the stream where decoding stopped.
+    """
+
+    def __init__(self, message: str, *, offset: int | None = None, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.offset = offset
+
+
+# --- CRIU images and checkpoint backends -----------------------------------
+
+
+class ImageFormatError(CtliveError):
+    """A CRIU image file is malformed or truncated.
+
+    ``path`` names the file and ``offset`` the byte offset of the problem.
+    """
+
+    def __init__(
+        self, message: str, *, path: str | None = None, offset: int | None = None, **kw: object
+    ) -> None:
+        where = ""
+        if path is not None:
+            where = f"{path}"
+            if offset is not None:
+                where += f" at offset {offset}"
+            where += ": "
+        super().__init__(where + message, **kw)  # type: ignore[arg-type]
+        self.path = path
+        self.offset = offset
+
+
+class CriuError(CtliveError):
+    """CRIU (or runc/podman driving it) failed. ``log_tail`` holds the end of its log."""
+
+    def __init__(self, message: str, *, log_tail: str = "", **kw: object) -> None:
+        if log_tail:
+            message = f"{message}\n--- log tail ---\n{log_tail}"
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.log_tail = log_tail
+
+
+class CriuNotFoundError(CriuError):
+    """No usable CRIU (>= 4.2) was found. The message says what to run."""
+
+
+class CheckpointError(CtliveError):
+    """A checkpoint backend could not dump, resume or kill the workload."""
+
+
+class RestoreError(CtliveError):
+    """The destination could not restore the workload."""
+
+
+# --- channel: handshake, records, wire protocol, transport -----------------
+
+
+class ChannelError(CtliveError):
+    """Base for errors of the secure channel."""
+
+
+class HandshakeError(ChannelError):
+    """The Noise handshake failed (bad message, bad key, wrong protocol)."""
+
+
+class AuthenticationError(HandshakeError):
+    """The peer could not be authenticated."""
+
+
+class PeerNotAllowedError(AuthenticationError):
+    """The peer's static key is not on the allow-list."""
+
+
+class RecordError(ChannelError):
+    """A received record is not acceptable; the channel is unusable afterwards."""
+
+
+class TamperedRecordError(RecordError):
+    """A record failed authentication: modified or injected bytes."""
+
+
+class ReplayedRecordError(RecordError):
+    """A record arrived a second time."""
+
+
+class ReorderedRecordError(RecordError):
+    """A record arrived out of order, or one in between was dropped."""
+
+
+class TruncatedStreamError(RecordError):
+    """The stream ended without an authenticated close frame."""
+
+
+class ProtocolError(ChannelError):
+    """A frame broke the wire protocol's rules."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to break the protocol (a bug in the caller)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol."""
+
+
+class TransportError(ChannelError):
+    """The network failed underneath the channel."""
+
+
+class ConnectError(TransportError):
+    """Could not connect to the peer."""
+
+
+class ConnectTimeoutError(ConnectError):
+    """Connecting to the peer timed out."""
+
+
+class ClosedChannelError(TransportError):
+    """The channel was used after we closed it."""
+
+
+class BrokenChannelError(TransportError):
+    """The peer or the network broke the connection."""
+
+
+# --- attestation -----------------------------------------------------------
+
+
+class AttestationError(CtliveError):
+    """The destination's attestation evidence was refused."""
+
+
+class ReportFormatError(AttestationError):
+    """An attestation report is malformed (size, signature algorithm, reserved bytes)."""
+
+
+class VerificationError(AttestationError):
+    """The evidence did not verify cryptographically."""
+
+
+class CertificateChainError(VerificationError):
+    """The ARK/ASK/VCEK (or ASVK/VLEK) chain is invalid or untrusted."""
+
+
+class ReportSignatureError(VerificationError):
+    """The report's ECDSA P-384 signature does not verify."""
+
+
+class PolicyViolationError(AttestationError):
+    """The report verified but a policy check refused it.
+
+    ``field`` names the checked field, ``expected`` and ``found`` what the policy
+    wanted and what the report held.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str,
+        expected: object = None,
+        found: object = None,
+        **kw: object,
+    ) -> None:
+        super().__init__(
+            f"{message} (field {field}: expected {expected!r}, found {found!r})",
+            **kw,  # type: ignore[arg-type]
+        )
+        self.field = field
+        self.expected = expected
+        self.found = found
+
+
+# --- migration -------------------------------------------------------------
+
+
+class MigrationError(CtliveError):
+    """A migration failed. ``phase`` says where; the source workload was kept."""

@@ -1,0 +1,3 @@
+#include "ctlive_native.h"
+
+int ctl_version(void) { return 1; }
