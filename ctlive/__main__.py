@@ -1,0 +1,5 @@
+import sys
+
+from ctlive.cli import main
+
+sys.exit(main())
