@@ -32,6 +32,7 @@ __all__ = [
     "LocalProtocolError",
     "MigrationError",
     "NativeError",
+    "PageBufferError",
     "PeerNotAllowedError",
     "PolicyViolationError",
     "ProtocolError",
@@ -87,6 +88,10 @@ class ConfigError(CtliveError):
 
 class NativeError(CtliveError):
     """The native core reported an error that is not about its input."""
+
+
+class PageBufferError(CtliveError):
+    """A buffer handed to the page-diff core has the wrong size or is not writable."""
 
 
 class DeltaFormatError(CtliveError):

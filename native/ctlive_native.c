@@ -1,3 +1,0 @@
-#include "ctlive_native.h"
-
-int ctl_version(void) { return 1; }
