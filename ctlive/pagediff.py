@@ -86,7 +86,7 @@ class DecodeStats:
 def _pages(buf: Buffer, what: str, *, writable: bool = False) -> tuple[object, int]:
     try:
         cbuf = ffi.from_buffer(buf, require_writable=writable)
-    except TypeError as exc:
+    except (TypeError, BufferError) as exc:
         need = "a writable" if writable else "a contiguous"
         raise PageBufferError(f"{what} must be {need} buffer", cause=exc) from exc
     n = len(cbuf)
