@@ -44,12 +44,16 @@ __all__ = [
 PAGE_SIZE: int = lib.CTL_PAGE_SIZE
 """Size of a page in bytes (4096)."""
 
+# Output buffers are sized for the worst case but mostly left unused: skip the
+# zero fill, so untouched pages of a large allocation are never faulted in.
+_alloc_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
+
 MAX_RECORD: int = lib.CTL_MAX_RECORD
 """Worst-case size of one record in a stream; ``encode(limit=...)`` needs at least this."""
 
 _DECODE_ERRORS = {
     lib.CTL_E_TRUNCATED: "stream ends inside a record",
-    lib.CTL_E_TYPE: "unknown record type",
+    lib.CTL_E_TYPE: "invalid record kind",
     lib.CTL_E_INDEX: "page index outside the page array",
     lib.CTL_E_ULEB: "overlong or overflowing ULEB128 length",
     lib.CTL_E_RUN: "run goes past the end of the page",
@@ -167,9 +171,14 @@ def encode(
     cap = worst if limit is None else min(worst, limit)
     if limit is not None and limit < MAX_RECORD and nidx:
         raise PageBufferError(f"limit must be at least {MAX_RECORD} bytes")
-    out = ffi.new("unsigned char[]", max(cap, 1))
+    out = _alloc_uncleared("unsigned char[]", max(cap, 1))
     st = ffi.new("ctl_encode_stats *")
     rc = lib.ctl_encode(cold, cnew, n, cidx, nidx, out, cap, st)
+    if rc == lib.CTL_E_ORDER:
+        # Records carry index gaps, so the stream needs increasing indices.
+        arr = array.array("I", sorted(set(arr)))
+        cidx, nidx = ffi.from_buffer("unsigned int[]", arr), len(arr)
+        rc = lib.ctl_encode(cold, cnew, n, cidx, nidx, out, cap, st)
     if rc == lib.CTL_E_INDEX:
         raise PageBufferError(f"page index {arr[st.consumed]} is outside {n} pages")
     return EncodeResult(

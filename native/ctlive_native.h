@@ -8,23 +8,25 @@
 
 #define CTL_PAGE_SIZE 4096
 
-/* Record types of the page-record stream. */
-#define CTL_REC_ZERO 1
-#define CTL_REC_DELTA 2
-#define CTL_REC_RAW 3
+/* The kind field of a record: 0 = zero page, 1..CTL_MAX_DELTA = delta payload
+ * length, CTL_KIND_RAW = raw page follows. */
+#define CTL_KIND_ZERO 0
+#define CTL_MAX_DELTA 4093
+#define CTL_KIND_RAW 4096
 
-/* Worst-case size of one record: type byte, 5-byte ULEB128 index, raw page. */
-#define CTL_MAX_RECORD 4102
+/* Worst-case size of one record: 5-byte index gap, 2-byte kind, raw page. */
+#define CTL_MAX_RECORD 4103
 
 /* Decoder error codes (all negative; 0 is success). */
 #define CTL_OK 0
 #define CTL_E_TRUNCATED -1   /* the stream ends inside a record */
-#define CTL_E_TYPE -2        /* unknown record type */
+#define CTL_E_TYPE -2        /* invalid kind field */
 #define CTL_E_INDEX -3       /* page index outside the page array */
 #define CTL_E_ULEB -4        /* overlong or overflowing ULEB128 */
 #define CTL_E_RUN -5         /* a run goes past the end of the page */
 #define CTL_E_EMPTY_RUN -6   /* zero-length literal, or zero-length zero run after offset 0 */
 #define CTL_E_LENGTH -7      /* delta payload length inconsistent with its runs */
+#define CTL_E_ORDER -8       /* encoder: indices not strictly increasing */
 
 typedef struct {
     unsigned long long consumed;   /* indices (or pages, when scanning all) processed */
@@ -61,9 +63,9 @@ unsigned long long ctl_changed_pages(const unsigned char *old_pages,
                                      unsigned long long npages, unsigned int *out);
 
 /* Encodes the listed pages (indices == NULL: every page that differs) of new_pages
- * against old_pages into out. Stops before a record that might not fit in out_cap;
- * stats->consumed says how far it got. Returns 0, or CTL_E_INDEX for an index
- * outside the arrays. */
+ * against old_pages into out. Indices must be strictly increasing. Stops before a
+ * record that might not fit in out_cap; stats->consumed says how far it got.
+ * Returns 0, CTL_E_INDEX for an index outside the arrays, or CTL_E_ORDER. */
 int ctl_encode(const unsigned char *old_pages, const unsigned char *new_pages,
                unsigned long long npages, const unsigned int *indices,
                unsigned long long nindices, unsigned char *out, unsigned long long out_cap,

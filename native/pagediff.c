@@ -116,12 +116,8 @@ static inline int page_is_zero(const unsigned char *p) {
 }
 
 static inline int page_equal(const unsigned char *a, const unsigned char *b) {
-    for (int blk = 0; blk < PS; blk += 512) {
-        uint64_t acc = 0;
-        for (int i = 0; i < 512; i += 8) acc |= load64(a + blk + i) ^ load64(b + blk + i);
-        if (acc) return 0;
-    }
-    return 1;
+    /* glibc's memcmp is vectorised and stops at the first difference. */
+    return memcmp(a, b, PS) == 0;
 }
 
 unsigned long long ctl_zero_pages(const unsigned char *pages, unsigned long long npages,
@@ -179,13 +175,10 @@ static inline size_t get_uleb(const unsigned char *in, size_t avail, uint32_t *v
  * a separate run pair would cost at least two header bytes. */
 #define MIN_ZERO_GAP 3
 
-/* Length of the run of equal bytes starting at i (old == new), up to PS. */
+/* Length of the run of equal bytes starting at i (old == new), up to PS.
+ * Works a word at a time: the first non-zero byte of old^new ends the run. */
 static inline size_t equal_run(const unsigned char *o, const unsigned char *n, size_t i) {
     size_t j = i;
-    while (j < PS && (j & 7)) {
-        if (o[j] != n[j]) return j - i;
-        j++;
-    }
     while (j + 8 <= PS) {
         uint64_t x = load64(o + j) ^ load64(n + j);
         if (x) return j - i + (size_t)(__builtin_ctzll(x) >> 3);
@@ -195,9 +188,18 @@ static inline size_t equal_run(const unsigned char *o, const unsigned char *n, s
     return j - i;
 }
 
-/* Length of the run of differing bytes starting at i (o[i] != n[i]). */
+/* Length of the run of differing bytes starting at i (o[i] != n[i]). The
+ * classic "has a zero byte" test finds the first equal byte in a word; its
+ * lowest flagged byte is always exact. */
 static inline size_t diff_run(const unsigned char *o, const unsigned char *n, size_t i) {
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
     size_t j = i;
+    while (j + 8 <= PS) {
+        uint64_t x = load64(o + j) ^ load64(n + j);
+        uint64_t z = (x - ones) & ~x & highs;
+        if (z) return j - i + (size_t)(__builtin_ctzll(z) >> 3);
+        j += 8;
+    }
     while (j < PS && o[j] != n[j]) j++;
     return j - i;
 }
@@ -233,20 +235,34 @@ static size_t delta_page(const unsigned char *o, const unsigned char *n, unsigne
     return w;
 }
 
+/* Number of differing bytes between two pages, a word at a time: a cheap test
+ * that sends densely changed pages straight to raw instead of running the
+ * byte-level delta encoder over them only to overflow. */
+static inline size_t diff_bytes(const unsigned char *o, const unsigned char *n) {
+    size_t count = 0;
+    for (int i = 0; i < PS; i += 8) {
+        uint64_t x = load64(o + i) ^ load64(n + i);
+        x |= x >> 4;
+        x |= x >> 2;
+        x |= x >> 1;
+        count += (size_t)__builtin_popcountll(x & 0x0101010101010101ULL);
+    }
+    return count;
+}
+
 int ctl_encode(const unsigned char *old_pages, const unsigned char *new_pages,
                unsigned long long npages, const unsigned int *indices,
                unsigned long long nindices, unsigned char *out, unsigned long long out_cap,
                ctl_encode_stats *st) {
     memset(st, 0, sizeof(*st));
     unsigned long long total = indices ? nindices : npages;
+    unsigned long long next_idx = 0; /* index the next record would get for gap 0 */
     size_t w = 0;
+    int rc = CTL_OK;
     for (unsigned long long k = 0; k < total; k++) {
         unsigned long long idx = indices ? indices[k] : k;
-        if (idx >= npages) {
-            st->consumed = k;
-            st->out_len = w;
-            return CTL_E_INDEX;
-        }
+        if (idx >= npages) { rc = CTL_E_INDEX; break; }
+        if (indices && k && idx <= indices[k - 1]) { rc = CTL_E_ORDER; break; }
         if (out_cap - w < CTL_MAX_RECORD) break;
         const unsigned char *o = old_pages + idx * PS, *n = new_pages + idx * PS;
         if (page_equal(o, n)) {
@@ -254,33 +270,36 @@ int ctl_encode(const unsigned char *old_pages, const unsigned char *new_pages,
             st->consumed = k + 1;
             continue;
         }
+        size_t hdr = put_uleb(out + w, (uint32_t)(idx - next_idx));
+        next_idx = idx + 1;
         if (page_is_zero(n)) {
-            out[w] = CTL_REC_ZERO;
-            w += 1 + put_uleb(out + w + 1, (uint32_t)idx);
+            w += hdr + put_uleb(out + w + hdr, CTL_KIND_ZERO);
             st->zero++;
         } else {
-            size_t hdr = 1 + put_uleb(out + w + 1, (uint32_t)idx);
-            /* Delta payload goes after a 2-byte length slot (payload < 4096 fits
-             * in a 2-byte ULEB); it must be strictly smaller than a raw page. */
+            /* The payload goes after a 2-byte kind slot (lengths up to 4093 need
+             * at most two ULEB bytes) and is moved down if one byte sufficed. */
             unsigned char *payload = out + w + hdr + 2;
-            size_t len = delta_page(o, n, payload, PS - 2);
+            size_t len = 0;
+            /* Each literal byte costs a byte of payload, so a page with this many
+             * differing bytes can never beat raw. */
+            if (diff_bytes(o, n) < CTL_MAX_DELTA - 4)
+                len = delta_page(o, n, payload, CTL_MAX_DELTA + 1);
             if (len) {
-                out[w] = CTL_REC_DELTA;
                 size_t lb = put_uleb(out + w + hdr, (uint32_t)len);
                 if (lb == 1) memmove(out + w + hdr + 1, payload, len);
                 w += hdr + lb + len;
                 st->delta++;
             } else {
-                out[w] = CTL_REC_RAW;
-                memcpy(out + w + hdr, n, PS);
-                w += hdr + PS;
+                w += hdr + put_uleb(out + w + hdr, CTL_KIND_RAW);
+                memcpy(out + w, n, PS);
+                w += PS;
                 st->raw++;
             }
         }
         st->consumed = k + 1;
     }
     st->out_len = w;
-    return CTL_OK;
+    return rc;
 }
 
 /* ---- delta decode (hostile input) ----------------------------------------- */
@@ -331,41 +350,39 @@ int ctl_decode(unsigned char *pages, unsigned long long npages, const unsigned c
                unsigned long long in_len, ctl_decode_stats *st) {
     memset(st, 0, sizeof(*st));
     size_t r = 0;
+    unsigned long long next_idx = 0;
     while (r < in_len) {
-        size_t rec = r;
-        st->error_offset = rec;
-        unsigned char type = in[r++];
-        uint32_t idx;
-        size_t u = get_uleb(in + r, in_len - r, &idx);
+        st->error_offset = r;
+        uint32_t gap, kind;
+        size_t u = get_uleb(in + r, in_len - r, &gap);
         if (u == 0) return CTL_E_TRUNCATED;
         if (u == (size_t)-1) return CTL_E_ULEB;
         r += u;
-        if (type != CTL_REC_ZERO && type != CTL_REC_DELTA && type != CTL_REC_RAW)
-            return CTL_E_TYPE;
+        u = get_uleb(in + r, in_len - r, &kind);
+        if (u == 0) return CTL_E_TRUNCATED;
+        if (u == (size_t)-1) return CTL_E_ULEB;
+        r += u;
+        if (kind > CTL_MAX_DELTA && kind != CTL_KIND_RAW) return CTL_E_TYPE;
+        unsigned long long idx = next_idx + gap;
         if (idx >= npages) return CTL_E_INDEX;
         unsigned char *page = pages + (size_t)idx * PS;
-        if (type == CTL_REC_ZERO) {
+        if (kind == CTL_KIND_ZERO) {
             memset(page, 0, PS);
             st->zero++;
-        } else if (type == CTL_REC_RAW) {
+        } else if (kind == CTL_KIND_RAW) {
             if (in_len - r < PS) return CTL_E_TRUNCATED;
             memcpy(page, in + r, PS);
             r += PS;
             st->raw++;
         } else {
-            uint32_t len;
-            u = get_uleb(in + r, in_len - r, &len);
-            if (u == 0) return CTL_E_TRUNCATED;
-            if (u == (size_t)-1) return CTL_E_ULEB;
-            r += u;
-            if (len >= PS) return CTL_E_LENGTH;
-            if (len > in_len - r) return CTL_E_TRUNCATED;
-            int rc = check_delta(in + r, len);
+            if (kind > in_len - r) return CTL_E_TRUNCATED;
+            int rc = check_delta(in + r, kind);
             if (rc) return rc;
-            apply_delta(page, in + r, len);
-            r += len;
+            apply_delta(page, in + r, kind);
+            r += kind;
             st->delta++;
         }
+        next_idx = idx + 1;
         st->records++;
     }
     st->error_offset = 0;

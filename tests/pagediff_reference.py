@@ -128,19 +128,22 @@ def delta_page(old: bytes, new: bytes) -> bytes | None:
 
 def encode(old: bytes, new: bytes, indices: list[int] | None = None) -> bytes:
     po, pn = pages_of(old), pages_of(new)
-    idx = range(len(pn)) if indices is None else indices
+    idx = range(len(pn)) if indices is None else sorted(set(indices))
     out = bytearray()
+    nxt = 0
     for i in idx:
         if po[i] == pn[i]:
             continue
+        out += uleb(i - nxt)
+        nxt = i + 1
         if not any(pn[i]):
-            out += bytes([1]) + uleb(i)
+            out += uleb(0)
             continue
         d = delta_page(po[i], pn[i])
         if d is None:
-            out += bytes([3]) + uleb(i) + pn[i]
+            out += uleb(4096) + pn[i]
         else:
-            out += bytes([2]) + uleb(i) + uleb(len(d)) + d
+            out += uleb(len(d)) + d
     return bytes(out)
 
 
@@ -168,25 +171,25 @@ def decode(pages: bytearray, stream: bytes) -> None:
     """Applies a stream; raises Corrupt. Same per-record atomicity as the C."""
     n = len(pages) // PAGE
     i = 0
+    nxt = 0
     while i < len(stream):
-        t = stream[i]
-        idx, i = _read_uleb(stream, i + 1)
-        if t not in (1, 2, 3):
-            raise Corrupt("type")
+        gap, i = _read_uleb(stream, i)
+        kind, i = _read_uleb(stream, i)
+        if 4093 < kind != 4096:
+            raise Corrupt("kind")
+        idx = nxt + gap
         if idx >= n:
             raise Corrupt("index")
         base = idx * PAGE
-        if t == 1:
+        if kind == 0:
             pages[base : base + PAGE] = bytes(PAGE)
-        elif t == 3:
+        elif kind == 4096:
             if len(stream) - i < PAGE:
                 raise Corrupt("truncated")
             pages[base : base + PAGE] = stream[i : i + PAGE]
             i += PAGE
         else:
-            ln, i = _read_uleb(stream, i)
-            if ln >= PAGE or ln == 0:
-                raise Corrupt("length")
+            ln = kind
             if ln > len(stream) - i:
                 raise Corrupt("truncated")
             payload, i = stream[i : i + ln], i + ln
@@ -211,3 +214,4 @@ def decode(pages: bytearray, stream: bytes) -> None:
                 pos += lit
                 first = False
             pages[base : base + PAGE] = page
+        nxt = idx + 1
