@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import pathlib
 import random
 import time
@@ -121,7 +122,7 @@ def real_pairs(directory: pathlib.Path) -> list[tuple[str, bytes, bytes]]:
     """Pairs of same-named pages-*.img files from successive dump dirs under `directory`."""
     dumps = sorted(p for p in directory.iterdir() if p.is_dir())
     pairs = []
-    for a, b in zip(dumps, dumps[1:]):
+    for a, b in itertools.pairwise(dumps):
         for f in sorted(b.glob("pages-*.img")):
             old_f = a / f.name
             if old_f.exists():

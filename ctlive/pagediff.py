@@ -14,12 +14,13 @@ The record-stream format is specified in ``docs/pagediff.md``.
 from __future__ import annotations
 
 import array
+import threading
 from collections.abc import Sequence
-
-from typing_extensions import Buffer
+from typing import Any
 
 import attrs
 import zstandard
+from typing_extensions import Buffer
 
 from ctlive._native import ffi, lib
 from ctlive.errors import DeltaFormatError, PageBufferError
@@ -47,6 +48,21 @@ PAGE_SIZE: int = lib.CTL_PAGE_SIZE
 # Output buffers are sized for the worst case but mostly left unused: skip the
 # zero fill, so untouched pages of a large allocation are never faulted in.
 _alloc_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
+
+# One reusable scratch output per thread (up to this size), so steady-state
+# encoding does not pay page faults on a fresh buffer every call.
+_SCRATCH_MAX = 64 << 20
+_scratch = threading.local()
+
+
+def _out_buffer(size: int) -> Any:
+    if size > _SCRATCH_MAX:
+        return _alloc_uncleared("unsigned char[]", size)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _alloc_uncleared("unsigned char[]", max(size, 1 << 20))
+        _scratch.buf = buf
+    return buf
 
 MAX_RECORD: int = lib.CTL_MAX_RECORD
 """Worst-case size of one record in a stream; ``encode(limit=...)`` needs at least this."""
@@ -171,7 +187,7 @@ def encode(
     cap = worst if limit is None else min(worst, limit)
     if limit is not None and limit < MAX_RECORD and nidx:
         raise PageBufferError(f"limit must be at least {MAX_RECORD} bytes")
-    out = _alloc_uncleared("unsigned char[]", max(cap, 1))
+    out = _out_buffer(max(cap, 1))
     st = ffi.new("ctl_encode_stats *")
     rc = lib.ctl_encode(cold, cnew, n, cidx, nidx, out, cap, st)
     if rc == lib.CTL_E_ORDER:
@@ -220,13 +236,15 @@ def decode(pages: Buffer, stream: Buffer) -> DecodeStats:
 
 # --- zstd -------------------------------------------------------------------
 
+_ZBuf = bytes | bytearray | memoryview
 
-def compress(data: Buffer, level: int = 1) -> bytes:
+
+def compress(data: _ZBuf, level: int = 1) -> bytes:
     """One zstd frame holding ``data`` (with its size in the header)."""
     return zstandard.ZstdCompressor(level=level).compress(data)
 
 
-def decompress(data: Buffer, max_output: int) -> bytes:
+def decompress(data: _ZBuf, max_output: int) -> bytes:
     """Decompress one zstd frame, refusing output larger than ``max_output``.
 
     The bound defends against decompression bombs from a hostile peer.
@@ -256,7 +274,7 @@ class StreamCompressor:
     def __init__(self, level: int = 1) -> None:
         self._c = zstandard.ZstdCompressor(level=level).compressobj()
 
-    def chunk(self, data: Buffer) -> bytes:
+    def chunk(self, data: _ZBuf) -> bytes:
         """Compress ``data`` and flush a block boundary."""
         return self._c.compress(data) + self._c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
 
@@ -268,7 +286,7 @@ class StreamDecompressor:
         self._d = zstandard.ZstdDecompressor().decompressobj()
         self._max = max_chunk
 
-    def chunk(self, data: Buffer) -> bytes:
+    def chunk(self, data: _ZBuf) -> bytes:
         """Decompress one flushed chunk; output above ``max_chunk`` is refused."""
         try:
             out: bytes = self._d.decompress(data)

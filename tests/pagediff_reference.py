@@ -76,7 +76,7 @@ def zero_pages(buf: bytes) -> list[int]:
 
 
 def changed_pages(old: bytes, new: bytes) -> list[int]:
-    return [i for i, (a, b) in enumerate(zip(pages_of(old), pages_of(new))) if a != b]
+    return [i for i, (a, b) in enumerate(zip(pages_of(old), pages_of(new), strict=True)) if a != b]
 
 
 def uleb(v: int) -> bytes:
@@ -98,7 +98,7 @@ def delta_page(old: bytes, new: bytes) -> bytes | None:
     The encoder gives up once a pair would bring the payload to 4094 bytes
     (4 bytes of run lengths reserved per pair), as the C does.
     """
-    diff = [a != b for a, b in zip(old, new)]
+    diff = [a != b for a, b in zip(old, new, strict=True)]
     out = bytearray()
     pos = 0
     while pos < PAGE:

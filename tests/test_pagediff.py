@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import random
 
+import pagediff_reference as ref
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import pagediff_reference as ref
 from ctlive import pagediff
 from ctlive.errors import DeltaFormatError, PageBufferError
 
@@ -55,7 +55,9 @@ corpus = st.builds(
 )
 
 
-def _make(seed: int, n: int, kinds: list[str], modes: list[str], frac: float) -> tuple[bytes, bytes]:
+def _make(
+    seed: int, n: int, kinds: list[str], modes: list[str], frac: float
+) -> tuple[bytes, bytes]:
     rnd = random.Random(seed)
     old = [_page(rnd.choice(kinds), rnd) for _ in range(n)]
     new = [

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import random
 
+import pagediff_reference as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pagediff_reference as ref
 from ctlive import pagediff
 from ctlive.errors import DeltaFormatError
 
