@@ -15,10 +15,15 @@ from __future__ import annotations
 __all__ = [
     "AttestationError",
     "AuthenticationError",
+    "AuthorKeyDigestMismatchError",
     "BrokenChannelError",
+    "CertificateBindingError",
     "CertificateChainError",
+    "CertificateExpiredError",
+    "CertificateSignatureError",
     "ChannelError",
     "CheckpointError",
+    "ChipIdNotAllowedError",
     "ClosedChannelError",
     "ConfigError",
     "ConnectError",
@@ -26,27 +31,46 @@ __all__ = [
     "CriuError",
     "CriuNotFoundError",
     "CtliveError",
+    "DebugPolicyError",
     "DeltaFormatError",
+    "EvidenceFormatError",
+    "FamilyIdMismatchError",
+    "GuestSvnTooLowError",
     "HandshakeError",
+    "HostDataMismatchError",
+    "IdKeyDigestMismatchError",
     "ImageFormatError",
+    "ImageIdMismatchError",
+    "InsecurePlatformError",
     "LocalProtocolError",
+    "MeasurementMismatchError",
+    "MigrateMaPolicyError",
     "MigrationError",
     "NativeError",
     "PageBufferError",
     "PeerNotAllowedError",
     "PolicyViolationError",
     "ProtocolError",
+    "ProviderError",
+    "ProvisionalFirmwareError",
     "RecordError",
     "RemoteProtocolError",
     "ReorderedRecordError",
     "ReplayedRecordError",
+    "ReportDataMismatchError",
     "ReportFormatError",
     "ReportSignatureError",
     "RestoreError",
+    "SigningKeyPolicyError",
+    "SingleSocketPolicyError",
+    "SmtPolicyError",
     "TamperedRecordError",
+    "TcbTooLowError",
     "TransportError",
     "TruncatedStreamError",
+    "UntrustedRootError",
     "VerificationError",
+    "VmplMismatchError",
 ]
 
 
@@ -244,6 +268,30 @@ class ReportSignatureError(VerificationError):
     """The report's ECDSA P-384 signature does not verify."""
 
 
+class CertificateSignatureError(CertificateChainError):
+    """A certificate in the chain is not signed by its issuer (e.g. a wrong ASK)."""
+
+
+class UntrustedRootError(CertificateChainError):
+    """The chain ends in an ARK that is not a pinned AMD root (or the explicit test root)."""
+
+
+class CertificateExpiredError(CertificateChainError):
+    """A certificate in the chain is outside its validity period at "now"."""
+
+
+class CertificateBindingError(VerificationError):
+    """The VCEK does not belong to this report: hwID != chip_id, or its TCB != reported_tcb."""
+
+
+class EvidenceFormatError(AttestationError):
+    """Serialized evidence (report plus certificates) is malformed."""
+
+
+class ProviderError(AttestationError):
+    """The guest could not produce a report (no configfs-tsm, no /dev/sev-guest, firmware error)."""
+
+
 class PolicyViolationError(AttestationError):
     """The report verified but a policy check refused it.
 
@@ -267,6 +315,78 @@ class PolicyViolationError(AttestationError):
         self.field = field
         self.expected = expected
         self.found = found
+
+
+class MeasurementMismatchError(PolicyViolationError):
+    """The launch measurement is not in the allowed set."""
+
+
+class DebugPolicyError(PolicyViolationError):
+    """The guest policy allows debugging (its memory is readable by the host)."""
+
+
+class MigrateMaPolicyError(PolicyViolationError):
+    """The guest policy allows a migration agent, which the policy refuses."""
+
+
+class SmtPolicyError(PolicyViolationError):
+    """SMT is allowed or enabled where the policy forbids it."""
+
+
+class SingleSocketPolicyError(PolicyViolationError):
+    """The guest policy does not require a single socket."""
+
+
+class TcbTooLowError(PolicyViolationError):
+    """A TCB component (bootloader, TEE, SNP, microcode, FMC) is below the minimum."""
+
+
+class GuestSvnTooLowError(PolicyViolationError):
+    """The guest SVN is below the minimum."""
+
+
+class VmplMismatchError(PolicyViolationError):
+    """The report was requested from a VMPL the policy does not allow."""
+
+
+class HostDataMismatchError(PolicyViolationError):
+    """HOST_DATA differs from the expected value."""
+
+
+class FamilyIdMismatchError(PolicyViolationError):
+    """FAMILY_ID differs from the expected value."""
+
+
+class ImageIdMismatchError(PolicyViolationError):
+    """IMAGE_ID differs from the expected value."""
+
+
+class IdKeyDigestMismatchError(PolicyViolationError):
+    """ID_KEY_DIGEST differs from the expected value."""
+
+
+class AuthorKeyDigestMismatchError(PolicyViolationError):
+    """AUTHOR_KEY_DIGEST differs from the expected value."""
+
+
+class ChipIdNotAllowedError(PolicyViolationError):
+    """CHIP_ID is not on the allow-list."""
+
+
+class ProvisionalFirmwareError(PolicyViolationError):
+    """The firmware is provisional (committed TCB or version differs from current)."""
+
+
+class ReportDataMismatchError(PolicyViolationError):
+    """REPORT_DATA does not bind this channel: replayed or foreign evidence."""
+
+
+class SigningKeyPolicyError(PolicyViolationError):
+    """The report is signed by a key type (VCEK/VLEK) the policy does not accept."""
+
+
+class InsecurePlatformError(PolicyViolationError):
+    """The evidence comes from a simulated platform that was not explicitly trusted."""
 
 
 # --- migration -------------------------------------------------------------
