@@ -44,9 +44,9 @@ __all__ = [
     "amd_roots",
     "parse_cert_table",
     "spki_sha256",
+    "vcek_binding",
     "verify_chain",
     "verify_report_signature",
-    "vcek_binding",
 ]
 
 # SHA-256 of the SubjectPublicKeyInfo of AMD's ARK per product.

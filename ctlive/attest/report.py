@@ -103,7 +103,9 @@ class GuestPolicy:
     @classmethod
     def decode(cls, v: int) -> GuestPolicy:
         """Decode the 64-bit POLICY field."""
-        bit = lambda n: bool(v >> n & 1)  # noqa: E731
+        def bit(n: int) -> bool:
+            return bool(v >> n & 1)
+
         return cls(raw=v, abi_minor=v & 0xFF, abi_major=v >> 8 & 0xFF, smt_allowed=bit(16),
                    migrate_ma=bit(18), debug=bit(19), single_socket=bit(20),
                    cxl_allowed=bit(21), mem_aes_256_xts=bit(22), rapl_disabled=bit(23),
@@ -125,7 +127,9 @@ class PlatformInfo:
     @classmethod
     def decode(cls, v: int) -> PlatformInfo:
         """Decode the 64-bit PLATFORM_INFO field."""
-        bit = lambda n: bool(v >> n & 1)  # noqa: E731
+        def bit(n: int) -> bool:
+            return bool(v >> n & 1)
+
         return cls(raw=v, smt_enabled=bit(0), tsme_enabled=bit(1), ecc_enabled=bit(2),
                    rapl_disabled=bit(3), ciphertext_hiding_enabled=bit(4),
                    alias_check_complete=bit(5))
@@ -224,11 +228,14 @@ def parse_report(raw: bytes, *, product: Product | None = None) -> AttestationRe
     except ValueError as exc:
         raise ReportFormatError(f"unknown signing key {key_info >> 2 & 7}") from exc
     _zero(raw, 0x4C, 0x50, "after signer info")
+    fam: int | None
+    mod: int | None
+    step: int | None
     if version >= 3:
         fam, mod, step = raw[0x188], raw[0x189], raw[0x18A]
         _zero(raw, 0x18B, 0x1A0, "after CPUID")
         if product is None:
-            product = _product_from_cpuid(fam, mod)
+            product = _product_from_cpuid(raw[0x188], raw[0x189])
     else:
         fam = mod = step = None
         _zero(raw, 0x188, 0x1A0, "v2 reserved")
