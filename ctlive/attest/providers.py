@@ -104,6 +104,7 @@ class SevGuestProvider:
         self.vmpl = vmpl
         self._ioctl = ioctl or _real_ioctl
         self._open = opener or (lambda p: os.open(p, os.O_RDWR))
+        self._close = os.close if opener is None else (lambda fd: None)
 
     def get_evidence(self, report_data: bytes) -> bytes:
         """Report plus the host-provided certificate table, if any."""
@@ -116,8 +117,7 @@ class SevGuestProvider:
         try:
             return self._ext_report(fd, report_data)
         finally:
-            os.close(fd) if isinstance(fd, int) and fd >= 0 and self._ioctl is _real_ioctl \
-                else None
+            self._close(fd)
 
     def _call(self, fd: int, nr: int, req: ctypes.Array[ctypes.c_char]) -> tuple[int, bytes]:
         resp = ctypes.create_string_buffer(4000)
