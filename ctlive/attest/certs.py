@@ -17,10 +17,11 @@ import struct
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import attrs
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -89,13 +90,34 @@ def load_der_or_pem(data: bytes) -> x509.Certificate:
             if data.lstrip().startswith(b"-----BEGIN"):
                 return x509.load_pem_x509_certificate(data)
             return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise CertificateChainError(f"not a certificate: {exc}", cause=exc) from exc
+
+
+def public_key(cert: x509.Certificate) -> Any:
+    """The certificate's key; an unknown or malformed key is a chain error."""
+    try:
+        return cert.public_key()
+    except (UnsupportedAlgorithm, ValueError) as exc:
+        raise CertificateChainError(
+            f"certificate {cert.subject.rfc4514_string()!r} has an unusable key: {exc}",
+            cause=exc) from exc
+
+
+def _extension(cert: x509.Certificate, oid: str) -> Any:
+    """The raw value of an extension, or None; malformed extensions are chain errors."""
+    try:
+        return cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid)).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as exc:
+        raise CertificateChainError(f"malformed certificate extensions: {exc}",
+                                    cause=exc) from exc
 
 
 def spki_sha256(cert: x509.Certificate) -> str:
     """Hex SHA-256 of a certificate's SubjectPublicKeyInfo (the pin)."""
-    spki = cert.public_key().public_bytes(
+    spki = public_key(cert).public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).hexdigest()
 
@@ -211,12 +233,12 @@ def _check_validity(cert: x509.Certificate, now: datetime.datetime, what: str) -
 
 
 def _check_signed_by(cert: x509.Certificate, issuer: x509.Certificate, what: str) -> None:
-    key = issuer.public_key()
+    key = public_key(issuer)
     if not isinstance(key, rsa.RSAPublicKey):
         raise CertificateSignatureError(f"issuer of the {what} does not have an RSA key")
     try:
         key.verify(cert.signature, cert.tbs_certificate_bytes, _PSS, hashes.SHA384())
-    except InvalidSignature as exc:
+    except (InvalidSignature, ValueError) as exc:
         raise CertificateSignatureError(
             f"the {what} is not signed by {issuer.subject.rfc4514_string()}", cause=exc
         ) from exc
@@ -275,11 +297,10 @@ def verify_chain(
 
 
 def _ext_int(cert: x509.Certificate, oid: str) -> int | None:
-    try:
-        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid))
-    except x509.ExtensionNotFound:
+    ext = _extension(cert, oid)
+    if ext is None:
         return None
-    raw = ext.value.value  # type: ignore[attr-defined]
+    raw = ext.value
     # A DER INTEGER: tag 0x02, short length, big-endian value.
     if len(raw) < 3 or raw[0] != 0x02 or raw[1] != len(raw) - 2:
         raise CertificateBindingError(f"extension {oid} is not a DER INTEGER")
@@ -299,11 +320,10 @@ def vcek_binding(cert: x509.Certificate, report: AttestationReport, *, vlek: boo
                 "the certificate was issued for another TCB")
     if vlek:
         return
-    try:
-        hwid = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(_OID_HWID))
-    except x509.ExtensionNotFound as exc:
-        raise CertificateBindingError("the VCEK has no hwID extension") from exc
-    value = hwid.value.value  # type: ignore[attr-defined]
+    hwid = _extension(cert, _OID_HWID)
+    if hwid is None:
+        raise CertificateBindingError("the VCEK has no hwID extension")
+    value = hwid.value
     if report.mask_chip_key:
         return  # chip_id is zeroed by the guest's choice; nothing to compare
     if value != report.chip_id:
@@ -314,7 +334,7 @@ def vcek_binding(cert: x509.Certificate, report: AttestationReport, *, vlek: boo
 
 def verify_report_signature(report: AttestationReport, cert: x509.Certificate) -> None:
     """ECDSA P-384 / SHA-384 over bytes 0x000..0x29F, r and s little-endian."""
-    key = cert.public_key()
+    key = public_key(cert)
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise ReportSignatureError("the signing certificate does not hold a P-384 key")
     sig = encode_dss_signature(report.signature_r, report.signature_s)
@@ -328,9 +348,8 @@ def verify_report_signature(report: AttestationReport, cert: x509.Certificate) -
 
 def product_name(cert: x509.Certificate) -> str | None:
     """The productName extension of a VCEK (e.g. "Milan-B0"), if present."""
-    try:
-        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(_OID_PRODUCT))
-    except x509.ExtensionNotFound:
+    ext = _extension(cert, _OID_PRODUCT)
+    if ext is None:
         return None
-    raw = ext.value.value  # type: ignore[attr-defined]
+    raw = ext.value
     return bytes(raw[2:]).decode("ascii", "replace") if len(raw) > 2 else None

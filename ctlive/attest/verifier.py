@@ -132,7 +132,11 @@ class SnpVerifier:
     def verify(self, evidence: bytes, report_data: bytes) -> AttestationResult:
         """EvidenceVerifier: check everything, including the channel binding."""
         ev = Evidence.from_bytes(evidence)
-        checked = self.check_evidence(ev, report_data=report_data)
+        try:
+            checked = self.check_evidence(ev, report_data=report_data)
+        except ValueError as exc:
+            # cryptography parses certificate fields lazily; malformed DER surfaces here.
+            raise CertificateChainError(f"malformed certificate: {exc}", cause=exc) from exc
         rep = checked.report
         details = {f"check {k}": v for k, v in checked.verdicts}
         details.update({
