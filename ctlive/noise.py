@@ -18,6 +18,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -468,7 +469,7 @@ class HandshakeState:
 # --- test vectors ---------------------------------------------------------------------
 
 
-def run_vectors(vectors: list[dict[str, object]]) -> tuple[int, int, int, list[str]]:
+def run_vectors(vectors: list[dict[str, Any]]) -> tuple[int, int, int, list[str]]:
     """Run cacophony-format vectors. Returns (passed, failed, skipped, failure notes)."""
     passed = failed = skipped = 0
     notes: list[str] = []
@@ -488,7 +489,7 @@ def run_vectors(vectors: list[dict[str, object]]) -> tuple[int, int, int, list[s
     return passed, failed, skipped, notes
 
 
-def _run_one(v: dict[str, object]) -> None:
+def _run_one(v: dict[str, Any]) -> None:
     def hx(key: str) -> bytes | None:
         val = v.get(key)
         return bytes.fromhex(str(val)) if val is not None else None
@@ -498,7 +499,7 @@ def _run_one(v: dict[str, object]) -> None:
         return KeyPair(raw) if raw is not None else None
 
     def psks(key: str) -> list[bytes]:
-        return [bytes.fromhex(x) for x in v.get(key, []) or []]  # type: ignore[attr-defined]
+        return [bytes.fromhex(x) for x in v.get(key) or []]
 
     name = str(v["protocol_name"])
     init = HandshakeState(name, True, prologue=hx("init_prologue") or b"", s=kp("init_static"),
@@ -508,7 +509,7 @@ def _run_one(v: dict[str, object]) -> None:
                           s=kp("resp_static"), e=kp("resp_ephemeral"),
                           rs=hx("resp_remote_static"), psks=psks("resp_psks"))
     one_way = init.protocol.one_way
-    for i, m in enumerate(v["messages"]):  # type: ignore[attr-defined]
+    for i, m in enumerate(v["messages"]):
         payload, expected = bytes.fromhex(m["payload"]), bytes.fromhex(m["ciphertext"])
         from_init = one_way or i % 2 == 0
         sender, receiver = (init, resp) if from_init else (resp, init)
