@@ -23,6 +23,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nacl import bindings
+from nacl.encoding import RawEncoder
 from nacl.exceptions import CryptoError
 from nacl.hash import blake2b as _nacl_blake2b
 from nacl.public import PrivateKey
@@ -50,17 +51,7 @@ DHLEN = 32
 
 
 def _blake2b(data: bytes) -> bytes:
-    return bytes(_nacl_blake2b(data, digest_size=64, encoder=_Raw))
-
-
-class _Raw:
-    @staticmethod
-    def encode(data: bytes) -> bytes:
-        return data
-
-    @staticmethod
-    def decode(data: bytes) -> bytes:
-        return data
+    return bytes(_nacl_blake2b(data, digest_size=64, encoder=RawEncoder))
 
 
 class _Hash:
