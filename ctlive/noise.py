@@ -362,8 +362,11 @@ class HandshakeState:
                     raise HandshakeError(f"{p.name} needs a pre-message {t} key")
                 self.ss.mix_hash(key)
         self._step = 0
+        self.payload_hash = b""
+        """The handshake hash just before the last message's payload was encrypted."""
         self.transport: tuple[CipherState, CipherState] | None = None
         self.handshake_hash: bytes | None = None
+        self.chaining_key: bytes | None = None
 
     @property
     def finished(self) -> bool:
@@ -393,10 +396,16 @@ class HandshakeState:
         if self._step == len(self.protocol.messages):
             c1, c2 = self.ss.split()
             self.handshake_hash = self.ss.h
+            self.chaining_key = self.ss.ck
             self.transport = (c1, c2) if self.initiator else (c2, c1)
 
-    def write_message(self, payload: bytes = b"") -> bytes:
-        """Produce the next handshake message carrying ``payload``."""
+    def write_message(self, payload: bytes | Callable[[bytes], bytes] = b"") -> bytes:
+        """Produce the next handshake message carrying ``payload``.
+
+        ``payload`` may be a function of the handshake hash at the point where the
+        payload is encrypted (after this message's tokens), so the payload can bind
+        it — ctlive's attestation evidence does.
+        """
         if not self.is_my_turn():
             raise HandshakeError("not our turn to write a handshake message")
         out = bytearray()
@@ -417,6 +426,9 @@ class HandshakeState:
                 self.ss.mix_key_and_hash(self.psks.pop(0))
             else:
                 self.ss.mix_key(self._dh_token(t))
+        self.payload_hash = self.ss.h
+        if callable(payload):
+            payload = payload(self.ss.h)
         out += self.ss.encrypt_and_hash(payload)
         if len(out) > MAX_MESSAGE:
             raise HandshakeError("handshake message would exceed 65535 bytes")
@@ -452,6 +464,7 @@ class HandshakeState:
                 self.ss.mix_key(self._dh_token(t))
         if self.ss.cs.has_key() and len(message) - off < 16:
             raise HandshakeError("handshake message too short for its tag")
+        self.payload_hash = self.ss.h
         payload = self.ss.decrypt_and_hash(message[off:])
         self._advance()
         return payload
