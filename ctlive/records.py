@@ -1,0 +1,183 @@
+"""The record layer: AEAD records after the Noise handshake, sans-I/O.
+
+On the wire a record is::
+
+    u32 length (big-endian; ciphertext bytes, tag included)
+    u64 sequence number (big-endian)
+    ciphertext = AEAD(key, nonce = sequence, ad = the 12 header bytes, type || payload)
+
+The sequence number is the Noise nonce, sent in clear but authenticated (it is
+both the nonce and part of the associated data). Sending it lets the receiver
+name what went wrong instead of only "bad tag":
+
+- a number already seen: :class:`~ctlive.errors.ReplayedRecordError`;
+- a number ahead of the next expected one (a record was dropped, or they were
+  swapped): :class:`~ctlive.errors.ReorderedRecordError`;
+- the expected number but a failing tag (flipped bits, forged or injected
+  bytes): :class:`~ctlive.errors.TamperedRecordError`;
+- the byte stream ending without an authenticated CLOSE record:
+  :class:`~ctlive.errors.TruncatedStreamError`.
+
+Both directions rekey (Noise REKEY) every ``rekey_interval`` records. Any error
+leaves the layer unusable: a channel that saw a bad record is torn down.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NoReturn
+
+from ctlive.errors import (
+    ClosedChannelError,
+    RecordError,
+    ReorderedRecordError,
+    ReplayedRecordError,
+    TamperedRecordError,
+    TruncatedStreamError,
+)
+from ctlive.noise import CipherState
+
+__all__ = [
+    "HEADER",
+    "MAX_PAYLOAD",
+    "REC_CLOSE",
+    "REC_DATA",
+    "REKEY_INTERVAL",
+    "RecordReceiver",
+    "RecordSender",
+]
+
+HEADER = struct.Struct(">IQ")
+TAG = 16
+MAX_PAYLOAD = 1 << 20
+"""Largest plaintext payload of one record (1 MiB)."""
+REKEY_INTERVAL = 1 << 16
+REC_DATA = 0
+REC_CLOSE = 1
+
+
+class RecordSender:
+    """Seals records for one direction of one connection."""
+
+    def __init__(self, cipher: CipherState, *, rekey_interval: int = REKEY_INTERVAL) -> None:
+        self._cs = cipher
+        self._seq = 0
+        self._interval = rekey_interval
+        self.closed = False
+        self.records = 0
+        self.bytes = 0
+
+    def seal(self, payload: bytes | bytearray | memoryview, kind: int = REC_DATA) -> bytes:
+        """One record carrying ``payload`` (at most MAX_PAYLOAD bytes)."""
+        if self.closed:
+            raise ClosedChannelError("the record stream was closed")
+        if len(payload) > MAX_PAYLOAD:
+            raise RecordError(f"record payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+        header = HEADER.pack(len(payload) + 1 + TAG, self._seq)
+        ct = self._cs.encrypt(self._seq, header, bytes([kind]) + bytes(payload))
+        self._advance()
+        out = header + ct
+        self.records += 1
+        self.bytes += len(out)
+        return out
+
+    def close(self) -> bytes:
+        """The authenticated CLOSE record; nothing may be sealed after it."""
+        rec = self.seal(b"", REC_CLOSE)
+        self.closed = True
+        return rec
+
+    def _advance(self) -> None:
+        self._seq += 1
+        if self._seq % self._interval == 0:
+            self._cs.rekey()
+
+
+class RecordReceiver:
+    """Opens records for one direction of one connection.
+
+    Either push bytes with :meth:`feed` and pull with :meth:`next_record`, or let a
+    transport read the header itself (:meth:`parse_header`) and then the body
+    into a buffer of exactly the announced size (:meth:`open`).
+    """
+
+    def __init__(self, cipher: CipherState, *, rekey_interval: int = REKEY_INTERVAL) -> None:
+        self._cs = cipher
+        self._seq = 0
+        self._interval = rekey_interval
+        self._buf = bytearray()
+        self.closed = False
+        self.failed: RecordError | None = None
+        self.records = 0
+        self.bytes = 0
+
+    def parse_header(self, header: bytes | bytearray | memoryview) -> tuple[int, int]:
+        """Validate a 12-byte header; return (ciphertext length, sequence)."""
+        self._check_usable()
+        length, seq = HEADER.unpack(header)
+        if length < 1 + TAG or length > MAX_PAYLOAD + 1 + TAG:
+            self._fail(TamperedRecordError(f"record length {length} is out of range"))
+        if seq < self._seq:
+            self._fail(ReplayedRecordError(
+                f"record {seq} was already received (expected {self._seq}): replay"))
+        if seq > self._seq:
+            self._fail(ReorderedRecordError(
+                f"record {seq} arrived while {self._seq} was expected: "
+                "records were dropped or reordered"))
+        return length, seq
+
+    def open(self, header: bytes | bytearray | memoryview,
+             body: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        """Authenticate and decrypt one record; returns (kind, payload)."""
+        length, seq = self.parse_header(header)
+        if len(body) != length:
+            self._fail(TamperedRecordError("record body length does not match its header"))
+        try:
+            pt = self._cs.decrypt(seq, bytes(header), bytes(body))
+        except TamperedRecordError as exc:
+            self._fail(TamperedRecordError(
+                f"record {seq} failed authentication: modified, forged or injected",
+                cause=exc))
+        kind = pt[0]
+        if kind not in (REC_DATA, REC_CLOSE):
+            self._fail(TamperedRecordError(f"record {seq} has unknown kind {kind}"))
+        self._seq += 1
+        if self._seq % self._interval == 0:
+            self._cs.rekey()
+        self.records += 1
+        self.bytes += HEADER.size + length
+        if kind == REC_CLOSE:
+            self.closed = True
+        return kind, pt[1:]
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer received bytes for :meth:`next_record`."""
+        self._buf += data
+
+    def next_record(self) -> tuple[int, bytes] | None:
+        """The next complete record from the buffer, or None if more bytes are needed."""
+        if len(self._buf) < HEADER.size:
+            return None
+        length, _ = self.parse_header(self._buf[: HEADER.size])
+        end = HEADER.size + length
+        if len(self._buf) < end:
+            return None
+        header, body = bytes(self._buf[: HEADER.size]), bytes(self._buf[HEADER.size : end])
+        del self._buf[:end]
+        return self.open(header, body)
+
+    def eof(self) -> None:
+        """The byte stream ended. Fine after CLOSE, truncation otherwise."""
+        if not self.closed:
+            self._fail(TruncatedStreamError(
+                "the stream ended without an authenticated close: truncated"))
+
+    def _check_usable(self) -> None:
+        if self.failed is not None:
+            raise self.failed
+        if self.closed:
+            self._fail(TamperedRecordError("data after the authenticated close: injected"))
+
+    def _fail(self, exc: RecordError) -> NoReturn:
+        self.failed = exc
+        raise exc
