@@ -171,7 +171,7 @@ def encode_frame(event: Event) -> bytes:
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = body.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise RemoteProtocolError(f"frame field {name!r} is missing or has the wrong type")
     return value
 
@@ -199,7 +199,6 @@ def decode_frame(frame: bytes) -> Event:
         raise RemoteProtocolError("control frame body is not JSON", cause=exc) from exc
     if not isinstance(body, dict):
         raise RemoteProtocolError("control frame body is not a JSON object")
-    nonneg = lambda v: v if v >= 0 else _bad("negative value")  # noqa: E731
     if cls is Hello:
         return Hello(_field(body, "version", int), _field(body, "capabilities", dict))
     if cls is MigrationMeta:
@@ -225,8 +224,11 @@ def decode_frame(frame: bytes) -> Event:
     return Error(_field(body, "code", str), _field(body, "message", str))
 
 
-def _bad(msg: str) -> Any:
-    raise RemoteProtocolError(msg)
+def nonneg(value: int) -> int:
+    """A count or index from the peer, which must not be negative."""
+    if value < 0:
+        raise RemoteProtocolError(f"negative value {value} in a frame")
+    return value
 
 
 class State(enum.Enum):
