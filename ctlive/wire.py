@@ -315,7 +315,10 @@ class Conversation:
 
     def receive(self, frame: bytes) -> Event:
         """Parse and check a frame from the peer."""
-        event = decode_frame(frame)
+        return self.receive_event(decode_frame(frame))
+
+    def receive_event(self, event: Event) -> Event:
+        """Check an already decoded event from the peer."""
         peer = Role.DESTINATION if self.role is Role.SOURCE else Role.SOURCE
         self._step(peer, event, RemoteProtocolError)
         return event
