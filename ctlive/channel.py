@@ -263,9 +263,8 @@ class _Ordered:
                         self.got[i] += 1
                         self._rr = i + 1
                         return ch
-                    if lane and self.counts is None and lane[0].iteration != self.current:
-                        if lane[0].iteration < self.current:
-                            raise RemoteProtocolError(f"lane {i} sent a change of a past iteration")
+                    if lane and lane[0].iteration < self.current:
+                        raise RemoteProtocolError(f"lane {i} sent a change of a past iteration")
                 if self.counts is not None:
                     if self.got == list(self.counts):
                         end, self.end = self.end, None

@@ -30,10 +30,10 @@ class Mitm:
             await listener.serve(self._handle)
 
     async def _handle(self, client: anyio.abc.SocketStream) -> None:
-        async with client, await anyio.connect_tcp(*self.target) as server:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._upstream, client, server, tg.cancel_scope)
-                tg.start_soon(self._pipe, server, client, tg.cancel_scope)
+        async with (client, await anyio.connect_tcp(*self.target) as server,
+                    anyio.create_task_group() as tg):
+            tg.start_soon(self._upstream, client, server, tg.cancel_scope)
+            tg.start_soon(self._pipe, server, client, tg.cancel_scope)
 
     async def _pipe(self, a: anyio.abc.SocketStream, b: anyio.abc.SocketStream,
                     scope: anyio.CancelScope) -> None:
