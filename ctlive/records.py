@@ -156,6 +156,7 @@ class RecordReceiver:
 
     def next_record(self) -> tuple[int, bytes] | None:
         """The next complete record from the buffer, or None if more bytes are needed."""
+        self._check_usable()
         if len(self._buf) < HEADER.size:
             return None
         length, _ = self.parse_header(self._buf[: HEADER.size])

@@ -211,3 +211,26 @@ async def test_cancelled_connect_leaves_server_usable() -> None:
         await dest.done.wait()
         tg.cancel_scope.cancel()
     assert dest.received == [b"y"]
+
+
+async def test_channel_with_simulated_snp_attestation() -> None:
+    from ctlive.attest import SimulatedSnpPlatform, SnpPolicy, SnpVerifier
+
+    platform = SimulatedSnpPlatform()
+    verifier = SnpVerifier(SnpPolicy(measurements=[platform.measurement]),
+                           trusted_roots=[platform.trusted_root()])
+    dest = Destination()
+    async with anyio.create_task_group() as tg:
+        addr = await tg.start(lambda task_status: serve_sessions(
+            ("127.0.0.1", 0), identity=DST, provider=platform, allow={SRC.public_key},
+            handler=dest, task_status=task_status))
+        s = await _migrate(addr, [b"attested"], verifier=verifier)
+        await dest.done.wait()
+        # The same evidence under a policy pinning another measurement: refused.
+        strict = SnpVerifier(SnpPolicy(measurements=[bytes(48)]),
+                             trusted_roots=[platform.trusted_root()])
+        with pytest.raises(errors.MeasurementMismatchError):
+            await _migrate(addr, [b"never sent"], verifier=strict)
+        tg.cancel_scope.cancel()
+    assert s.attestation is not None and s.attestation.insecure
+    assert dest.received == [b"attested"]
