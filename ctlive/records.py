@@ -156,7 +156,10 @@ class RecordReceiver:
 
     def next_record(self) -> tuple[int, bytes] | None:
         """The next complete record from the buffer, or None if more bytes are needed."""
-        self._check_usable()
+        if self.failed is not None:
+            raise self.failed
+        if self.closed and not self._buf:
+            return None
         if len(self._buf) < HEADER.size:
             return None
         length, _ = self.parse_header(self._buf[: HEADER.size])
