@@ -40,6 +40,7 @@ from ctlive.errors import (
     ConnectTimeoutError,
     CtliveError,
     HandshakeError,
+    LocalProtocolError,
     PeerNotAllowedError,
     RemoteProtocolError,
 )
@@ -47,7 +48,7 @@ from ctlive.evidence import AttestationResult, EvidenceProvider, EvidenceVerifie
 from ctlive.handshake import HandshakeResult, InitiatorHandshake, ResponderHandshake
 from ctlive.identity import Identity
 from ctlive.noise import CipherState
-from ctlive.records import HEADER, REC_CLOSE, RecordReceiver, RecordSender
+from ctlive.records import HEADER, REC_CLOSE, REC_DATA, RecordReceiver, RecordSender
 from ctlive.wire import (
     Change,
     Conversation,
@@ -63,6 +64,7 @@ from ctlive.wire import (
 )
 
 __all__ = [
+    "MAX_CHANGE",
     "ChannelStatistics",
     "Session",
     "map_exceptions",
@@ -79,6 +81,8 @@ _THREAD_THRESHOLD = 64 * 1024
 DEFAULT_WINDOW = 64 << 20
 """Bytes of CHANGE payload a sender may have outstanding before the receiver grants more."""
 _SOCK_BUF = 4 << 20
+MAX_CHANGE = 1 << 20
+"""Largest payload of one CHANGE frame."""
 
 
 @contextlib.contextmanager
@@ -151,49 +155,127 @@ class _Sock:
 
 
 class _Link:
-    """One connection's record streams (control or lane)."""
+    """One connection's record streams (control or lane).
+
+    Sending is pipelined: each record's sequence number is claimed in call order,
+    encryption runs in a worker thread concurrently with other records, and the
+    writes go out in sequence order. Receiving is pipelined the same way by
+    :meth:`records`, which keeps up to ``depth`` decryptions in flight.
+    """
 
     def __init__(self, sock: _Sock, send: CipherState, recv: CipherState) -> None:
         self.sock = sock
         self.tx = RecordSender(send)
         self.rx = RecordReceiver(recv)
-        self.lock = anyio.Lock()
-        self._hdr = bytearray(HEADER.size)
+        self._next_write = 0
+        self._reserved = 0
+        self._turn = anyio.Event()
 
-    async def send(self, payload: bytes) -> None:
-        async with self.lock:
+    async def send(self, payload: bytes, kind: int = REC_DATA) -> None:
+        ticket = self._reserved
+        self._reserved += 1
+        try:
+            header, keys = self.tx.reserve(len(payload), kind)
             if len(payload) >= _THREAD_THRESHOLD:
-                rec = await anyio.to_thread.run_sync(self.tx.seal, payload)
+                ct = await anyio.to_thread.run_sync(
+                    RecordSender.encrypt_reserved, header, keys, payload)
             else:
-                rec = self.tx.seal(payload)
+                ct = RecordSender.encrypt_reserved(header, keys, payload)
+            while self._next_write != ticket:
+                await self._turn.wait()
             with map_exceptions():
-                await self.sock.write_all(rec)
+                await self.sock.write_all(header, ct)
+        finally:
+            # Pass the turn on even on failure, so later writers do not hang (the
+            # connection is unusable after a failed write anyway).
+            if self._next_write == ticket:
+                self._next_write += 1
+                self._turn.set()
+                self._turn = anyio.Event()
 
     async def send_close(self) -> None:
-        async with self.lock:
-            if not self.tx.closed and not self.sock.closed:
-                with map_exceptions():
-                    await self.sock.write_all(self.tx.close())
+        if not self.tx.closed and not self.sock.closed:
+            await self.send(b"", REC_CLOSE)
+            self.tx.closed = True
 
-    async def receive(self) -> bytes | None:
-        """The next record's payload, or None after the peer's authenticated close."""
+    async def _read_one(self) -> tuple[bytes, int, CipherState, bytearray]:
+        hdr = bytearray(HEADER.size)
         try:
             with map_exceptions():
-                await self.sock.read_exact(self._hdr)
+                await self.sock.read_exact(hdr)
         except BrokenChannelError as exc:
             if isinstance(exc.cause, anyio.EndOfStream | ConnectionResetError):
                 self.rx.eof()  # the stream ended without CLOSE: TruncatedStreamError
             raise
-        length, _ = self.rx.parse_header(self._hdr)
+        length, keys = self.rx.accept(hdr)
         with map_exceptions():
             body = await self.sock.read_some_exact(length)
-        if length >= _THREAD_THRESHOLD:
-            kind, payload = await anyio.to_thread.run_sync(self.rx.open, bytes(self._hdr), body)
+        return bytes(hdr), hdr[12], keys, body
+
+    async def records(self, deliver: Callable[[bytes | None], Any], depth: int = 3) -> None:
+        """Read records until CLOSE, calling ``await deliver(payload)`` in order
+        (``None`` for the close). Decryption of large records overlaps reading."""
+        send, recv = anyio.create_memory_object_stream[Any](depth)
+        failure: list[BaseException] = []
+
+        async def decrypt(header: bytes, keys: CipherState, body: bytearray,
+                          result: dict[str, Any], done: anyio.Event) -> None:
+            try:
+                result["v"] = await anyio.to_thread.run_sync(
+                    self.rx.decrypt_accepted, header, keys, body)
+            except BaseException as exc:
+                result["e"] = exc
+            finally:
+                done.set()
+
+        async def reader(tg: anyio.abc.TaskGroup) -> None:
+            async with send:
+                try:
+                    while True:
+                        header, kind, keys, body = await self._read_one()
+                        if len(body) >= _THREAD_THRESHOLD:
+                            result: dict[str, Any] = {}
+                            done = anyio.Event()
+                            tg.start_soon(decrypt, header, keys, body, result, done)
+                            await send.send((done, result))
+                        else:
+                            await send.send(self.rx.decrypt_accepted(header, keys, body))
+                        if kind == REC_CLOSE:
+                            return
+                except (CtliveError, OSError) as exc:
+                    failure.append(exc)
+
+        # Errors are collected and re-raised after the task group, unwrapped.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader, tg)
+            try:
+                async with recv:
+                    async for item in recv:
+                        if isinstance(item[0], anyio.Event):
+                            await item[0].wait()
+                            if "e" in item[1]:
+                                raise item[1]["e"]
+                            item = item[1]["v"]
+                        kind, payload = item
+                        await deliver(None if kind == REC_CLOSE else payload)
+                        if kind == REC_CLOSE:
+                            break
+            except (CtliveError, OSError) as exc:
+                failure.append(exc)
+            tg.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
+
+    async def receive(self) -> bytes | None:
+        """The next record's payload, or None after the peer's authenticated close
+        (unpipelined: used during setup)."""
+        header, kind, keys, body = await self._read_one()
+        if len(body) >= _THREAD_THRESHOLD:
+            kind, payload = await anyio.to_thread.run_sync(
+                self.rx.decrypt_accepted, header, keys, body)
         else:
-            kind, payload = self.rx.open(bytes(self._hdr), body)
-        if kind == REC_CLOSE:
-            return None
-        return payload
+            kind, payload = self.rx.decrypt_accepted(header, keys, body)
+        return None if kind == REC_CLOSE else payload
 
 
 @attrs.frozen
@@ -341,20 +423,21 @@ class Session:
     # -- background readers ---------------------------------------------------------------
 
     async def _pump(self, index: int, link: _Link) -> None:
+        async def deliver(payload: bytes | None) -> None:
+            if payload is None:
+                await self._inbox_send.send((index, None))
+                return
+            event = decode_frame(payload)
+            if isinstance(event, Credit) and self.role is Role.SOURCE:
+                self.conversation.receive_event(event)
+                self._credit += event.bytes
+                self._credit_event.set()
+                self._credit_event = anyio.Event()
+                return
+            await self._inbox_send.send((index, event))
+
         try:
-            while True:
-                payload = await link.receive()
-                if payload is None:
-                    await self._inbox_send.send((index, None))
-                    return
-                event = decode_frame(payload)
-                if isinstance(event, Credit) and self.role is Role.SOURCE:
-                    self.conversation.receive_event(event)
-                    self._credit += event.bytes
-                    self._credit_event.set()
-                    self._credit_event = anyio.Event()
-                    continue
-                await self._inbox_send.send((index, event))
+            await link.records(deliver)
         except (CtliveError, OSError) as exc:
             if self._failed is None:
                 self._failed = exc
@@ -417,7 +500,10 @@ class Session:
     # -- changes ---------------------------------------------------------------------------
 
     async def send_change(self, iteration: int, data: bytes) -> None:
-        """Send one CHANGE payload on the next lane, waiting for credit if needed."""
+        """Send one CHANGE payload (at most MAX_CHANGE bytes) on the next lane, waiting
+        for credit if needed. Several tasks may call this at once to keep lanes busy."""
+        if len(data) > MAX_CHANGE:
+            raise LocalProtocolError(f"a CHANGE carries at most {MAX_CHANGE} bytes")
         while self._credit < len(data) and self._credit < self.window:
             if self._failed is not None:
                 raise self._failed

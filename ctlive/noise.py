@@ -134,6 +134,12 @@ class CipherState:
         self.n = 0
         self._aes = AESGCM(key) if key is not None and self.cipher == "AESGCM" else None
 
+    def snapshot(self) -> CipherState:
+        """A copy holding the current key (nonce untouched), for use off-thread."""
+        copy = CipherState.__new__(CipherState)
+        copy.cipher, copy.n, copy.k, copy._aes = self.cipher, self.n, self.k, self._aes
+        return copy
+
     def has_key(self) -> bool:
         """Whether a key is set (before that, messages pass in clear)."""
         return self.k is not None
@@ -144,16 +150,16 @@ class CipherState:
             return b"\0\0\0\0" + n.to_bytes(8, "big")
         return b"\0\0\0\0" + n.to_bytes(8, "little")
 
-    def encrypt(self, n: int, ad: bytes, plaintext: bytes) -> bytes:
+    def encrypt(self, n: int, ad: bytes, plaintext: bytes | bytearray | memoryview) -> bytes:
         """ENCRYPT(k, n, ad, plaintext) with an explicit nonce."""
         assert self.k is not None
         nonce = self.nonce_bytes(n)
         if self._aes is not None:
             return self._aes.encrypt(nonce, plaintext, ad)
         return bytes(bindings.crypto_aead_chacha20poly1305_ietf_encrypt(
-            plaintext, ad, nonce, self.k))
+            bytes(plaintext), ad, nonce, self.k))
 
-    def decrypt(self, n: int, ad: bytes, ciphertext: bytes) -> bytes:
+    def decrypt(self, n: int, ad: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes:
         """DECRYPT(k, n, ad, ciphertext); raises TamperedRecordError."""
         assert self.k is not None
         nonce = self.nonce_bytes(n)
@@ -161,7 +167,7 @@ class CipherState:
             if self._aes is not None:
                 return self._aes.decrypt(nonce, ciphertext, ad)
             return bytes(bindings.crypto_aead_chacha20poly1305_ietf_decrypt(
-                ciphertext, ad, nonce, self.k))
+                bytes(ciphertext), ad, nonce, self.k))
         except (InvalidTag, CryptoError) as exc:
             raise TamperedRecordError("authentication failed: data was modified or forged",
                                       cause=exc) from exc

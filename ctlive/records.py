@@ -4,7 +4,8 @@ On the wire a record is::
 
     u32 length (big-endian; ciphertext bytes, tag included)
     u64 sequence number (big-endian)
-    ciphertext = AEAD(key, nonce = sequence, ad = the 12 header bytes, type || payload)
+    u8  kind (DATA or CLOSE)
+    ciphertext = AEAD(key, nonce = sequence, ad = the 13 header bytes, payload)
 
 The sequence number is the Noise nonce, sent in clear but authenticated (it is
 both the nonce and part of the associated data). Sending it lets the receiver
@@ -47,10 +48,10 @@ __all__ = [
     "RecordSender",
 ]
 
-HEADER = struct.Struct(">IQ")
+HEADER = struct.Struct(">IQB")
 TAG = 16
-MAX_PAYLOAD = 1 << 20
-"""Largest plaintext payload of one record (1 MiB)."""
+MAX_PAYLOAD = (1 << 20) + 256
+"""Largest plaintext payload of one record: a 1 MiB change plus its frame header."""
 REKEY_INTERVAL = 1 << 16
 REC_DATA = 0
 REC_CLOSE = 1
@@ -67,22 +68,46 @@ class RecordSender:
         self.records = 0
         self.bytes = 0
 
-    def seal(self, payload: bytes | bytearray | memoryview, kind: int = REC_DATA) -> bytes:
-        """One record carrying ``payload`` (at most MAX_PAYLOAD bytes)."""
+    def reserve(self, length: int, kind: int = REC_DATA) -> tuple[bytes, CipherState]:
+        """Claim the next sequence number for a payload of ``length`` bytes.
+
+        Returns the header and the key state to encrypt with, so several records
+        can be encrypted concurrently (:meth:`encrypt_reserved`) and then written
+        in reservation order.
+        """
         if self.closed:
             raise ClosedChannelError("the record stream was closed")
-        if len(payload) > MAX_PAYLOAD:
-            raise RecordError(f"record payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
-        header = HEADER.pack(len(payload) + 1 + TAG, self._seq)
-        ct = self._cs.encrypt(self._seq, header, bytes([kind]) + bytes(payload))
+        if length > MAX_PAYLOAD:
+            raise RecordError(f"record payload of {length} bytes exceeds {MAX_PAYLOAD}")
+        header = HEADER.pack(length + TAG, self._seq, kind)
+        keys = self._cs.snapshot()
         self._advance()
-        out = header + ct
         self.records += 1
-        self.bytes += len(out)
-        return out
+        self.bytes += len(header) + length + TAG
+        return header, keys
+
+    @staticmethod
+    def encrypt_reserved(header: bytes, keys: CipherState,
+                         payload: bytes | bytearray | memoryview) -> bytes:
+        """Encrypt a reserved record's payload (thread-safe: touches no shared state)."""
+        seq = HEADER.unpack(header)[1]
+        return keys.encrypt(seq, header, payload)
+
+    def seal_parts(self, payload: bytes | bytearray | memoryview,
+                   kind: int = REC_DATA) -> tuple[bytes, bytes]:
+        """One record as (header, ciphertext), so a transport can write both
+        without joining them."""
+        header, keys = self.reserve(len(payload), kind)
+        return header, self.encrypt_reserved(header, keys, payload)
+
+    def seal(self, payload: bytes | bytearray | memoryview, kind: int = REC_DATA) -> bytes:
+        """One record carrying ``payload`` (at most MAX_PAYLOAD bytes)."""
+        header, ct = self.seal_parts(payload, kind)
+        return header + ct
 
     def close(self) -> bytes:
-        """The authenticated CLOSE record; nothing may be sealed after it."""
+        """The authenticated CLOSE record (empty payload, kind CLOSE); nothing may be
+        sealed after it."""
         rec = self.seal(b"", REC_CLOSE)
         self.closed = True
         return rec
@@ -112,10 +137,10 @@ class RecordReceiver:
         self.bytes = 0
 
     def parse_header(self, header: bytes | bytearray | memoryview) -> tuple[int, int]:
-        """Validate a 12-byte header; return (ciphertext length, sequence)."""
+        """Validate a 13-byte header; return (ciphertext length, sequence)."""
         self._check_usable()
-        length, seq = HEADER.unpack(header)
-        if length < 1 + TAG or length > MAX_PAYLOAD + 1 + TAG:
+        length, seq, _ = HEADER.unpack(header)
+        if length < TAG or length > MAX_PAYLOAD + TAG:
             self._fail(TamperedRecordError(f"record length {length} is out of range"))
         if seq < self._seq:
             self._fail(ReplayedRecordError(
@@ -126,21 +151,14 @@ class RecordReceiver:
                 "records were dropped or reordered"))
         return length, seq
 
-    def open(self, header: bytes | bytearray | memoryview,
-             body: bytes | bytearray | memoryview) -> tuple[int, bytes]:
-        """Authenticate and decrypt one record; returns (kind, payload)."""
+    def accept(self, header: bytes | bytearray | memoryview) -> tuple[int, CipherState]:
+        """Check a header and claim its sequence number; returns (ciphertext length,
+        key state) for :meth:`decrypt_accepted`, which may run in another thread."""
         length, seq = self.parse_header(header)
-        if len(body) != length:
-            self._fail(TamperedRecordError("record body length does not match its header"))
-        try:
-            pt = self._cs.decrypt(seq, bytes(header), bytes(body))
-        except TamperedRecordError as exc:
-            self._fail(TamperedRecordError(
-                f"record {seq} failed authentication: modified, forged or injected",
-                cause=exc))
-        kind = pt[0]
+        kind = header[12]
         if kind not in (REC_DATA, REC_CLOSE):
             self._fail(TamperedRecordError(f"record {seq} has unknown kind {kind}"))
+        keys = self._cs.snapshot()
         self._seq += 1
         if self._seq % self._interval == 0:
             self._cs.rekey()
@@ -148,7 +166,27 @@ class RecordReceiver:
         self.bytes += HEADER.size + length
         if kind == REC_CLOSE:
             self.closed = True
-        return kind, pt[1:]
+        return length, keys
+
+    def decrypt_accepted(self, header: bytes | bytearray | memoryview, keys: CipherState,
+                         body: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        """Authenticate and decrypt an accepted record; returns (kind, payload)."""
+        _, seq, kind = HEADER.unpack(header)
+        try:
+            pt = keys.decrypt(seq, bytes(header), body)
+        except TamperedRecordError as exc:
+            self._fail(TamperedRecordError(
+                f"record {seq} failed authentication: modified, forged or injected",
+                cause=exc))
+        return kind, pt
+
+    def open(self, header: bytes | bytearray | memoryview,
+             body: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        """Authenticate and decrypt one record; returns (kind, payload)."""
+        length, keys = self.accept(header)
+        if len(body) != length:
+            self._fail(TamperedRecordError("record body length does not match its header"))
+        return self.decrypt_accepted(header, keys, body)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer received bytes for :meth:`next_record`."""

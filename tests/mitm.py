@@ -69,14 +69,14 @@ class Mitm:
             held: bytes | None = None
             idx = 0
             while True:
-                hdr = await need(12)
-                length, seq = struct.unpack(">IQ", hdr)
+                hdr = await need(13)
+                length, seq, _ = struct.unpack(">IQB", hdr)
                 rec = hdr + await need(length)
                 self.bytes_after_msg1 += len(rec)
                 self.records_seen += 1
                 if idx == self.at and self.action:
                     if self.action == "flip":
-                        rec = rec[:20] + bytes([rec[20] ^ 0x01]) + rec[21:]
+                        rec = rec[:20] + bytes([rec[20] ^ 0x01]) + rec[21:]  # ciphertext
                     elif self.action == "drop":
                         rec = b""
                     elif self.action == "reorder":
@@ -89,7 +89,7 @@ class Mitm:
                         return
                     elif self.action == "inject":
                         body = os.urandom(40)
-                        rec = struct.pack(">IQ", len(body), seq) + body + rec
+                        rec = struct.pack(">IQB", len(body), seq, 0) + body + rec
                 elif held is not None:
                     rec, held = rec + held, None
                 if rec:

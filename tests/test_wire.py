@@ -182,7 +182,7 @@ def test_record_errors_are_specific() -> None:
 def test_oversize_record_refused_before_allocation() -> None:
     _, rx = records()
     with pytest.raises(errors.TamperedRecordError):
-        rx.parse_header(b"\xff\xff\xff\xff" + bytes(8))
+        rx.parse_header(b"\xff\xff\xff\xff" + bytes(9))
     tx, _ = records()
     with pytest.raises(errors.RecordError):
-        tx.seal(bytes((1 << 20) + 1))
+        tx.seal(bytes((1 << 20) + 257))
