@@ -70,10 +70,10 @@ async def channel_run(data: list[bytes], lanes: int, cipher: str) -> tuple[float
             await s.send(IterationBegin(0, True))
             t1 = time.perf_counter()
             async with anyio.create_task_group() as senders:
-                # One sender task per lane keeps every lane busy.
-                for k in range(lanes):
+                # Two sender tasks per lane keep every lane's pipeline full.
+                for k in range(2 * lanes):
                     async def send_part(k: int = k) -> None:
-                        for chunk in data[k::lanes]:
+                        for chunk in data[k::2 * lanes]:
                             await s.send_change(0, chunk)
                     senders.start_soon(send_part)
             await s.send(IterationEnd(0, True, s.lane_counts(0)))

@@ -24,6 +24,7 @@ import collections
 import contextlib
 import errno
 import hmac
+import select
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
@@ -132,10 +133,40 @@ class _Sock:
 
     async def read_some_exact(self, n: int) -> bytearray:
         buf = bytearray(n)
-        await self.read_exact(buf)
+        if n >= _THREAD_THRESHOLD:
+            # A large body arrives in many socket-buffer-sized pieces; reading them in
+            # a worker thread costs one event-loop hop per record instead of one per
+            # piece.
+            await anyio.to_thread.run_sync(self._blocking_io, buf, True)
+            self.bytes_in += n
+        else:
+            await self.read_exact(buf)
         return buf
 
+    def _blocking_io(self, buf: bytes | bytearray | memoryview, reading: bool) -> None:
+        """Move all of ``buf`` in the calling (worker) thread, polling the non-blocking
+        socket; gives up when the socket is closed locally."""
+        view = memoryview(buf)
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN if reading else select.POLLOUT)
+        while view:
+            if self.closed:
+                raise anyio.ClosedResourceError
+            try:
+                n = self.sock.recv_into(view) if reading else self.sock.send(view)
+            except BlockingIOError:
+                poller.poll(200)
+                continue
+            if n == 0 and reading:
+                raise anyio.EndOfStream
+            view = view[n:]
+
     async def write_all(self, *parts: bytes | bytearray | memoryview) -> None:
+        if sum(len(p) for p in parts) >= _THREAD_THRESHOLD:
+            for part in parts:
+                await anyio.to_thread.run_sync(self._blocking_io, part, False)
+                self.bytes_out += len(part)
+            return
         for part in parts:
             view = memoryview(part)
             while view:
