@@ -23,7 +23,15 @@ import anyio
 from ctlive.channel import Session, open_session, serve_sessions
 from ctlive.identity import Identity
 from ctlive.noise import CipherState
-from ctlive.wire import Change, Commit, CommitAck, IterationBegin, IterationEnd, MigrationMeta, Ready
+from ctlive.wire import (
+    Change,
+    Commit,
+    CommitAck,
+    IterationBegin,
+    IterationEnd,
+    MigrationMeta,
+    Ready,
+)
 
 CHUNK = 1 << 20
 SRC, DST = Identity.generate(), Identity.generate()
