@@ -1,0 +1,458 @@
+"""Diff two successive CRIU dumps into a stream of change items, and rebuild the new
+dump byte for byte from the old one and that stream.
+
+One code path serves the first, full transfer (``old_dir=None``) and every later
+iteration. Pages are matched by (pagemap file, virtual address): for each window of
+the new pages file, the receiver's copy of the matching old pages is laid out in
+the new file's order (zero where there is none), and the native core encodes the
+difference in one pass (zero markers, XOR deltas, raw pages), compressed as one
+zstd frame per window. Non-page files go whole, as a zstd delta against their old
+version (the old file is the dictionary), or as "unchanged". The last item is a
+manifest of the new dump; the rebuilder checks its result against it.
+
+Memory is bounded by the window size, independent of the image size. Functions
+hold no global state, so they run in worker threads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import mmap
+import os
+import pathlib
+import re
+import shutil
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import zstandard
+
+from ctlive import pagediff
+from ctlive.errors import DeltaFormatError, ImageFormatError
+from ctlive.images import Pagemap, read_pagemap
+
+__all__ = [
+    "Change",
+    "DiffStats",
+    "Manifest",
+    "Rebuilder",
+    "decode_change",
+    "diff",
+    "encode_change",
+    "manifest",
+]
+
+PAGE = pagediff.PAGE_SIZE
+FILE_WHOLE, FILE_ZDELTA, FILE_SAME, PAGES, MANIFEST = 1, 2, 3, 4, 5
+_KINDS = {FILE_WHOLE, FILE_ZDELTA, FILE_SAME, PAGES, MANIFEST}
+_HDR = struct.Struct("<BHQQI")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,200}$")
+MAX_FILE = 1 << 30
+DEFAULT_WINDOW_PAGES = 4096  # 16 MiB of pages per chunk
+
+
+@attrs.frozen
+class Change:
+    """One item of a change stream.
+
+    ``kind``: FILE_WHOLE / FILE_ZDELTA (``a`` = uncompressed size, ``data`` = zstd),
+    FILE_SAME, PAGES (``a`` = first page, ``b`` = page count, ``data`` = zstd of a
+    page-record stream), MANIFEST (``data`` = JSON).
+    """
+
+    kind: int
+    name: str
+    a: int = 0
+    b: int = 0
+    data: bytes = attrs.field(default=b"", repr=lambda d: f"<{len(d)} bytes>")
+
+
+@attrs.frozen
+class Manifest:
+    """The expected content of a dump directory: per file, size and digest; for
+    pages files the digest is over the per-page XXH64 hashes."""
+
+    files: dict[str, dict[str, Any]]
+
+    def to_json(self) -> bytes:
+        """Canonical JSON."""
+        return json.dumps(self.files, sort_keys=True, separators=(",", ":")).encode()
+
+
+@attrs.define
+class DiffStats:
+    """What a diff found and sent (for the migration report)."""
+
+    files: int = 0
+    files_unchanged: int = 0
+    file_bytes_in: int = 0
+    pages_total: int = 0
+    pages_changed: int = 0
+    pages_zero: int = 0
+    pages_delta: int = 0
+    pages_raw: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+def _safe_name(name: str) -> str:
+    if not _NAME.match(name) or name in (".", ".."):
+        raise DeltaFormatError(f"unsafe file name in change stream: {name!r}")
+    return name
+
+
+def encode_change(c: Change) -> bytes:
+    """Serialize one change item."""
+    name = c.name.encode()
+    return _HDR.pack(c.kind, len(name), c.a, c.b, len(c.data)) + name + c.data
+
+
+def decode_change(buf: bytes) -> Change:
+    """Parse one change item from a peer; hostile-input safe."""
+    if len(buf) < _HDR.size:
+        raise DeltaFormatError("change item shorter than its header", offset=0)
+    kind, nlen, a, b, dlen = _HDR.unpack_from(buf, 0)
+    if kind not in _KINDS:
+        raise DeltaFormatError(f"unknown change kind {kind}", offset=0)
+    if _HDR.size + nlen + dlen != len(buf):
+        raise DeltaFormatError("change item length does not match its header", offset=0)
+    try:
+        name = buf[_HDR.size : _HDR.size + nlen].decode()
+    except UnicodeDecodeError as exc:
+        raise DeltaFormatError("change item name is not UTF-8", cause=exc) from exc
+    if kind != MANIFEST:
+        _safe_name(name)
+    return Change(kind, name, a, b, bytes(buf[_HDR.size + nlen :]))
+
+
+# --- page matching ----------------------------------------------------------------------
+
+
+def _pagemaps(d: pathlib.Path) -> dict[str, Pagemap]:
+    return {p.name: read_pagemap(p) for p in sorted(d.glob("pagemap-*.img"))}
+
+
+def _segments(old: Pagemap | None, new: Pagemap) -> list[tuple[int, int, int]]:
+    """(new page index, old page index, count) for pages present in both, by vaddr."""
+    if old is None:
+        return []
+    old_runs = sorted(old.runs())
+    starts = [r[0] for r in old_runs]
+    out: list[tuple[int, int, int]] = []
+    for vaddr, n, idx in new.runs():
+        end = vaddr + n * PAGE
+        i = max(bisect.bisect_right(starts, vaddr) - 1, 0)
+        while i < len(old_runs) and old_runs[i][0] < end:
+            ov, on, oidx = old_runs[i]
+            lo, hi = max(vaddr, ov), min(end, ov + on * PAGE)
+            if lo < hi:
+                out.append((idx + (lo - vaddr) // PAGE, oidx + (lo - ov) // PAGE,
+                            (hi - lo) // PAGE))
+            i += 1
+    return out
+
+
+def _base_window(old_pages: Any, segs: list[tuple[int, int, int]], start: int,
+                 count: int) -> bytearray:
+    """The receiver's old pages laid out as new pages [start, start+count)."""
+    base = bytearray(count * PAGE)
+    for new_idx, old_idx, n in segs:
+        lo, hi = max(new_idx, start), min(new_idx + n, start + count)
+        if lo < hi:
+            src = (old_idx + lo - new_idx) * PAGE
+            dst = (lo - start) * PAGE
+            base[dst : dst + (hi - lo) * PAGE] = old_pages[src : src + (hi - lo) * PAGE]
+    return base
+
+
+class _Mapped:
+    """A read-only mmap of a file (empty files map to b"")."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.size = path.stat().st_size
+        self._f = open(path, "rb")  # noqa: SIM115
+        self.buf: Any = (mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+                         if self.size else b"")
+
+    def close(self) -> None:
+        if isinstance(self.buf, mmap.mmap):
+            self.buf.close()
+        self._f.close()
+
+
+def _pages_files(maps: dict[str, Pagemap]) -> dict[str, str]:
+    """pages file name -> pagemap file name."""
+    return {f"pages-{pm.pages_id}.img": name for name, pm in maps.items()}
+
+
+def _file_digest(path: pathlib.Path, pages: bool) -> dict[str, Any]:
+    size = path.stat().st_size
+    if pages and size % PAGE == 0 and size:
+        m = _Mapped(path)
+        try:
+            digest = hashlib.blake2b(pagediff.page_hashes(m.buf).tobytes()).hexdigest()
+        finally:
+            m.close()
+        return {"size": size, "page_hashes": digest}
+    h = hashlib.blake2b()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return {"size": size, "blake2b": h.hexdigest()}
+
+
+def manifest(d: str | os.PathLike[str]) -> Manifest:
+    """The manifest of a dump directory."""
+    root = pathlib.Path(d)
+    pages = _pages_files(_pagemaps(root))
+    files = {}
+    for p in sorted(root.iterdir()):
+        if p.is_file() and not p.name.endswith(".log"):
+            files[p.name] = _file_digest(p, p.name in pages)
+    return Manifest(files)
+
+
+# --- diff ---------------------------------------------------------------------------------
+
+
+def diff(old_dir: str | os.PathLike[str] | None, new_dir: str | os.PathLike[str], *,
+         window_pages: int = DEFAULT_WINDOW_PAGES, level: int = 1,
+         stats: DiffStats | None = None) -> Iterator[Change]:
+    """Yield the change items that turn ``old_dir`` (None: nothing) into ``new_dir``."""
+    new = pathlib.Path(new_dir)
+    old = pathlib.Path(old_dir) if old_dir is not None else None
+    st = stats if stats is not None else DiffStats()
+    new_maps = _pagemaps(new)
+    old_maps = _pagemaps(old) if old is not None else {}
+    old_pages = _pages_files(old_maps)
+    new_pages = _pages_files(new_maps)
+    zc = zstandard.ZstdCompressor(level=level)
+    names = sorted(p.name for p in new.iterdir() if p.is_file() and not p.name.endswith(".log"))
+    # Non-page files first (pagemaps among them): the receiver needs them to lay out pages.
+    for name in names:
+        if name in new_pages:
+            continue
+        _safe_name(name)
+        data = (new / name).read_bytes()
+        st.files += 1
+        st.file_bytes_in += len(data)
+        st.bytes_in += len(data)
+        prev = old / name if old is not None else None
+        if prev is not None and prev.is_file():
+            old_data = prev.read_bytes()
+            if old_data == data:
+                st.files_unchanged += 1
+                yield Change(FILE_SAME, name)
+                continue
+            whole = zc.compress(data)
+            if old_data:
+                dictionary = zstandard.ZstdCompressionDict(
+                    old_data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+                delta = zstandard.ZstdCompressor(level=level, dict_data=dictionary).compress(data)
+                if len(delta) < len(whole):
+                    st.bytes_out += len(delta)
+                    yield Change(FILE_ZDELTA, name, len(data), 0, delta)
+                    continue
+            st.bytes_out += len(whole)
+            yield Change(FILE_WHOLE, name, len(data), 0, whole)
+        else:
+            whole = zc.compress(data)
+            st.bytes_out += len(whole)
+            yield Change(FILE_WHOLE, name, len(data), 0, whole)
+    for name in names:
+        if name not in new_pages:
+            continue
+        yield from _diff_pages(old, new, name, new_maps[new_pages[name]],
+                               old_maps.get(new_pages[name]), old_pages, window_pages, zc, st)
+    yield Change(MANIFEST, "", data=manifest(new).to_json())
+
+
+def _diff_pages(old: pathlib.Path | None, new: pathlib.Path, name: str, new_map: Pagemap,
+                old_map: Pagemap | None, old_pages: dict[str, str], window: int,
+                zc: zstandard.ZstdCompressor, st: DiffStats) -> Iterator[Change]:
+    new_m = _Mapped(new / name)
+    old_name = f"pages-{old_map.pages_id}.img" if old_map is not None else None
+    old_m = (_Mapped(old / old_name) if old is not None and old_name in old_pages
+             and (old / old_name).is_file() else None)
+    try:
+        total = new_m.size // PAGE
+        if new_m.size % PAGE or total != new_map.present_pages:
+            raise ImageFormatError(
+                f"pages file holds {new_m.size} bytes, its pagemap says {new_map.present_pages} "
+                "pages", path=str(new / name))
+        segs = _segments(old_map, new_map) if old_m is not None else []
+        st.pages_total += total
+        for start in range(0, total, window):
+            count = min(window, total - start)
+            base = (_base_window(old_m.buf, segs, start, count) if old_m is not None
+                    else bytearray(count * PAGE))
+            cur = new_m.buf[start * PAGE : (start + count) * PAGE]
+            enc = pagediff.encode(base, cur)
+            st.bytes_in += count * PAGE
+            changed = enc.pages_zero + enc.pages_delta + enc.pages_raw
+            st.pages_changed += changed
+            st.pages_zero += enc.pages_zero
+            st.pages_delta += enc.pages_delta
+            st.pages_raw += enc.pages_raw
+            if changed:
+                payload = zc.compress(enc.data)
+                st.bytes_out += len(payload)
+                yield Change(PAGES, name, start, count, payload)
+        if total == 0:
+            yield Change(FILE_WHOLE, name, 0, 0, zc.compress(b""))
+    finally:
+        new_m.close()
+        if old_m is not None:
+            old_m.close()
+
+
+# --- rebuild ------------------------------------------------------------------------------
+
+
+class Rebuilder:
+    """Applies a change stream to ``old_dir`` (None: nothing), writing ``out_dir``."""
+
+    def __init__(self, old_dir: str | os.PathLike[str] | None,
+                 out_dir: str | os.PathLike[str]) -> None:
+        self.old = pathlib.Path(old_dir) if old_dir is not None else None
+        self.out = pathlib.Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._old_maps: dict[str, Pagemap] | None = None
+        self._pages_state: dict[str, tuple[Any, list[tuple[int, int, int]], Any, int]] = {}
+        self._manifest: Manifest | None = None
+        self._zd = zstandard.ZstdDecompressor()
+        self._touched: dict[str, list[tuple[int, int]]] = {}
+
+    def apply(self, c: Change) -> None:
+        """Apply one item."""
+        if self._manifest is not None:
+            raise DeltaFormatError("change after the manifest")
+        if c.kind == MANIFEST:
+            try:
+                files = json.loads(c.data)
+            except ValueError as exc:
+                raise DeltaFormatError("manifest is not JSON", cause=exc) from exc
+            if not isinstance(files, dict):
+                raise DeltaFormatError("manifest is not an object")
+            self._manifest = Manifest(files)
+            return
+        name = _safe_name(c.name)
+        if c.kind == FILE_SAME:
+            if self.old is None or not (self.old / name).is_file():
+                raise DeltaFormatError(f"{name} marked unchanged but there is no old copy")
+            shutil.copyfile(self.old / name, self.out / name)
+        elif c.kind in (FILE_WHOLE, FILE_ZDELTA):
+            if c.a > MAX_FILE:
+                raise DeltaFormatError(f"{name}: declared size {c.a} too large")
+            if c.kind == FILE_ZDELTA:
+                if self.old is None or not (self.old / name).is_file():
+                    raise DeltaFormatError(f"{name}: delta against a file we do not have")
+                dictionary = zstandard.ZstdCompressionDict(
+                    (self.old / name).read_bytes(), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+                zd = zstandard.ZstdDecompressor(dict_data=dictionary)
+            else:
+                zd = self._zd
+            try:
+                data = zd.decompress(c.data, max_output_size=c.a)
+            except zstandard.ZstdError as exc:
+                raise DeltaFormatError(f"{name}: corrupt zstd data", cause=exc) from exc
+            if len(data) != c.a:
+                raise DeltaFormatError(f"{name}: {len(data)} bytes, header says {c.a}")
+            (self.out / name).write_bytes(data)
+        else:
+            self._apply_pages(name, c)
+
+    def _page_state(self, name: str) -> tuple[Any, list[tuple[int, int, int]], Any, int]:
+        if name in self._pages_state:
+            return self._pages_state[name]
+        new_maps = _pagemaps(self.out)
+        owner = _pages_files(new_maps).get(name)
+        if owner is None:
+            raise DeltaFormatError(f"pages for {name} arrived before its pagemap")
+        new_map = new_maps[owner]
+        if self._old_maps is None:
+            self._old_maps = _pagemaps(self.old) if self.old is not None else {}
+        old_map = self._old_maps.get(owner)
+        old_m = None
+        segs: list[tuple[int, int, int]] = []
+        if old_map is not None and self.old is not None:
+            p = self.old / f"pages-{old_map.pages_id}.img"
+            if p.is_file():
+                old_m = _Mapped(p)
+                segs = _segments(old_map, new_map)
+        total = new_map.present_pages
+        f = open(self.out / name, "wb")  # noqa: SIM115
+        f.truncate(total * PAGE)
+        # Windows no chunk touches are filled from the old pages in finish().
+        state = (old_m, segs, f, total)
+        self._pages_state[name] = state
+        return state
+
+    def _apply_pages(self, name: str, c: Change) -> None:
+        old_m, segs, f, total = self._page_state(name)
+        start, count = c.a, c.b
+        if count <= 0 or start + count > total:
+            raise DeltaFormatError(f"{name}: pages {start}+{count} outside {total}")
+        stream = pagediff.decompress(c.data, count * pagediff.MAX_RECORD)
+        base = (_base_window(old_m.buf, segs, start, count) if old_m is not None
+                else bytearray(count * PAGE))
+        pagediff.decode(base, stream)
+        f.seek(start * PAGE)
+        f.write(base)
+        self._touched.setdefault(name, []).append((start, count))
+
+    def _fill_untouched(self) -> None:
+        # Windows with no changes were not sent: copy them from the old layout.
+        for name, (old_m, segs, f, total) in self._pages_state.items():
+            done = sorted(self._touched.get(name, []))
+            pos = 0
+            gaps = []
+            for s, n in done:
+                if s > pos:
+                    gaps.append((pos, s - pos))
+                pos = max(pos, s + n)
+            if pos < total:
+                gaps.append((pos, total - pos))
+            for s, n in gaps:
+                for w in range(s, s + n, DEFAULT_WINDOW_PAGES):
+                    cnt = min(DEFAULT_WINDOW_PAGES, s + n - w)
+                    base = (_base_window(old_m.buf, segs, w, cnt) if old_m is not None
+                            else bytearray(cnt * PAGE))
+                    f.seek(w * PAGE)
+                    f.write(base)
+
+    def close(self) -> None:
+        """Release files (also on failure)."""
+        for old_m, _, f, _ in self._pages_state.values():
+            f.close()
+            if old_m is not None:
+                old_m.close()
+        self._pages_state.clear()
+
+    def finish(self) -> Manifest:
+        """Complete the pages files and verify the result against the manifest."""
+        try:
+            if self._manifest is None:
+                raise DeltaFormatError("the change stream ended without a manifest")
+            # Pages files whose every window was unchanged got no item at all.
+            for name in _pages_files(_pagemaps(self.out)):
+                if name in self._manifest.files and name not in self._pages_state:
+                    self._page_state(name)
+            self._fill_untouched()
+        finally:
+            self.close()
+        got = manifest(self.out)
+        want = self._manifest
+        if got.files != want.files:
+            missing = sorted(set(want.files) - set(got.files))
+            extra = sorted(set(got.files) - set(want.files))
+            differ = sorted(k for k in set(want.files) & set(got.files)
+                            if want.files[k] != got.files[k])
+            raise ImageFormatError(
+                f"rebuilt image differs from the source: missing {missing}, extra {extra}, "
+                f"different {differ}", path=str(self.out))
+        return got
