@@ -35,6 +35,8 @@ __all__ = [
     "read_entries",
     "read_pagemap",
     "read_stats",
+    "write_image",
+    "write_pagemap",
 ]
 
 IMG_COMMON_MAGIC = 0x54564319
@@ -260,3 +262,29 @@ def read_stats(path: str | os.PathLike[str]) -> DumpStats:
         freezing_time=_int(f, 1), frozen_time=_int(f, 2), memdump_time=_int(f, 3),
         memwrite_time=_int(f, 4), pages_scanned=_int(f, 5), pages_skipped_parent=_int(f, 6),
         pages_written=_int(f, 7), pages_lazy=_int(f, 9))
+
+
+def _field_varint(num: int, v: int) -> bytes:
+    return encode_varint(num << 3) + encode_varint(v)
+
+
+def write_image(path: str | os.PathLike[str], type_magic: int, messages: list[bytes], *,
+                service: bool = False) -> None:
+    """Write an image file: magics, then length-prefixed messages."""
+    out = bytearray()
+    if type_magic != INVENTORY_MAGIC:
+        out += struct.pack("<I", IMG_SERVICE_MAGIC if service else IMG_COMMON_MAGIC)
+    out += struct.pack("<I", type_magic)
+    for m in messages:
+        out += struct.pack("<I", len(m)) + m
+    pathlib.Path(path).write_bytes(bytes(out))
+
+
+def write_pagemap(path: str | os.PathLike[str], pages_id: int,
+                  entries: list[PagemapEntry]) -> None:
+    """Write a pagemap image the way CRIU 4 does (nr_pages in field 5)."""
+    msgs = [_field_varint(1, pages_id)]
+    for e in entries:
+        msgs.append(_field_varint(1, e.vaddr) + _field_varint(2, 0) + _field_varint(4, e.flags)
+                    + _field_varint(5, e.nr_pages))
+    write_image(path, PAGEMAP_MAGIC, msgs)

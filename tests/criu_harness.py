@@ -1,0 +1,108 @@
+"""Real-CRIU test helpers: find CRIU, run a workload in its own PID and mount
+namespace, dump it, restore it. Tests skip (with the reason) only when not root or
+when CRIU is not installed (scripts/install-criu); CI has both."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+CRIU = os.environ.get("CTLIVE_CRIU") or "/opt/ctlive/criu/usr/sbin/criu"
+
+MUTATOR = r"""
+import random, sys, time
+size = int(sys.argv[1]) << 20; frac = float(sys.argv[2]); counter_path = sys.argv[3]
+b = bytearray(size); r = random.Random(1)
+for i in range(0, size, 4096):
+    b[i:i + 64] = r.randbytes(64)
+npages = size // 4096
+n = 0
+while True:
+    for _ in range(int(npages * frac / 10) or 1):
+        p = r.randrange(npages) * 4096 + r.randrange(4096 - 8)
+        b[p:p + 8] = r.randbytes(8)
+    n += 1
+    with open(counter_path, "w") as f:
+        f.write(str(n))
+    time.sleep(0.1)
+"""
+
+
+def require_criu() -> str:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for CRIU")
+    if not (os.path.exists(CRIU) and os.access(CRIU, os.X_OK)):
+        pytest.skip(f"CRIU not installed at {CRIU}: run scripts/install-criu")
+    return CRIU
+
+
+def pid_of(marker: str, timeout: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+        pids = [int(x) for x in out.split()]
+        # The command itself runs as PID 1 of its namespace: the newest match.
+        if pids:
+            return max(pids)
+        time.sleep(0.05)
+    raise RuntimeError(f"workload {marker} did not start")
+
+
+class Mutator:
+    """A process in its own PID+mount namespace that mutates a buffer and counts."""
+
+    def __init__(self, tmp: pathlib.Path, mib: int = 16, frac: float = 0.2) -> None:
+        self.script = tmp / f"mutator-{os.getpid()}-{time.monotonic_ns()}.py"
+        self.script.write_text(MUTATOR)
+        self.counter = tmp / "counter"
+        cmd = f"exec {sys.executable} {self.script} {mib} {frac} {self.counter} " \
+              "</dev/null >/dev/null 2>&1"
+        # Inherited descriptors from the host mount namespace would make the dump fail.
+        subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "setsid", "sh", "-c", cmd],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+        self.pid = pid_of(str(self.script))
+        deadline = time.monotonic() + 10
+        while not self.counter.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def count(self) -> int:
+        return int(self.counter.read_text() or 0)
+
+    def dump(self, d: pathlib.Path, *, final: bool) -> None:
+        d.mkdir(parents=True, exist_ok=True)
+        mode = "--leave-stopped" if final else "--leave-running"
+        subprocess.run([CRIU, "dump", "-t", str(self.pid), "-D", str(d), mode, "-o", "dump.log"],
+                       check=True, capture_output=True)
+
+    def kill(self) -> None:
+        with_pid = subprocess.run(["pgrep", "-f", str(self.script)], capture_output=True,
+                                  text=True).stdout.split()
+        for p in with_pid:
+            try:
+                os.kill(int(p), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def restore_stopped(d: pathlib.Path) -> None:
+    subprocess.run([CRIU, "restore", "-D", str(d), "-d", "--leave-stopped", "--root", "/",
+                    "-o", "restore.log"], check=True, capture_output=True)
+
+
+def state(pid: int) -> str:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("State:"):
+            return line.split()[1]
+    return "?"
+
+
+def copy_dump(src: pathlib.Path, dst: pathlib.Path) -> None:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.log"))

@@ -1,0 +1,260 @@
+"""Image model and image diff/rebuild: synthetic dumps, real CRIU dumps, fuzzing."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import pathlib
+import random
+import signal
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctlive import errors, imagediff, images
+from ctlive.cli import main as cli_main
+
+PAGE = 4096
+
+
+def make_dump(d: pathlib.Path, maps: dict[int, list[tuple[int, bytes]]],
+              files: dict[str, bytes]) -> None:
+    """maps: pid -> [(vaddr, pages bytes)]; one pagemap and pages file per pid."""
+    d.mkdir(parents=True, exist_ok=True)
+    for pages_id, (pid, runs) in enumerate(sorted(maps.items()), 1):
+        entries = [images.PagemapEntry(v, len(data) // PAGE, images.PE_PRESENT)
+                   for v, data in runs]
+        images.write_pagemap(d / f"pagemap-{pid}.img", pages_id, entries)
+        (d / f"pages-{pages_id}.img").write_bytes(b"".join(data for _, data in runs))
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+
+
+def roundtrip(old: pathlib.Path | None, new: pathlib.Path, out: pathlib.Path,
+              window: int = 3) -> imagediff.DiffStats:
+    st = imagediff.DiffStats()
+    items = [imagediff.encode_change(c)
+             for c in imagediff.diff(old, new, window_pages=window, stats=st)]
+    rb = imagediff.Rebuilder(old, out)
+    for item in items:
+        rb.apply(imagediff.decode_change(item))
+    rb.finish()
+    names = sorted(p.name for p in new.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names
+    for n in names:
+        assert filecmp.cmp(new / n, out / n, shallow=False), n
+    return st
+
+
+def rnd_pages(r: random.Random, n: int) -> bytes:
+    return b"".join(r.randbytes(PAGE) if r.random() < 0.7 else bytes(PAGE) for _ in range(n))
+
+
+def test_synthetic_sequence(tmp_path: pathlib.Path) -> None:
+    r = random.Random(3)
+    a = rnd_pages(r, 10)
+    b = rnd_pages(r, 4)
+    make_dump(tmp_path / "d0", {7: [(0x10000, a), (0x80000, b)]},
+              {"core-7.img": b"core" * 100, "files.img": b"x" * 50})
+    # Next dump: run a changed in place; run b moved; a new mapping; a new process;
+    # one file changed slightly, one removed, one added.
+    a2 = bytearray(a)
+    a2[5 * PAGE + 17] ^= 0xFF
+    a2[2 * PAGE : 3 * PAGE] = bytes(PAGE)
+    make_dump(tmp_path / "d1",
+              {7: [(0x10000, bytes(a2)), (0x90000, b), (0x200000, rnd_pages(r, 3))],
+               9: [(0x40000, rnd_pages(r, 2))]},
+              {"core-7.img": b"core" * 99 + b"CORE", "inventory.img": b"inv"})
+    full = roundtrip(None, tmp_path / "d0", tmp_path / "r0")
+    assert full.pages_total == 14
+    inc = roundtrip(tmp_path / "r0", tmp_path / "d1", tmp_path / "r1")
+    assert inc.pages_total == 19
+    # The moved run is found by vaddr: only in-place changes and new pages are sent.
+    assert inc.pages_changed < inc.pages_total
+
+
+def test_unchanged_dump_sends_only_markers(tmp_path: pathlib.Path) -> None:
+    r = random.Random(4)
+    make_dump(tmp_path / "d0", {1: [(0x1000, rnd_pages(r, 8))]}, {"mm-1.img": b"mm"})
+    roundtrip(None, tmp_path / "d0", tmp_path / "r0")
+    st = roundtrip(tmp_path / "r0", tmp_path / "d0", tmp_path / "r1")
+    assert st.pages_changed == 0
+    assert st.files_unchanged == 2  # mm-1.img and the pagemap
+
+
+def test_tampered_item_fails_verification(tmp_path: pathlib.Path) -> None:
+    r = random.Random(5)
+    make_dump(tmp_path / "d0", {1: [(0x1000, rnd_pages(r, 4))]}, {"mm-1.img": b"mm" * 10})
+    items = list(imagediff.diff(None, tmp_path / "d0"))
+    rb = imagediff.Rebuilder(None, tmp_path / "out")
+    for c in items:
+        if c.kind == imagediff.MANIFEST:
+            c = imagediff.Change(c.kind, c.name, data=c.data.replace(b'"size":20', b'"size":21'))
+        rb.apply(c)
+    with pytest.raises(errors.ImageFormatError, match="differs"):
+        rb.finish()
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "/abs", "a/b", "", ".."])
+def test_unsafe_names_refused(name: str) -> None:
+    item = imagediff.encode_change(imagediff.Change(imagediff.FILE_WHOLE, name, 0, 0, b""))
+    with pytest.raises(errors.DeltaFormatError):
+        imagediff.decode_change(item)
+
+
+@given(st.binary(max_size=300))
+def test_decode_change_fuzz(data: bytes) -> None:
+    try:
+        imagediff.decode_change(data)
+    except errors.DeltaFormatError:
+        pass
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 10**6), st.integers(0, 255))
+def test_rebuilder_fuzz(tmp_path_factory: pytest.TempPathFactory, pos: int, val: int) -> None:
+    tmp = tmp_path_factory.mktemp("fz")
+    r = random.Random(6)
+    make_dump(tmp / "d0", {1: [(0x1000, rnd_pages(r, 3))]}, {"mm-1.img": b"mm" * 10})
+    items = [imagediff.encode_change(c) for c in imagediff.diff(None, tmp / "d0")]
+    k = pos % len(items)
+    mutated = bytearray(items[k])
+    mutated[pos % len(mutated)] = val
+    items[k] = bytes(mutated)
+    rb = imagediff.Rebuilder(None, tmp / "out")
+    try:
+        for item in items:
+            rb.apply(imagediff.decode_change(item))
+        rb.finish()
+    except (errors.DeltaFormatError, errors.ImageFormatError):
+        pass
+    finally:
+        rb.close()
+
+
+def test_pagemap_errors(tmp_path: pathlib.Path) -> None:
+    good = tmp_path / "pagemap-1.img"
+    images.write_pagemap(good, 1, [images.PagemapEntry(0x1000, 2, images.PE_PRESENT)])
+    data = good.read_bytes()
+    for bad, where in ((data[:3], "magic"), (b"\0" * 8 + data[8:], "magic"),
+                       (data[:-2], "past the end"), (data[:8] + b"\xff\xff\xff\x7f", "past")):
+        p = tmp_path / "bad.img"
+        p.write_bytes(bad)
+        with pytest.raises(errors.ImageFormatError, match=where) as info:
+            images.read_pagemap(p)
+        assert "bad.img" in str(info.value)
+
+
+# --- real CRIU ----------------------------------------------------------------------------
+
+
+real_dumps_marker: list[str] = []
+real_dumps_count: list[int] = []
+real_dumps_counter: list[pathlib.Path] = []
+
+
+@pytest.fixture(scope="module")
+def real_dumps(tmp_path_factory: pytest.TempPathFactory) -> list[pathlib.Path]:
+    from criu_harness import Mutator, require_criu
+
+    require_criu()
+    tmp = tmp_path_factory.mktemp("criu")
+    m = Mutator(tmp, mib=16, frac=0.2)
+    try:
+        dumps = []
+        for k in range(3):
+            d = tmp / f"dump{k}"
+            m.dump(d, final=k == 2)
+            dumps.append(d)
+            time.sleep(0.5)
+        real_dumps_marker.append(str(m.script))
+        real_dumps_count.append(m.count())  # frozen by the final dump
+        m.kill()
+        real_dumps_counter.append(m.counter)
+        return dumps
+    finally:
+        m.kill()
+
+
+def test_real_image_roundtrip(real_dumps: list[pathlib.Path], tmp_path: pathlib.Path) -> None:
+    d0 = real_dumps[0]
+    pm = images.read_pagemap(next(d0.glob("pagemap-*.img")))
+    pages = d0 / f"pages-{pm.pages_id}.img"
+    assert pm.present_pages * PAGE == pages.stat().st_size
+    out = tmp_path / "pagemap.img"
+    images.write_pagemap(out, pm.pages_id, list(pm.entries))
+    assert out.read_bytes() == next(d0.glob("pagemap-*.img")).read_bytes()
+    s = images.read_stats(d0 / "stats-dump")
+    assert s.pages_written == pm.present_pages
+    assert s.frozen_time > 0
+
+
+def test_real_dumps_rebuild_and_restore(real_dumps: list[pathlib.Path],
+                                        tmp_path: pathlib.Path) -> None:
+    from criu_harness import pid_of, restore_stopped, state
+
+    prev = None
+    sizes = []
+    for k, d in enumerate(real_dumps[:3]):
+        for log in d.glob("*.log"):
+            log.unlink()
+        out = tmp_path / f"r{k}"
+        st = roundtrip(prev, d, out, window=imagediff.DEFAULT_WINDOW_PAGES)
+        sizes.append((st.bytes_in, st.bytes_out))
+        prev = out
+    assert sizes[1][1] < sizes[0][1] / 5  # an iteration is far smaller than the full image
+    # CRIU restores the rebuilt final dump, stopped; SIGCONT resumes it.
+    restore_stopped(prev)
+    pid = pid_of(real_dumps_marker[-1])
+    try:
+        assert state(pid) == "T"
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.5)
+        assert state(pid) in ("S", "R")
+        # The restored workload goes on from its state: the counter continues.
+        after = int(real_dumps_counter[-1].read_text() or 0)
+        assert after > real_dumps_count[-1]
+    finally:
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_image_cli_roundtrip(real_dumps: list[pathlib.Path], tmp_path: pathlib.Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    d0, d1 = real_dumps[0], real_dumps[1]
+    assert cli_main(["image", "diff", "-", str(d0), "-o", str(tmp_path / "full")]) == 0
+    assert cli_main(["image", "patch", "-", str(tmp_path / "full"), "-o",
+                     str(tmp_path / "p0")]) == 0
+    assert cli_main(["image", "diff", str(d0), str(d1), "-o", str(tmp_path / "inc")]) == 0
+    assert cli_main(["image", "patch", str(tmp_path / "p0"), str(tmp_path / "inc"), "-o",
+                     str(tmp_path / "p1")]) == 0
+    assert "verified" in capsys.readouterr().out
+    for p in d1.iterdir():
+        if not p.name.endswith(".log"):
+            assert filecmp.cmp(p, tmp_path / "p1" / p.name, shallow=False)
+    assert (tmp_path / "inc").stat().st_size < (tmp_path / "full").stat().st_size / 5
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10**6), st.integers(0, 255), st.booleans())
+def test_mutated_real_images(real_dumps: list[pathlib.Path], tmp_path_factory: pytest.TempPathFactory,
+                             pos: int, val: int, truncate: bool) -> None:
+    d0 = real_dumps[0]
+    files = sorted(p for p in d0.glob("*.img") if p.name.startswith(("pagemap", "stats")))
+    files.append(d0 / "stats-dump")
+    src = files[pos % len(files)]
+    data = bytearray(src.read_bytes())
+    if truncate:
+        del data[pos % len(data):]
+    else:
+        data[pos % len(data)] = val
+    p = tmp_path_factory.mktemp("mut") / src.name
+    p.write_bytes(bytes(data))
+    try:
+        if src.name.startswith("pagemap"):
+            images.read_pagemap(p)
+        else:
+            images.read_stats(p)
+    except errors.ImageFormatError:
+        pass
