@@ -238,7 +238,8 @@ def test_image_cli_roundtrip(real_dumps: list[pathlib.Path], tmp_path: pathlib.P
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 10**6), st.integers(0, 255), st.booleans())
-def test_mutated_real_images(real_dumps: list[pathlib.Path], tmp_path_factory: pytest.TempPathFactory,
+def test_mutated_real_images(real_dumps: list[pathlib.Path],
+                             tmp_path_factory: pytest.TempPathFactory,
                              pos: int, val: int, truncate: bool) -> None:
     d0 = real_dumps[0]
     files = sorted(p for p in d0.glob("*.img") if p.name.startswith(("pagemap", "stats")))
