@@ -1,0 +1,187 @@
+"""Checkpoint backends: what ``migrate()`` dumps on the source and restores on the
+destination.
+
+The source side is a :class:`Workload`: ``dump(dir, final=…)`` takes an iteration
+while the workload runs (``pre-dump`` where the kernel tracks dirty pages, full
+``dump --leave-running`` elsewhere) or the final dump, which leaves the workload
+*stopped* so it can be resumed if the migration fails. The destination side is
+:func:`restore`, which restores *stopped* and returns a :class:`Restored` that the
+two-phase commit resumes or discards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import time
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+import attrs
+
+from ctlive.criubin import find_criu, run_criu
+from ctlive.errors import CheckpointError, ConfigError, RestoreError
+from ctlive.images import DumpStats, read_stats
+
+__all__ = ["DumpResult", "Process", "Restored", "Workload", "restore"]
+
+
+@attrs.frozen
+class DumpResult:
+    """One dump: how long it took and CRIU's own figures."""
+
+    duration: float
+    pre_dump: bool
+    final: bool
+    stats: DumpStats | None
+
+
+@runtime_checkable
+class Workload(Protocol):
+    """A checkpointable workload on the source."""
+
+    kind: str
+
+    async def dump(self, images_dir: pathlib.Path, *, final: bool,
+                   parent: pathlib.Path | None = None) -> DumpResult:
+        """Dump into ``images_dir``; ``final`` leaves the workload stopped."""
+        ...
+
+    async def resume(self) -> None:
+        """Continue a workload the final dump left stopped (the abort path)."""
+        ...
+
+    async def kill(self) -> None:
+        """End the source copy (after the destination is ready)."""
+        ...
+
+    def restore_spec(self) -> dict[str, Any]:
+        """JSON-able facts the destination needs to restore."""
+        ...
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants, parents first."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        for task in pathlib.Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    for p in _tree(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, sig)
+
+
+class Process:
+    """A process tree, checkpointed by CRIU directly.
+
+    The tree should live in its own PID namespace (``unshare --pid --fork setsid
+    CMD``): CRIU then restores it as a whole on the destination.
+    """
+
+    kind = "process"
+
+    def __init__(self, pid: int, *, tcp_established: bool = False,
+                 external: tuple[str, ...] = (), shell_job: bool = False,
+                 network_lock: str | None = None) -> None:
+        if pid <= 1:
+            raise ConfigError(f"refusing to checkpoint pid {pid}")
+        if not pathlib.Path(f"/proc/{pid}").exists():
+            raise ConfigError(f"no process {pid}")
+        self.pid = pid
+        self.tcp_established = tcp_established
+        self.external = external
+        self.shell_job = shell_job
+        self.network_lock = network_lock
+
+    def _common(self) -> list[str]:
+        args = []
+        if self.tcp_established:
+            args.append("--tcp-established")
+        for e in self.external:
+            args += ["--external", e]
+        if self.shell_job:
+            args.append("--shell-job")
+        if self.network_lock:
+            args += ["--network-lock", self.network_lock]
+        return args
+
+    async def dump(self, images_dir: pathlib.Path, *, final: bool,
+                   parent: pathlib.Path | None = None) -> DumpResult:
+        images_dir.mkdir(parents=True, exist_ok=True)
+        pre = not final and find_criu().dirty_tracking
+        if pre:
+            args = ["pre-dump", "-t", str(self.pid), "-D", str(images_dir)]
+            if parent is not None:
+                args += ["--prev-images-dir", os.path.relpath(parent, images_dir)]
+        else:
+            args = ["dump", "-t", str(self.pid), "-D", str(images_dir),
+                    "--leave-stopped" if final else "--leave-running"]
+        t = time.monotonic()
+        await run_criu(args + self._common(), workdir=images_dir, log="dump.log",
+                       phase="final-dump" if final else "iterate")
+        stats = None
+        with contextlib.suppress(Exception):
+            stats = read_stats(images_dir / "stats-dump")
+        return DumpResult(time.monotonic() - t, pre, final, stats)
+
+    async def resume(self) -> None:
+        _signal_tree(self.pid, signal.SIGCONT)
+
+    async def kill(self) -> None:
+        _signal_tree(self.pid, signal.SIGKILL)
+
+    def restore_spec(self) -> dict[str, Any]:
+        return {"tcp_established": self.tcp_established, "external": list(self.external),
+                "shell_job": self.shell_job}
+
+
+class Restored:
+    """A workload restored stopped on the destination."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    async def resume(self) -> None:
+        """Let it run (the destination's half of COMMIT)."""
+        _signal_tree(self.pid, signal.SIGCONT)
+
+    async def discard(self) -> None:
+        """Kill it (ABORT, or a failure before COMMIT)."""
+        _signal_tree(self.pid, signal.SIGKILL)
+
+
+async def restore(kind: str, images_dir: pathlib.Path, spec: dict[str, Any]) -> Restored:
+    """Restore a dump stopped; returns the handle the two-phase commit drives."""
+    if kind != "process":
+        raise RestoreError(f"this receiver cannot restore workloads of kind {kind!r}")
+    args = ["restore", "-D", str(images_dir), "-d", "--leave-stopped", "--root", "/",
+            "--pidfile", str(images_dir / "restored.pid")]
+    if spec.get("tcp_established"):
+        args.append("--tcp-established")
+    for e in spec.get("external", []):
+        if not isinstance(e, str):
+            raise RestoreError("bad external resource in the restore spec")
+        args += ["--external", e]
+    if spec.get("shell_job"):
+        args.append("--shell-job")
+    try:
+        await run_criu(args, workdir=images_dir, log="restore.log", phase="restore")
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise RestoreError(f"restore failed: {exc}", phase="restore", cause=exc) from exc
+    try:
+        pid = int((images_dir / "restored.pid").read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise RestoreError("CRIU did not report the restored pid", phase="restore",
+                           cause=exc) from exc
+    return Restored(pid)
