@@ -18,7 +18,6 @@ import signal
 import time
 from typing import Any, Protocol, runtime_checkable
 
-import anyio
 import attrs
 
 from ctlive.criubin import find_criu, run_criu

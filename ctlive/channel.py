@@ -367,7 +367,7 @@ class _Ordered:
                     i = (self._rr + k) % n
                     lane = self.lanes[i]
                     if lane and lane[0].iteration == self.current:
-                        ch = lane.popleft()
+                        ch = attrs.evolve(lane.popleft(), lane=i)
                         if ch.seq != self.got[i]:
                             raise RemoteProtocolError(
                                 f"lane {i} sent change {ch.seq}, expected {self.got[i]}")
@@ -530,7 +530,7 @@ class Session:
 
     # -- changes ---------------------------------------------------------------------------
 
-    async def send_change(self, iteration: int, data: bytes) -> None:
+    async def send_change(self, iteration: int, data: bytes, *, lane: int | None = None) -> None:
         """Send one CHANGE payload (at most MAX_CHANGE bytes) on the next lane, waiting
         for credit if needed. Several tasks may call this at once to keep lanes busy."""
         if len(data) > MAX_CHANGE:
@@ -542,8 +542,11 @@ class Session:
         if self._failed is not None:
             raise self._failed
         self._credit -= len(data)
-        lane = self._next_lane
-        self._next_lane = (lane + 1) % len(self._lanes)
+        if lane is None:
+            lane = self._next_lane
+            self._next_lane = (lane + 1) % len(self._lanes)
+        elif not 0 <= lane < len(self._lanes):
+            raise LocalProtocolError(f"no lane {lane}")
         counts = self._counts.setdefault(iteration, [0] * len(self._lanes))
         seq = counts[lane]
         counts[lane] += 1

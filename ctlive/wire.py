@@ -86,11 +86,14 @@ class IterationBegin:
 
 @attrs.frozen
 class Change:
-    """One image-change item of an iteration (sent on a lane)."""
+    """One image-change item (or a fragment of one) of an iteration, sent on a lane.
+
+    ``lane`` is filled in by the receiver (it is not on the wire)."""
 
     iteration: int
     seq: int
     data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
+    lane: int = attrs.field(default=0, eq=False)
 
 
 @attrs.frozen
@@ -259,8 +262,12 @@ _TABLE: dict[tuple[State, Role, type[Any]], State] = {
     (State.IN_ITERATION, S, IterationEnd): State.BETWEEN_ITERATIONS,  # final: AWAIT_READY
     (State.AWAIT_READY, D, Ready): State.READY,
     (State.READY, S, Commit): State.COMMITTING,
+    # A source that lost its session after killing its copy reconnects and repeats
+    # COMMIT straight after HELLO; the destination answers from its pending table.
+    (State.AWAIT_META, S, Commit): State.COMMITTING,
     (State.COMMITTING, S, Commit): State.COMMITTING,  # a retried COMMIT is idempotent
     (State.COMMITTING, D, CommitAck): State.DONE,
+    (State.COMMITTING, D, Error): State.FAILED,
     (State.DONE, S, Commit): State.DONE,  # retry after a lost ACK
     (State.DONE, D, CommitAck): State.DONE,
 }

@@ -106,3 +106,19 @@ def state(pid: int) -> str:
 
 def copy_dump(src: pathlib.Path, dst: pathlib.Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.log"))
+
+
+def workload_pids(script: pathlib.Path) -> list[int]:
+    """Running (not stopped, not zombie) Python processes executing ``script``."""
+    out = []
+    for d in pathlib.Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+            if len(argv) > 1 and b"python" in argv[0] and argv[1] == str(script).encode():
+                if state(int(d.name)) in ("S", "R", "D"):
+                    out.append(int(d.name))
+        except OSError:
+            continue
+    return out

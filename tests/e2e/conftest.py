@@ -1,0 +1,76 @@
+"""End-to-end fixtures: a real workload, a receiver with a simulated SNP platform."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+
+from criu_harness import Mutator, require_criu
+
+from ctlive.attest import SimulatedSnpPlatform, SnpPolicy, SnpVerifier
+from ctlive.identity import Identity
+
+# Fixed test keys: the module may be imported twice (as conftest and by tests).
+SRC = Identity(bytes(range(1, 33)))
+DST = Identity(bytes(range(33, 65)))
+
+
+@pytest.fixture(scope="session")
+def platform() -> SimulatedSnpPlatform:
+    return SimulatedSnpPlatform()
+
+
+@pytest.fixture
+def verifier(platform: SimulatedSnpPlatform) -> SnpVerifier:
+    return SnpVerifier(SnpPolicy(measurements=[platform.measurement]),
+                       trusted_roots=[platform.trusted_root()])
+
+
+@pytest.fixture
+def mutator(tmp_path: pathlib.Path) -> Iterator[Mutator]:
+    require_criu()
+    m = Mutator(tmp_path, mib=16, frac=0.2)
+    try:
+        yield m
+    finally:
+        m.kill()
+
+
+class Receiver:
+    def __init__(self, addr: tuple[str, int], errors: list[BaseException],
+                 scope: anyio.CancelScope) -> None:
+        self.addr = addr
+        self.errors = errors
+        self.scope = scope
+
+
+@pytest.fixture
+async def receiver_factory(tmp_path: pathlib.Path, platform: SimulatedSnpPlatform
+                           ) -> AsyncIterator[Any]:
+    from ctlive.serve import serve
+
+    async with anyio.create_task_group() as tg:
+        async def start(fault: Any = None, allow: Any = None) -> Receiver:
+            errors: list[BaseException] = []
+            scope = anyio.CancelScope()
+
+            async def run(task_status: Any) -> None:
+                with scope:
+                    await serve(("127.0.0.1", 0), identity=DST, provider=platform,
+                                allow=allow if allow is not None else {SRC.public_key},
+                                state_dir=tmp_path / "dest-state", commit_grace=30,
+                                on_session_error=errors.append, task_status=task_status,
+                                _fault=fault)
+
+            addr = await tg.start(run)
+            return Receiver(addr, errors, scope)
+
+        yield start
+        tg.cancel_scope.cancel()

@@ -1,0 +1,139 @@
+"""End-to-end migrations on real CRIU, under asyncio and trio.
+
+Each test asserts the workload's state afterwards: where it runs, that it runs
+exactly once, and that its counter went on from where it was."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from criu_harness import Mutator, state, workload_pids
+from mitm import Mitm
+
+from ctlive import errors
+from ctlive.backends import Process
+from ctlive.convergence import Convergence
+from ctlive.migrate import migrate
+from ctlive.report import Decision
+from tests.e2e.conftest import SRC
+
+pytestmark = pytest.mark.anyio
+
+
+def alive(pid: int) -> bool:
+    try:
+        return state(pid) in ("S", "R", "D")
+    except OSError:
+        return False
+
+
+async def test_mutating_process_three_iterations(mutator: Mutator, receiver_factory: Any,
+                                                 verifier: Any) -> None:
+    rx = await receiver_factory()
+    before = mutator.count()
+    report = await migrate(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier,
+                           convergence=Convergence(max_iterations=3, max_downtime=0.0))
+    assert len(report.iterations) >= 3
+    assert report.iterations[-1].final
+    assert report.iterations[1].wire_bytes < report.iterations[0].wire_bytes
+    assert report.attestation["insecure"] is True
+    assert not alive(mutator.pid)  # the source copy is gone
+    new_pid = report.destination_summary["restored_pid"]
+    assert alive(new_pid)
+    assert len(workload_pids(mutator.script)) == 1  # exactly one copy runs
+    at_handover = mutator.count()
+    await anyio.sleep(0.5)
+    assert mutator.count() > at_handover >= before  # it goes on from its state
+    assert rx.errors == []
+    assert '"migration_id"' in report.to_json()
+
+
+async def test_attestation_refused_sends_no_image_bytes(mutator: Mutator, receiver_factory: Any,
+                                                        platform: Any) -> None:
+    from ctlive.attest import SnpPolicy, SnpVerifier
+
+    rx = await receiver_factory()
+    strict = SnpVerifier(SnpPolicy(measurements=[bytes(48)]),
+                         trusted_roots=[platform.trusted_root()])
+    async with anyio.create_task_group() as tg:
+        mitm = Mitm(rx.addr)
+        paddr = await tg.start(mitm.serve)
+        with pytest.raises(errors.MigrationError) as info:
+            await migrate(Process(mutator.pid), paddr, identity=SRC, attestation=strict)
+        tg.cancel_scope.cancel()
+    assert info.value.phase == "attest"
+    assert isinstance(info.value.cause, errors.MeasurementMismatchError)
+    assert mitm.bytes_after_msg1 == 0
+    assert alive(mutator.pid)
+
+
+async def test_receiver_dies_mid_iteration(mutator: Mutator, receiver_factory: Any,
+                                           verifier: Any) -> None:
+    def fault(stage: str) -> None:
+        if stage == "mid-iteration":
+            rx.scope.cancel()
+
+    rx = await receiver_factory(fault=fault)
+    with pytest.raises(errors.MigrationError) as info:
+        await migrate(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier,
+                      convergence=Convergence(max_iterations=4, max_downtime=0.0))
+    assert info.value.phase in ("iterate", "final-dump", "restore")
+    assert alive(mutator.pid)
+    c = mutator.count()
+    await anyio.sleep(0.4)
+    assert mutator.count() > c
+
+
+class NeverConverge:
+    """A user-supplied policy (the Protocol): keep iterating."""
+
+    def decide(self, history: Any, intervals: Any) -> Decision:
+        return Decision(history[-1].index, False, "test: never converge", 1.0, {})
+
+
+async def test_cancelled_migration_resumes_source(mutator: Mutator, receiver_factory: Any,
+                                                  verifier: Any) -> None:
+    rx = await receiver_factory()
+    with anyio.move_on_after(1.5) as scope:
+        await migrate(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier,
+                      convergence=NeverConverge())
+    assert scope.cancelled_caught
+    assert alive(mutator.pid)
+    c = mutator.count()
+    await anyio.sleep(0.4)
+    assert mutator.count() > c
+
+
+async def test_cut_before_commit_resumes_source_only(mutator: Mutator, receiver_factory: Any,
+                                                     verifier: Any) -> None:
+    def fault(stage: str) -> None:
+        if stage == "before-ready":
+            raise errors.BrokenChannelError("cut by the test before READY")
+
+    rx = await receiver_factory(fault=fault)
+    with pytest.raises(errors.MigrationError) as info:
+        await migrate(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier,
+                      convergence=Convergence(max_iterations=2, max_downtime=0.0))
+    assert info.value.phase == "restore"
+    assert alive(mutator.pid)
+    await anyio.sleep(0.3)
+    # Exactly one copy runs: the source. The destination discarded its stopped copy.
+    assert workload_pids(mutator.script) == [mutator.pid]
+
+
+async def test_tampered_record_aborts_and_source_resumes(mutator: Mutator,
+                                                          receiver_factory: Any,
+                                                          verifier: Any) -> None:
+    rx = await receiver_factory()
+    async with anyio.create_task_group() as tg:
+        mitm = Mitm(rx.addr, action="flip", at=6)
+        paddr = await tg.start(mitm.serve)
+        with pytest.raises(errors.MigrationError):
+            await migrate(Process(mutator.pid), paddr, identity=SRC, attestation=verifier,
+                          convergence=Convergence(max_iterations=3, max_downtime=0.0))
+        tg.cancel_scope.cancel()
+    assert alive(mutator.pid)
+    assert any(isinstance(e, errors.TamperedRecordError) for e in rx.errors)
+
