@@ -116,9 +116,9 @@ def workload_pids(script: pathlib.Path) -> list[int]:
             continue
         try:
             argv = (d / "cmdline").read_bytes().split(b"\0")
-            if len(argv) > 1 and b"python" in argv[0] and argv[1] == str(script).encode():
-                if state(int(d.name)) in ("S", "R", "D"):
-                    out.append(int(d.name))
+            if (len(argv) > 1 and b"python" in argv[0] and argv[1] == str(script).encode()
+                    and state(int(d.name)) in ("S", "R", "D")):
+                out.append(int(d.name))
         except OSError:
             continue
     return out
