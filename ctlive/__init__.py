@@ -1,10 +1,50 @@
-"""ctlive: live-migrate CRIU-checkpointed containers into attested SEV-SNP guests."""
+"""ctlive: live-migrate CRIU-checkpointed workloads into attested SEV-SNP guests.
+
+The usual entry points::
+
+    report = await ctlive.migrate(ctlive.Process(pid), "tcp://10.0.0.7:7788",
+                                  identity=ctlive.Identity.load("source.key"),
+                                  attestation=ctlive.SnpPolicy.from_toml("policy.toml"))
+
+and, inside the guest, ``await ctlive.serve(...)`` (or ``ctlive serve``).
+"""
 
 from __future__ import annotations
 
+from ctlive.attest import SimulatedSnpPlatform, SnpPolicy, SnpVerifier
+from ctlive.backends import DumpResult, Process, Restored, Workload
+from ctlive.convergence import Convergence, ConvergencePolicy
 from ctlive.errors import *  # noqa: F403
 from ctlive.errors import __all__ as _errors_all
+from ctlive.evidence import AttestationResult, EvidenceProvider, EvidenceVerifier
+from ctlive.identity import Identity, load_public_keys
+from ctlive.migrate import migrate
+from ctlive.report import Decision, IterationReport, MigrationReport, ProgressEvent
+from ctlive.serve import serve
 
 __version__ = "0.1.0"
 
-__all__ = [*_errors_all, "__version__"]
+__all__ = [
+    "AttestationResult",
+    "Convergence",
+    "ConvergencePolicy",
+    "Decision",
+    "DumpResult",
+    "EvidenceProvider",
+    "EvidenceVerifier",
+    "Identity",
+    "IterationReport",
+    "MigrationReport",
+    "Process",
+    "ProgressEvent",
+    "Restored",
+    "SimulatedSnpPlatform",
+    "SnpPolicy",
+    "SnpVerifier",
+    "Workload",
+    "__version__",
+    "load_public_keys",
+    "migrate",
+    "serve",
+    *_errors_all,
+]

@@ -365,3 +365,20 @@ def test_cli_verify(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "REFUSED" in out and "DebugPolicyError" in out
     assert _cli("milan-debug", "--no-policy") == 0
+
+
+def test_auto_provider_selection(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctlive.attest import auto_provider, providers
+
+    tsm, dev = tmp_path / "tsm", tmp_path / "sev-guest"
+    monkeypatch.setattr(providers, "CONFIGFS_TSM_REPORT", tsm)
+    monkeypatch.setattr(providers, "SEV_GUEST_DEVICE", dev)
+    with pytest.raises(errors.ProviderError, match="not an SEV-SNP guest"):
+        auto_provider()
+    dev.touch()
+    assert isinstance(auto_provider(), SevGuestProvider)
+    tsm.mkdir()
+    assert isinstance(auto_provider(), ConfigfsTsmProvider)  # configfs-tsm preferred
+    assert isinstance(auto_provider("sev-guest"), SevGuestProvider)
+    with pytest.raises(errors.ProviderError, match="unknown provider"):
+        auto_provider("bogus")
