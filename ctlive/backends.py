@@ -12,19 +12,22 @@ two-phase commit resumes or discards.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import signal
+import subprocess
 import time
 from typing import Any, Protocol, runtime_checkable
 
+import anyio
 import attrs
 
 from ctlive.criubin import find_criu, run_criu
-from ctlive.errors import CheckpointError, ConfigError, RestoreError
+from ctlive.errors import CheckpointError, ConfigError, CriuError, CtliveError, RestoreError
 from ctlive.images import DumpStats, read_stats
 
-__all__ = ["DumpResult", "Process", "Restored", "Workload", "restore"]
+__all__ = ["DumpResult", "Process", "Restored", "RuncContainer", "Workload", "restore"]
 
 
 @attrs.frozen
@@ -143,11 +146,81 @@ class Process:
                 "shell_job": self.shell_job}
 
 
+async def _runc(args: list[str], *, phase: str, root: str | None = None) -> str:
+    cmd = ["runc"] + (["--root", root] if root else []) + args
+    env = dict(os.environ)
+    # runc finds CRIU as `criu` on PATH; prefer the private install.
+    env["PATH"] = f"{pathlib.Path(find_criu().path).parent}:{env.get('PATH', '')}"
+    try:
+        proc = await anyio.run_process(cmd, check=False, env=env, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise CheckpointError(f"cannot run runc: {exc}", phase=phase, cause=exc) from exc
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()[-800:]
+        raise CriuError(f"runc {args[0]} failed: {err}", phase=phase)
+    return proc.stdout.decode(errors="replace")
+
+
+class RuncContainer:
+    """A runc container, checkpointed with ``runc checkpoint``.
+
+    Iterations use ``--leave-running``. The final dump first pauses the container
+    (cgroup freezer) and then checkpoints it, so it stays frozen and ``resume()``
+    (``runc resume``) can bring it back if the migration fails.
+    """
+
+    kind = "runc"
+
+    def __init__(self, container_id: str, *, root: str | None = None) -> None:
+        self.id = container_id
+        self.root = root
+
+    async def _state(self) -> dict[str, Any]:
+        data = json.loads(await _runc(["state", self.id], phase="iterate", root=self.root))
+        if not isinstance(data, dict):
+            raise CheckpointError(f"runc state of {self.id} is not an object")
+        return data
+
+    async def dump(self, images_dir: pathlib.Path, *, final: bool,
+                   parent: pathlib.Path | None = None) -> DumpResult:
+        images_dir.mkdir(parents=True, exist_ok=True)
+        phase = "final-dump" if final else "iterate"
+        t = time.monotonic()
+        if final:
+            await _runc(["pause", self.id], phase=phase, root=self.root)
+        await _runc(["checkpoint", "--image-path", str(images_dir), "--work-path",
+                     str(images_dir), "--leave-running", self.id], phase=phase, root=self.root)
+        stats = None
+        with contextlib.suppress(Exception):
+            stats = read_stats(images_dir / "stats-dump")
+        return DumpResult(time.monotonic() - t, False, final, stats)
+
+    async def resume(self) -> None:
+        await _runc(["resume", self.id], phase="abort", root=self.root)
+
+    async def kill(self) -> None:
+        await _runc(["delete", "--force", self.id], phase="commit", root=self.root)
+
+    def restore_spec(self) -> dict[str, Any]:
+        state = json.loads(subprocess.run(
+            ["runc"] + (["--root", self.root] if self.root else []) + ["state", self.id],
+            capture_output=True, check=True).stdout)
+        bundle = pathlib.Path(state["bundle"])
+        config = json.loads((bundle / "config.json").read_text())
+        rootfs = pathlib.Path(config["root"]["path"])
+        if not rootfs.is_absolute():
+            rootfs = bundle / rootfs
+        return {"id": self.id, "config": config, "rootfs": str(rootfs)}
+
+
 class Restored:
     """A workload restored stopped on the destination."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, *, runc_root: str | None = None,
+                 container_id: str | None = None) -> None:
         self.pid = pid
+        self._runc_root = runc_root
+        self._id = container_id
 
     async def resume(self) -> None:
         """Let it run (the destination's half of COMMIT)."""
@@ -156,10 +229,44 @@ class Restored:
     async def discard(self) -> None:
         """Kill it (ABORT, or a failure before COMMIT)."""
         _signal_tree(self.pid, signal.SIGKILL)
+        if self._id is not None:
+            with contextlib.suppress(CtliveError):
+                await _runc(["delete", "--force", self._id], phase="abort",
+                            root=self._runc_root)
+
+
+async def _restore_runc(images_dir: pathlib.Path, spec: dict[str, Any]) -> Restored:
+    cid, config, rootfs = spec.get("id"), spec.get("config"), spec.get("rootfs")
+    if not (isinstance(cid, str) and cid.replace("-", "").replace("_", "").isalnum()
+            and isinstance(config, dict) and isinstance(rootfs, str)):
+        raise RestoreError("bad runc restore spec", phase="restore")
+    # A bundle of our own: the container's config, its rootfs, and a CRIU config that
+    # restores it stopped (runc has no --leave-stopped; CRIU reads this file).
+    # Outside the per-migration directory, which is wiped after COMMIT; the container
+    # keeps running from them.
+    state_dir = images_dir.parent.parent
+    bundle = state_dir / "bundles" / cid
+    bundle.mkdir(parents=True, exist_ok=True)
+    config = dict(config)
+    config["root"] = dict(config.get("root", {}), path=rootfs)
+    # Its own cgroup: the source's (frozen until COMMIT) may be on this very host.
+    config["linux"] = dict(config.get("linux") or {},
+                           cgroupsPath=f"/ctlive/{cid}-{images_dir.parent.name}")
+    (bundle / "criu.conf").write_text("leave-stopped\n")
+    config["annotations"] = dict(config.get("annotations") or {},
+                                 **{"org.criu.config": str(bundle / "criu.conf")})
+    (bundle / "config.json").write_text(json.dumps(config))
+    root = str(state_dir / "runc")
+    await _runc(["restore", "--detach", "--image-path", str(images_dir), "--work-path",
+                 str(images_dir), "--bundle", str(bundle), cid], phase="restore", root=root)
+    state = json.loads(await _runc(["state", cid], phase="restore", root=root))
+    return Restored(int(state["pid"]), runc_root=root, container_id=cid)
 
 
 async def restore(kind: str, images_dir: pathlib.Path, spec: dict[str, Any]) -> Restored:
     """Restore a dump stopped; returns the handle the two-phase commit drives."""
+    if kind == "runc":
+        return await _restore_runc(images_dir, spec)
     if kind != "process":
         raise RestoreError(f"this receiver cannot restore workloads of kind {kind!r}")
     args = ["restore", "-D", str(images_dir), "-d", "--leave-stopped", "--root", "/",

@@ -122,3 +122,48 @@ def workload_pids(script: pathlib.Path) -> list[int]:
         except OSError:
             continue
     return out
+
+
+class RuncBundle:
+    """A runc container on a busybox-static rootfs that counts into /tmp/c."""
+
+    def __init__(self, tmp: pathlib.Path, name: str) -> None:
+        busybox = shutil.which("busybox")
+        if busybox is None or shutil.which("runc") is None:
+            pytest.skip("runc or busybox-static missing: run scripts/install-criu")
+        self.bundle = tmp / f"bundle-{name}"
+        rootfs = self.bundle / "rootfs"
+        for d in ("bin", "tmp", "proc", "dev", "sys"):
+            (rootfs / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy(busybox, rootfs / "bin" / "busybox")
+        for tool in ("sh", "sleep"):
+            (rootfs / "bin" / tool).symlink_to("busybox")
+        subprocess.run(["runc", "spec"], cwd=self.bundle, check=True)
+        import json
+
+        cfg = json.loads((self.bundle / "config.json").read_text())
+        cfg["process"]["terminal"] = False
+        cfg["process"]["args"] = ["sh", "-c", "i=0; while true; do i=$((i+1)); "
+                                  "echo $i > /tmp/c; sleep 0.05; done"]
+        cfg["root"]["readonly"] = False
+        (self.bundle / "config.json").write_text(json.dumps(cfg))
+        self.id = name
+        self.counter = rootfs / "tmp" / "c"
+        # stdio on /dev/null: a host log file would be outside the container's mounts.
+        subprocess.run(["runc", "run", "--detach", "--bundle", str(self.bundle), name],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=True)
+        deadline = time.monotonic() + 5
+        while not self.counter.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def count(self) -> int:
+        try:
+            return int(self.counter.read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def cleanup(self, *roots: str) -> None:
+        for root in (None, *roots):
+            cmd = ["runc"] + (["--root", root] if root else [])
+            subprocess.run(cmd + ["delete", "--force", self.id], capture_output=True)

@@ -5,6 +5,7 @@ exactly once, and that its counter went on from where it was."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import anyio
@@ -137,3 +138,29 @@ async def test_tampered_record_aborts_and_source_resumes(mutator: Mutator,
     assert alive(mutator.pid)
     assert any(isinstance(e, errors.TamperedRecordError) for e in rx.errors)
 
+
+
+async def test_runc_container(receiver_factory: Any, verifier: Any, tmp_path: Any) -> None:
+    from criu_harness import RuncBundle, require_criu
+
+    from ctlive.backends import RuncContainer
+
+    require_criu()
+    name = f"ctlive-e2e-{os.getpid()}-{anyio.current_time():.0f}"
+    box = RuncBundle(tmp_path, name)
+    rx = await receiver_factory()
+    try:
+        before = box.count()
+        report = await migrate(RuncContainer(name), rx.addr, identity=SRC,
+                               attestation=verifier,
+                               convergence=Convergence(max_iterations=3, max_downtime=0.0))
+        assert report.workload == "runc" and len(report.iterations) == 3
+        # The source container is gone; the restored one counts on from its state.
+        gone = await anyio.run_process(["runc", "state", name], check=False)
+        assert gone.returncode != 0
+        at_handover = box.count()
+        await anyio.sleep(0.5)
+        assert box.count() > at_handover >= before
+        assert alive(report.destination_summary["restored_pid"])
+    finally:
+        box.cleanup(str(tmp_path / "dest-state" / "runc"))
