@@ -166,4 +166,4 @@ class RuncBundle:
     def cleanup(self, *roots: str) -> None:
         for root in (None, *roots):
             cmd = ["runc"] + (["--root", root] if root else [])
-            subprocess.run(cmd + ["delete", "--force", self.id], capture_output=True)
+            subprocess.run([*cmd, "delete", "--force", self.id], capture_output=True)
