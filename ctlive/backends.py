@@ -27,7 +27,15 @@ from ctlive.criubin import find_criu, run_criu
 from ctlive.errors import CheckpointError, ConfigError, CriuError, CtliveError, RestoreError
 from ctlive.images import DumpStats, read_stats
 
-__all__ = ["DumpResult", "Process", "Restored", "RuncContainer", "Workload", "restore"]
+__all__ = [
+    "DumpResult",
+    "PodmanContainer",
+    "Process",
+    "Restored",
+    "RuncContainer",
+    "Workload",
+    "restore",
+]
 
 
 @attrs.frozen
@@ -146,8 +154,9 @@ class Process:
                 "shell_job": self.shell_job}
 
 
-async def _runc(args: list[str], *, phase: str, root: str | None = None) -> str:
-    cmd = ["runc"] + (["--root", root] if root else []) + args
+async def _runc(args: list[str], *, phase: str, root: str | None = None,
+                tool: str = "runc") -> str:
+    cmd = [tool] + (["--root", root] if root else []) + args
     env = dict(os.environ)
     # runc finds CRIU as `criu` on PATH; prefer the private install.
     env["PATH"] = f"{pathlib.Path(find_criu().path).parent}:{env.get('PATH', '')}"
@@ -157,7 +166,7 @@ async def _runc(args: list[str], *, phase: str, root: str | None = None) -> str:
         raise CheckpointError(f"cannot run runc: {exc}", phase=phase, cause=exc) from exc
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip()[-800:]
-        raise CriuError(f"runc {args[0]} failed: {err}", phase=phase)
+        raise CriuError(f"{tool} {args[0]} failed: {err}", phase=phase)
     return proc.stdout.decode(errors="replace")
 
 
@@ -213,6 +222,95 @@ class RuncContainer:
         return {"id": self.id, "config": config, "rootfs": str(rootfs)}
 
 
+# Names in a flattened podman archive: top-level files get this prefix, the CRIU
+# images of checkpoint/ keep their names, so image diff sees one flat directory.
+_TOP = "podman+"
+
+
+def _flatten(archive: pathlib.Path, out: pathlib.Path) -> None:
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        for m in tar.getmembers():
+            name = m.name.removeprefix("./")
+            if not m.isfile():
+                continue
+            target = (name.removeprefix("checkpoint/") if name.startswith("checkpoint/")
+                      else _TOP + name)
+            if "/" in target:
+                continue  # nested files (none in podman 4 archives) are not migrated
+            src = tar.extractfile(m)
+            assert src is not None
+            (out / target).write_bytes(src.read())
+
+
+def _unflatten(flat: pathlib.Path, archive: pathlib.Path) -> None:
+    import tarfile
+
+    with tarfile.open(archive, "w") as tar:
+        for d in ("checkpoint", "artifacts"):
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tar.addfile(info)
+        for p in sorted(flat.iterdir()):
+            if not p.is_file() or p.name.endswith(".log"):
+                continue
+            name = p.name[len(_TOP):] if p.name.startswith(_TOP) else f"checkpoint/{p.name}"
+            tar.add(p, arcname=name)
+
+
+class PodmanContainer:
+    """A podman container, checkpointed with ``podman container checkpoint --export``.
+
+    Iterations use ``--leave-running``. Podman cannot checkpoint a paused container,
+    so the final dump stops it and keeps the exported archive; ``resume()`` (the
+    abort path) restores the container locally from that archive. Podman's CRIU
+    options cannot leave a restore stopped, so the destination pauses the restored
+    container immediately (see docs/backends.md for what that window means).
+    """
+
+    kind = "podman"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._final_archive: pathlib.Path | None = None
+
+    async def dump(self, images_dir: pathlib.Path, *, final: bool,
+                   parent: pathlib.Path | None = None) -> DumpResult:
+        images_dir.mkdir(parents=True, exist_ok=True)
+        phase = "final-dump" if final else "iterate"
+        archive = images_dir.parent / f"{images_dir.name}.tar"
+        t = time.monotonic()
+        args = ["container", "checkpoint", "--export", str(archive), "--compress", "none"]
+        if not final:
+            args.append("--leave-running")
+        await _runc([*args, self.name], phase=phase, tool="podman")
+        duration = time.monotonic() - t
+        if final:
+            self._final_archive = archive
+        await anyio.to_thread.run_sync(_flatten, archive, images_dir)
+        if not final:
+            archive.unlink()
+        stats = None
+        with contextlib.suppress(Exception):
+            stats = read_stats(images_dir / "stats-dump")
+        return DumpResult(duration, False, final, stats)
+
+    async def resume(self) -> None:
+        if self._final_archive is None:
+            return
+        await _runc(["rm", "--force", self.name], phase="abort", tool="podman")
+        await _runc(["container", "restore", "--import", str(self._final_archive), "--name",
+                     self.name], phase="abort", tool="podman")
+
+    async def kill(self) -> None:
+        await _runc(["rm", "--force", "--time", "0", self.name], phase="commit", tool="podman")
+
+    def restore_spec(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
 class Restored:
     """A workload restored stopped on the destination."""
 
@@ -263,10 +361,39 @@ async def _restore_runc(images_dir: pathlib.Path, spec: dict[str, Any]) -> Resto
     return Restored(int(state["pid"]), runc_root=root, container_id=cid)
 
 
+class _PodmanRestored(Restored):
+    async def resume(self) -> None:
+        assert self._id is not None
+        await _runc(["unpause", self._id], phase="commit", tool="podman")
+
+    async def discard(self) -> None:
+        with contextlib.suppress(CtliveError):
+            await _runc(["rm", "--force", "--time", "0", self._id or ""], phase="abort",
+                        tool="podman")
+
+
+async def _restore_podman(images_dir: pathlib.Path, spec: dict[str, Any]) -> Restored:
+    name = spec.get("name")
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise RestoreError("bad podman restore spec", phase="restore")
+    archive = images_dir.parent / "restore.tar"
+    await anyio.to_thread.run_sync(_unflatten, images_dir, archive)
+    new_name = f"{name}-{images_dir.parent.name[:8]}"
+    await _runc(["container", "restore", "--import", str(archive), "--name", new_name],
+                phase="restore", tool="podman")
+    # Not atomic: the container runs for the moment between restore and pause.
+    await _runc(["pause", new_name], phase="restore", tool="podman")
+    pid = int((await _runc(["inspect", new_name, "--format", "{{.State.Pid}}"],
+                           phase="restore", tool="podman")).strip())
+    return _PodmanRestored(pid, container_id=new_name)
+
+
 async def restore(kind: str, images_dir: pathlib.Path, spec: dict[str, Any]) -> Restored:
     """Restore a dump stopped; returns the handle the two-phase commit drives."""
     if kind == "runc":
         return await _restore_runc(images_dir, spec)
+    if kind == "podman":
+        return await _restore_podman(images_dir, spec)
     if kind != "process":
         raise RestoreError(f"this receiver cannot restore workloads of kind {kind!r}")
     args = ["restore", "-D", str(images_dir), "-d", "--leave-stopped", "--root", "/",

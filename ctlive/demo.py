@@ -33,7 +33,8 @@ from ctlive.serve import serve
 __all__ = ["run_demo", "start_sample_workload"]
 
 _WORKLOAD = r"""
-import random, sys, time
+import os, random, sys, time
+os.setsid()  # its own session inside the PID namespace, as CRIU requires
 size = int(sys.argv[1]) << 20; counter = sys.argv[2]
 buf = bytearray(size); r = random.Random(7)
 for i in range(0, size, 4096):
@@ -58,8 +59,8 @@ def start_sample_workload(workdir: pathlib.Path, mib: int = 32) -> tuple[int, pa
     cmd = f"exec {sys.executable} {script} {mib} {counter} </dev/null >/dev/null 2>&1"
     # Own PID and mount namespace, session leader inside it (CRIU needs both), and no
     # descriptors inherited from the host's mount namespace.
-    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "setsid", "sh", "-c",
-                             cmd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", cmd],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

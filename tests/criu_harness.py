@@ -17,7 +17,8 @@ import pytest
 CRIU = os.environ.get("CTLIVE_CRIU") or "/opt/ctlive/criu/usr/sbin/criu"
 
 MUTATOR = r"""
-import random, sys, time
+import os, random, sys, time
+os.setsid()  # its own session inside the PID namespace, as CRIU requires
 size = int(sys.argv[1]) << 20; frac = float(sys.argv[2]); counter_path = sys.argv[3]
 b = bytearray(size); r = random.Random(1)
 for i in range(0, size, 4096):
@@ -65,10 +66,10 @@ class Mutator:
         cmd = f"exec {sys.executable} {self.script} {mib} {frac} {self.counter} " \
               "</dev/null >/dev/null 2>&1"
         # Inherited descriptors from the host mount namespace would make the dump fail.
-        subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "setsid", "sh", "-c", cmd],
+        subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", cmd],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
-        self.pid = pid_of(str(self.script))
+        self.pid = _python_pid(self.script)
         deadline = time.monotonic() + 10
         while not self.counter.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -108,8 +109,20 @@ def copy_dump(src: pathlib.Path, dst: pathlib.Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.log"))
 
 
-def workload_pids(script: pathlib.Path) -> list[int]:
-    """Running (not stopped, not zombie) Python processes executing ``script``."""
+def _python_pid(script: pathlib.Path, timeout: float = 10.0,
+                states: tuple[str, ...] = ("S", "R", "D")) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = workload_pids(script, states)
+        if pids:
+            return pids[0]
+        time.sleep(0.05)
+    raise RuntimeError(f"workload {script} did not start")
+
+
+def workload_pids(script: pathlib.Path,
+                  states: tuple[str, ...] = ("S", "R", "D")) -> list[int]:
+    """Python processes executing ``script`` in one of ``states`` (default: running)."""
     out = []
     for d in pathlib.Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -117,7 +130,7 @@ def workload_pids(script: pathlib.Path) -> list[int]:
         try:
             argv = (d / "cmdline").read_bytes().split(b"\0")
             if (len(argv) > 1 and b"python" in argv[0] and argv[1] == str(script).encode()
-                    and state(int(d.name)) in ("S", "R", "D")):
+                    and state(int(d.name)) in states):
                 out.append(int(d.name))
         except OSError:
             continue
@@ -167,3 +180,54 @@ class RuncBundle:
         for root in (None, *roots):
             cmd = ["runc"] + (["--root", root] if root else [])
             subprocess.run([*cmd, "delete", "--force", self.id], capture_output=True)
+
+
+class PodmanBox:
+    """A podman container from a busybox rootfs imported with `podman import`."""
+
+    IMAGE = "localhost/ctlive-busybox:test"
+
+    def __init__(self, tmp: pathlib.Path, name: str) -> None:
+        busybox = shutil.which("busybox")
+        if busybox is None or shutil.which("podman") is None:
+            pytest.skip("podman or busybox-static missing: run scripts/install-criu")
+        env = dict(os.environ, PATH=f"{pathlib.Path(CRIU).parent}:{os.environ['PATH']}")
+        self.env = env
+        have = subprocess.run(["podman", "image", "exists", self.IMAGE], env=env)
+        if have.returncode != 0:
+            rootfs = tmp / "podman-rootfs"
+            (rootfs / "bin").mkdir(parents=True)
+            (rootfs / "tmp").mkdir()
+            shutil.copy(busybox, rootfs / "bin" / "busybox")
+            for tool in ("sh", "sleep"):
+                (rootfs / "bin" / tool).symlink_to("busybox")
+            tar = tmp / "rootfs.tar"
+            subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
+            subprocess.run(["podman", "import", "-q", str(tar), self.IMAGE], env=env,
+                           check=True, capture_output=True)
+        self.name = name
+        # This machine lacks CAP_SYS_RESOURCE: pin limits podman can set.
+        subprocess.run(["podman", "run", "-d", "--name", name, "--ulimit", "nofile=1024:1024",
+                        "--ulimit", "nproc=4096:4096", self.IMAGE, "sh", "-c",
+                        "i=0; while true; do i=$((i+1)); echo $i > /tmp/c; sleep 0.05; done"],
+                       env=env, check=True, capture_output=True)
+
+    def pid_of(self, name: str) -> int:
+        out = subprocess.run(["podman", "inspect", name, "--format", "{{.State.Pid}}"],
+                             env=self.env, capture_output=True, text=True)
+        return int(out.stdout.strip() or 0)
+
+    def count(self, name: str) -> int:
+        pid = self.pid_of(name)
+        try:
+            return int(pathlib.Path(f"/proc/{pid}/root/tmp/c").read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def cleanup(self) -> None:
+        out = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], env=self.env,
+                             capture_output=True, text=True).stdout.split()
+        for n in out:
+            if n.startswith(self.name):
+                subprocess.run(["podman", "rm", "-f", "-t", "0", n], env=self.env,
+                               capture_output=True)

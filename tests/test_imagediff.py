@@ -193,7 +193,7 @@ def test_real_image_roundtrip(real_dumps: list[pathlib.Path], tmp_path: pathlib.
 
 def test_real_dumps_rebuild_and_restore(real_dumps: list[pathlib.Path],
                                         tmp_path: pathlib.Path) -> None:
-    from criu_harness import pid_of, restore_stopped, state
+    from criu_harness import _python_pid, restore_stopped, state
 
     prev = None
     sizes = []
@@ -207,7 +207,7 @@ def test_real_dumps_rebuild_and_restore(real_dumps: list[pathlib.Path],
     assert sizes[1][1] < sizes[0][1] / 5  # an iteration is far smaller than the full image
     # CRIU restores the rebuilt final dump, stopped; SIGCONT resumes it.
     restore_stopped(prev)
-    pid = pid_of(real_dumps_marker[-1])
+    pid = _python_pid(pathlib.Path(real_dumps_marker[-1]), states=("T",))
     try:
         assert state(pid) == "T"
         os.kill(pid, signal.SIGCONT)

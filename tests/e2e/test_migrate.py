@@ -164,3 +164,28 @@ async def test_runc_container(receiver_factory: Any, verifier: Any, tmp_path: An
         assert alive(report.destination_summary["restored_pid"])
     finally:
         box.cleanup(str(tmp_path / "dest-state" / "runc"))
+
+
+async def test_podman_container(receiver_factory: Any, verifier: Any, tmp_path: Any) -> None:
+    from criu_harness import PodmanBox, require_criu
+
+    from ctlive.backends import PodmanContainer
+
+    require_criu()
+    name = f"ctlive-pm-{os.getpid()}-{anyio.current_time():.0f}"
+    box = PodmanBox(tmp_path, name)
+    rx = await receiver_factory()
+    try:
+        await anyio.sleep(0.3)
+        before = box.count(name)
+        report = await migrate(PodmanContainer(name), rx.addr, identity=SRC,
+                               attestation=verifier,
+                               convergence=Convergence(max_iterations=3, max_downtime=0.0))
+        assert report.workload == "podman" and len(report.iterations) == 3
+        restored = f"{name}-{report.migration_id[:8]}"
+        assert box.pid_of(name) == 0  # the source container is gone
+        at_handover = box.count(restored)
+        await anyio.sleep(0.5)
+        assert box.count(restored) > at_handover >= before
+    finally:
+        box.cleanup()
