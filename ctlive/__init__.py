@@ -12,7 +12,14 @@ and, inside the guest, ``await ctlive.serve(...)`` (or ``ctlive serve``).
 from __future__ import annotations
 
 from ctlive.attest import SimulatedSnpPlatform, SnpPolicy, SnpVerifier
-from ctlive.backends import DumpResult, Process, Restored, Workload
+from ctlive.backends import (
+    DumpResult,
+    PodmanContainer,
+    Process,
+    Restored,
+    RuncContainer,
+    Workload,
+)
 from ctlive.convergence import Convergence, ConvergencePolicy
 from ctlive.errors import *  # noqa: F403
 from ctlive.errors import __all__ as _errors_all
@@ -35,9 +42,11 @@ __all__ = [
     "Identity",
     "IterationReport",
     "MigrationReport",
+    "PodmanContainer",
     "Process",
     "ProgressEvent",
     "Restored",
+    "RuncContainer",
     "SimulatedSnpPlatform",
     "SnpPolicy",
     "SnpVerifier",

@@ -156,9 +156,34 @@ def _segments(old: Pagemap | None, new: Pagemap) -> list[tuple[int, int, int]]:
     return out
 
 
+def _identity(segs: list[tuple[int, int, int]], total: int) -> bool:
+    """Every new page sits at the same index in the old file (unchanged layout)."""
+    pos = 0
+    for new_idx, old_idx, n in segs:
+        if new_idx != pos or old_idx != new_idx:
+            return False
+        pos += n
+    return pos == total
+
+
+def _contiguous(segs: list[tuple[int, int, int]], start: int, count: int) -> int | None:
+    """Old page index where [start, start+count) lies as one contiguous old range."""
+    for new_idx, old_idx, n in segs:
+        if new_idx <= start and start + count <= new_idx + n:
+            return old_idx + start - new_idx
+    return None
+
+
 def _base_window(old_pages: Any, segs: list[tuple[int, int, int]], start: int,
-                 count: int) -> bytearray:
-    """The receiver's old pages laid out as new pages [start, start+count)."""
+                 count: int, *, readonly: bool = False) -> Any:
+    """The receiver's old pages laid out as new pages [start, start+count).
+
+    With ``readonly``, a window that is one contiguous old range is returned as a
+    zero-copy view of the old file (the common case: unchanged mappings)."""
+    if readonly:
+        at = _contiguous(segs, start, count)
+        if at is not None:
+            return memoryview(old_pages)[at * PAGE : (at + count) * PAGE]
     base = bytearray(count * PAGE)
     for new_idx, old_idx, n in segs:
         lo, hi = max(new_idx, start), min(new_idx + n, start + count)
@@ -288,10 +313,11 @@ def _diff_pages(old: pathlib.Path | None, new: pathlib.Path, name: str, new_map:
         st.pages_total += total
         for start in range(0, total, window):
             count = min(window, total - start)
-            base = (_base_window(old_m.buf, segs, start, count) if old_m is not None
-                    else bytearray(count * PAGE))
-            cur = new_m.buf[start * PAGE : (start + count) * PAGE]
+            base = (_base_window(old_m.buf, segs, start, count, readonly=True)
+                    if old_m is not None else bytearray(count * PAGE))
+            cur = memoryview(new_m.buf)[start * PAGE : (start + count) * PAGE]
             enc = pagediff.encode(base, cur)
+            del base, cur  # release the views before the mmaps close
             st.bytes_in += count * PAGE
             changed = enc.pages_zero + enc.pages_delta + enc.pages_raw
             st.pages_changed += changed
@@ -314,10 +340,17 @@ def _diff_pages(old: pathlib.Path | None, new: pathlib.Path, name: str, new_map:
 
 
 class Rebuilder:
-    """Applies a change stream to ``old_dir`` (None: nothing), writing ``out_dir``."""
+    """Applies a change stream to ``old_dir`` (None: nothing), writing ``out_dir``.
+
+    With ``consume_old=True`` (the receiver, which discards the previous image
+    anyway) a pages file whose layout did not change is moved, not copied, and
+    patched in place; the old directory is unusable afterwards.
+    """
 
     def __init__(self, old_dir: str | os.PathLike[str] | None,
-                 out_dir: str | os.PathLike[str]) -> None:
+                 out_dir: str | os.PathLike[str], *, consume_old: bool = False) -> None:
+        self.consume_old = consume_old
+        self._inplace: dict[str, tuple[Any, mmap.mmap | None]] = {}
         self.old = pathlib.Path(old_dir) if old_dir is not None else None
         self.out = pathlib.Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -366,6 +399,17 @@ class Rebuilder:
         else:
             self._apply_pages(name, c)
 
+    def _take_over(self, name: str, old_path: pathlib.Path, total: int) -> None:
+        """Same layout as before: start from the old file itself and patch in place."""
+        target = self.out / name
+        if self.consume_old:
+            os.rename(old_path, target)
+        else:
+            shutil.copyfile(old_path, target)
+        f = open(target, "r+b")  # noqa: SIM115
+        mm = mmap.mmap(f.fileno(), 0) if total else None
+        self._inplace[name] = (f, mm)
+
     def _page_state(self, name: str) -> tuple[Any, list[tuple[int, int, int]], Any, int]:
         if name in self._pages_state:
             return self._pages_state[name]
@@ -385,6 +429,14 @@ class Rebuilder:
                 old_m = _Mapped(p)
                 segs = _segments(old_map, new_map)
         total = new_map.present_pages
+        if old_m is not None and total > 0 and old_m.size == total * PAGE and _identity(segs,
+                                                                                         total):
+            old_m.close()
+            assert self.old is not None and old_map is not None
+            self._take_over(name, self.old / f"pages-{old_map.pages_id}.img", total)
+            taken: tuple[Any, list[tuple[int, int, int]], Any, int] = (None, [], None, total)
+            self._pages_state[name] = taken
+            return taken
         f = open(self.out / name, "wb")  # noqa: SIM115
         f.truncate(total * PAGE)
         # Windows no chunk touches are filled from the old pages in finish().
@@ -398,6 +450,15 @@ class Rebuilder:
         if count <= 0 or start + count > total:
             raise DeltaFormatError(f"{name}: pages {start}+{count} outside {total}")
         stream = pagediff.decompress(c.data, count * pagediff.MAX_RECORD)
+        if name in self._inplace:
+            _, mm = self._inplace[name]
+            assert mm is not None
+            view = memoryview(mm)[start * PAGE : (start + count) * PAGE]
+            try:
+                pagediff.decode(view, stream)
+            finally:
+                view.release()
+            return
         base = (_base_window(old_m.buf, segs, start, count) if old_m is not None
                 else bytearray(count * PAGE))
         pagediff.decode(base, stream)
@@ -408,6 +469,8 @@ class Rebuilder:
     def _fill_untouched(self) -> None:
         # Windows with no changes were not sent: copy them from the old layout.
         for name, (old_m, segs, f, total) in self._pages_state.items():
+            if name in self._inplace:
+                continue  # started from the old pages: untouched windows are right already
             done = sorted(self._touched.get(name, []))
             pos = 0
             gaps = []
@@ -428,10 +491,17 @@ class Rebuilder:
     def close(self) -> None:
         """Release files (also on failure)."""
         for old_m, _, f, _ in self._pages_state.values():
-            f.close()
+            if f is not None:
+                f.close()
             if old_m is not None:
                 old_m.close()
         self._pages_state.clear()
+        for f, mm in self._inplace.values():
+            if mm is not None:
+                mm.flush()
+                mm.close()
+            f.close()
+        self._inplace.clear()
 
     def finish(self) -> Manifest:
         """Complete the pages files and verify the result against the manifest."""

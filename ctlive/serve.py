@@ -156,7 +156,7 @@ class Receiver:
             if not isinstance(event, IterationBegin):
                 raise RemoteProtocolError(f"expected ITERATION_BEGIN, got {event!r}")
             out = workdir / f"img-{event.index}"
-            rb = Rebuilder(prev, out)
+            rb = Rebuilder(prev, out, consume_old=True)  # the previous image is discarded
             partial: dict[int, bytearray] = {}
             try:
                 while True:
