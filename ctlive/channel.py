@@ -24,6 +24,7 @@ import collections
 import contextlib
 import errno
 import hmac
+import os
 import select
 import socket
 import struct
@@ -79,6 +80,10 @@ _CIPHER_IDS = {"AESGCM": 1, "ChaChaPoly": 2}
 _PATTERN_IDS = {"XX": 1, "IK": 2}
 _THREAD_THRESHOLD = 64 * 1024
 """Records at least this large are sealed/opened in a worker thread."""
+_IO_THREAD_THRESHOLD = int(os.environ.get("CTLIVE_IO_THREAD_THRESHOLD", str(1 << 62)))
+"""Socket reads/writes at least this large run in a worker thread (off by default:
+measured slower on 2 cores, where the event loop, AEAD threads and the kernel's copies
+already compete)."""
 DEFAULT_WINDOW = 64 << 20
 """Bytes of CHANGE payload a sender may have outstanding before the receiver grants more."""
 _SOCK_BUF = 4 << 20
@@ -133,7 +138,7 @@ class _Sock:
 
     async def read_some_exact(self, n: int) -> bytearray:
         buf = bytearray(n)
-        if n >= _THREAD_THRESHOLD:
+        if n >= _IO_THREAD_THRESHOLD:
             # A large body arrives in many socket-buffer-sized pieces; reading them in
             # a worker thread costs one event-loop hop per record instead of one per
             # piece.
@@ -162,7 +167,7 @@ class _Sock:
             view = view[n:]
 
     async def write_all(self, *parts: bytes | bytearray | memoryview) -> None:
-        if sum(len(p) for p in parts) >= _THREAD_THRESHOLD:
+        if sum(len(p) for p in parts) >= _IO_THREAD_THRESHOLD:
             for part in parts:
                 await anyio.to_thread.run_sync(self._blocking_io, part, False)
                 self.bytes_out += len(part)
