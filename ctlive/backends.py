@@ -388,8 +388,13 @@ async def _restore_podman(images_dir: pathlib.Path, spec: dict[str, Any]) -> Res
     return _PodmanRestored(pid, container_id=new_name)
 
 
-async def restore(kind: str, images_dir: pathlib.Path, spec: dict[str, Any]) -> Restored:
-    """Restore a dump stopped; returns the handle the two-phase commit drives."""
+async def restore(kind: str, images_dir: pathlib.Path, spec: dict[str, Any], *,
+                  external_map: dict[str, str] | None = None) -> Restored:
+    """Restore a dump stopped; returns the handle the two-phase commit drives.
+
+    ``external_map`` renames external resources for this host, e.g.
+    ``{"veth[eth0]:vh0": "veth[eth0]:vh1"}`` when the outer end of the workload's veth
+    has another name here."""
     if kind == "runc":
         return await _restore_runc(images_dir, spec)
     if kind == "podman":
@@ -403,7 +408,7 @@ async def restore(kind: str, images_dir: pathlib.Path, spec: dict[str, Any]) -> 
     for e in spec.get("external", []):
         if not isinstance(e, str):
             raise RestoreError("bad external resource in the restore spec")
-        args += ["--external", e]
+        args += ["--external", (external_map or {}).get(e, e)]
     if spec.get("shell_job"):
         args.append("--shell-job")
     try:

@@ -71,8 +71,13 @@ class Receiver:
     """The state shared by all sessions of one ``serve()``."""
 
     def __init__(self, state_dir: pathlib.Path, commit_grace: float,
-                 fault: Callable[[str], Any] | None) -> None:
+                 fault: Callable[[str], Any] | None,
+                 external_map: dict[str, str] | None = None,
+                 post_restore: Callable[[str, dict[str, Any], backends.Restored], Any]
+                 | None = None) -> None:
         self.state_dir = state_dir
+        self.external_map = external_map
+        self.post_restore = post_restore
         self.commit_grace = commit_grace
         self.migrations: dict[str, MigrationRecord] = {}
         self._pending: dict[str, tuple[backends.Restored, pathlib.Path]] = {}
@@ -106,8 +111,12 @@ class Receiver:
             final_dir = await self._receive_iterations(session, rec, workdir)
             rec.state = "restoring"
             self.fault("before-restore")
-            restored = await backends.restore(kind, final_dir, spec)
+            restored = await backends.restore(kind, final_dir, spec,
+                                              external_map=self.external_map)
             rec.restored_pid = restored.pid
+            if self.post_restore is not None:
+                # Host-side plumbing (addresses, routes) while the workload is still stopped.
+                await self.post_restore(kind, spec, restored)
             self.fault("before-ready")
             await session.send(Ready({"restored_pid": restored.pid,
                                       "iterations": rec.iterations}))
@@ -245,6 +254,8 @@ async def serve(
     window: int = 64 << 20,
     commit_grace: float = 600.0,
     on_session_error: Callable[[BaseException], Any] | None = None,
+    external_map: dict[str, str] | None = None,
+    post_restore: Callable[[str, dict[str, Any], backends.Restored], Any] | None = None,
     task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
     _fault: Callable[[str], Any] | None = None,
 ) -> None:
@@ -253,10 +264,13 @@ async def serve(
     ``provider`` produces this guest's attestation evidence (``ctlive.attest.
     auto_provider()`` in a real guest). ``allow`` lists the source public keys
     accepted. Memory per migration is bounded by ``window`` (bytes in flight).
+    ``external_map`` renames external resources (veth outer ends) for this host, and
+    ``post_restore(kind, spec, restored)`` is awaited after each restore, while the
+    workload is still stopped, for host-side network setup.
     """
     root = pathlib.Path(state_dir)
     root.mkdir(parents=True, exist_ok=True)
-    receiver = Receiver(root, commit_grace, _fault)
+    receiver = Receiver(root, commit_grace, _fault, external_map, post_restore)
 
     async def handler(session: Session) -> None:
         try:

@@ -57,7 +57,7 @@ async def receiver_factory(tmp_path: pathlib.Path, platform: SimulatedSnpPlatfor
     from ctlive.serve import serve
 
     async with anyio.create_task_group() as tg:
-        async def start(fault: Any = None, allow: Any = None) -> Receiver:
+        async def start(fault: Any = None, allow: Any = None, **kw: Any) -> Receiver:
             errors: list[BaseException] = []
             scope = anyio.CancelScope()
 
@@ -67,7 +67,7 @@ async def receiver_factory(tmp_path: pathlib.Path, platform: SimulatedSnpPlatfor
                                 allow=allow if allow is not None else {SRC.public_key},
                                 state_dir=tmp_path / "dest-state", commit_grace=30,
                                 on_session_error=errors.append, task_status=task_status,
-                                _fault=fault)
+                                _fault=fault, **kw)
 
             addr = await tg.start(run)
             return Receiver(addr, errors, scope)

@@ -189,3 +189,38 @@ async def test_podman_container(receiver_factory: Any, verifier: Any, tmp_path: 
         assert box.count(restored) > at_handover >= before
     finally:
         box.cleanup()
+
+
+async def test_tcp_service_client_survives(receiver_factory: Any, verifier: Any,
+                                           tmp_path: Any) -> None:
+    from criu_harness import TcpService, require_criu
+
+    require_criu()
+    svc = TcpService(tmp_path, net=150 + os.getpid() % 50)
+
+    async def plumb(kind: str, spec: Any, restored: Any) -> None:
+        # This "destination host" names the veth's outer end vh<net>b; give it the
+        # host-side address while the workload is still stopped.
+        for cmd in (f"ip addr add {svc.host_ip}/24 dev {svc.outer2}",
+                    f"ip link set {svc.outer2} up"):
+            await anyio.run_process(cmd.split())
+
+    rx = await receiver_factory(
+        external_map={f"veth[ceth0]:{svc.outer}": f"veth[ceth0]:{svc.outer2}"},
+        post_restore=plumb)
+    try:
+        assert svc.replies and not svc.errors
+        src = Process(svc.pid, tcp_established=True, external=(f"veth[ceth0]:{svc.outer}",))
+        report = await migrate(src, rx.addr, identity=SRC, attestation=verifier,
+                               convergence=Convergence(max_iterations=2, max_downtime=0.0))
+        handed_over = len(svc.replies)
+        with anyio.fail_after(60):  # TCP retransmission back-off decides when it resumes
+            while len(svc.replies) < handed_over + 10 and not svc.errors:
+                await anyio.sleep(0.2)
+        assert svc.errors == []  # no reset, no lost reply
+        assert len(svc.replies) >= handed_over + 10
+        assert not alive(svc.pid)
+        assert alive(report.destination_summary["restored_pid"])
+        print(f"TCP client: longest gap between replies {svc.max_gap():.2f} s")
+    finally:
+        svc.cleanup()
