@@ -1,15 +1,17 @@
 """``ctlive demo``: a real migration on this machine, with nothing to configure.
 
-It starts a sample workload (a process in its own PID and mount namespace that
-keeps mutating 32 MiB and counting), a receiver on loopback that attests with the
-*simulated* SNP platform (clearly insecure: there is no SEV hardware here), and
-migrates the workload with real CRIU. It checks that exactly one copy runs
-afterwards and that its counter went on from where it was, prints the report,
-and cleans up.
+It starts a sample workload (a TCP counter service that keeps mutating 32 MiB, in
+its own PID, mount and network namespace behind a veth) with a live TCP client on
+this host, a receiver on loopback that attests with the *simulated* SNP platform
+(clearly insecure: there is no SEV hardware here), and migrates the service with
+real CRIU. It checks that the client's connection survived with no reset and no
+lost reply and that exactly one copy runs, prints the report, and cleans up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import pathlib
 import signal
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import anyio
 
@@ -30,7 +33,7 @@ from ctlive.migrate import migrate
 from ctlive.report import MigrationReport, ProgressEvent
 from ctlive.serve import serve
 
-__all__ = ["run_demo", "start_sample_workload"]
+__all__ = ["SampleService", "run_demo", "start_sample_workload"]
 
 _WORKLOAD = r"""
 import os, random, sys, time
@@ -49,6 +52,151 @@ while True:
         f.write(str(n))
     time.sleep(0.02)
 """
+
+
+_SERVICE = r"""
+import os, random, socket, sys, threading, time
+os.setsid()  # its own session inside the PID namespace, as CRIU requires
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7000))
+s.listen(1)
+size = int(sys.argv[1]) << 20
+buf = bytearray(size)
+r = random.Random(7)
+for i in range(0, size, 4096):
+    buf[i:i + 128] = r.randbytes(128)
+
+def mutate():
+    while True:
+        for _ in range(200):
+            p = r.randrange(size // 4096) * 4096 + r.randrange(4000)
+            buf[p:p + 16] = r.randbytes(16)
+        time.sleep(0.02)
+
+threading.Thread(target=mutate, daemon=True).start()
+n = 0
+while True:
+    c, _ = s.accept()
+    f = c.makefile("rwb", buffering=0)
+    for line in f:
+        n += 1
+        f.write(b"%d\n" % n)
+"""
+
+
+def _python_pids(script: pathlib.Path, states: tuple[str, ...] = ("S", "R", "D")) -> list[int]:
+    out = []
+    for d in pathlib.Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+            status = (d / "status").read_text()
+        except OSError:
+            continue
+        state = next((ln.split()[1] for ln in status.splitlines()
+                      if ln.startswith("State:")), "?")
+        if (len(argv) > 1 and b"python" in argv[0] and argv[1] == str(script).encode()
+                and state in states):
+            out.append(int(d.name))
+    return out
+
+
+class SampleService:
+    """The demo's workload: a TCP counter service that also keeps mutating ``mib`` MiB,
+    in its own PID, mount and network namespace, reached from this host over a veth
+    pair (outer end ``vh<net>a``, inner ``ceth0``), plus a client on this host that
+    keeps one connection open and checks that every reply is the next number."""
+
+    def __init__(self, workdir: pathlib.Path, net: int, mib: int = 32) -> None:
+        import threading
+
+        self.outer, self.outer2 = f"vh{net}a", f"vh{net}b"
+        self.host_ip, self.ip = f"10.77.{net}.1", f"10.77.{net}.2"
+        self.script = workdir / f"service-{os.getpid()}-{net}.py"
+        self.script.write_text(_SERVICE)
+        # Own PID, mount and net namespace; no descriptors from the host's mount namespace.
+        subprocess.Popen(["unshare", "--pid", "--net", "--fork", "--mount-proc", "sh", "-c",
+                          f"exec {sys.executable} {self.script} {mib} </dev/null >/dev/null 2>&1"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not (pids := _python_pids(self.script)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not pids:
+            raise ConfigError("the sample service did not start")
+        self.pid = pids[0]
+        for cmd in (f"ip link add {self.outer} type veth peer name ceth0 netns {self.pid}",
+                    f"nsenter -t {self.pid} -n ip addr add {self.ip}/24 dev ceth0",
+                    f"nsenter -t {self.pid} -n ip link set ceth0 up",
+                    f"nsenter -t {self.pid} -n ip link set lo up",
+                    f"ip addr add {self.host_ip}/24 dev {self.outer}",
+                    f"ip link set {self.outer} up"):
+            subprocess.run(cmd.split(), check=True, capture_output=True)
+        self.replies: list[tuple[float, int]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._client, daemon=True).start()
+        while not self.replies and not self.errors and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
+
+    def _client(self) -> None:
+        import socket
+
+        try:
+            for _ in range(100):  # the service may still be starting
+                try:
+                    c = socket.create_connection((self.ip, 7000), timeout=60)
+                    break
+                except ConnectionRefusedError:
+                    time.sleep(0.1)
+            else:
+                c = socket.create_connection((self.ip, 7000), timeout=60)
+            f = c.makefile("rwb", buffering=0)
+            while not self._stop.is_set():
+                f.write(b"x\n")
+                line = f.readline()
+                if not line:
+                    self.errors.append("connection closed by the peer")
+                    return
+                value = int(line)
+                if self.replies and value != self.replies[-1][1] + 1:
+                    self.errors.append(f"reply {value} after {self.replies[-1][1]}: lost reply")
+                self.replies.append((time.monotonic(), value))
+                time.sleep(0.05)
+        except OSError as exc:
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def workload(self) -> Process:
+        """The source backend for this service (its TCP connection moves with it)."""
+        return Process(self.pid, tcp_established=True, external=(f"veth[ceth0]:{self.outer}",))
+
+    def receiver_options(self) -> dict[str, Any]:
+        """``serve()`` options for a destination on this same machine: the veth's outer
+        end is named ``vh<net>b`` there and gets the host-side address before resume."""
+
+        async def plumb(kind: str, spec: dict[str, Any], restored: Any) -> None:
+            for cmd in (f"ip addr add {self.host_ip}/24 dev {self.outer2}",
+                        f"ip link set {self.outer2} up"):
+                await anyio.run_process(cmd.split())
+
+        return {"external_map": {f"veth[ceth0]:{self.outer}": f"veth[ceth0]:{self.outer2}"},
+                "post_restore": plumb}
+
+    def max_gap(self) -> float:
+        """Longest time between two replies the client saw."""
+        times = [t for t, _ in self.replies]
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+    def cleanup(self) -> None:
+        """Stop the client, kill every copy, remove the veth ends."""
+        self._stop.set()
+        for pid in _python_pids(self.script, ("S", "R", "D", "T")):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for link in (self.outer, self.outer2):
+            subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
 
 
 def start_sample_workload(workdir: pathlib.Path, mib: int = 32) -> tuple[int, pathlib.Path]:
@@ -79,13 +227,6 @@ def start_sample_workload(workdir: pathlib.Path, mib: int = 32) -> tuple[int, pa
     raise ConfigError("the sample workload did not start")
 
 
-def _count(counter: pathlib.Path) -> int:
-    try:
-        return int(counter.read_text() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
 def _alive(pid: int) -> bool:
     try:
         status = pathlib.Path(f"/proc/{pid}/status").read_text()
@@ -108,14 +249,16 @@ async def run_demo(*, lanes: int = 1, mib: int = 32, json_out: bool = False) -> 
     verifier = SnpVerifier(SnpPolicy(measurements=[platform.measurement]),
                            trusted_roots=[platform.trusted_root()])
     src, dst = Identity.generate(), Identity.generate()
-    pid, counter = start_sample_workload(work, mib)
-    restored: int | None = None
+    svc = SampleService(work, net=200 + os.getpid() % 50, mib=mib)
     try:
-        console.print(f"workload: pid {pid}, {mib} MiB, counter at {_count(counter)}")
+        console.print(f"workload: pid {svc.pid}, TCP service on {svc.ip}:7000 with {mib} MiB "
+                      f"of changing memory; a client on this host has one connection open "
+                      f"({len(svc.replies)} replies so far)")
         async with anyio.create_task_group() as tg:
             addr = await tg.start(lambda task_status: serve(
                 ("127.0.0.1", 0), identity=dst, provider=platform, allow={src.public_key},
-                state_dir=work / "receiver", task_status=task_status))
+                state_dir=work / "receiver", task_status=task_status,
+                **svc.receiver_options()))
             console.print(f"receiver (simulated SNP guest) listening on {addr[0]}:{addr[1]}")
 
             def show(ev: ProgressEvent) -> None:
@@ -124,16 +267,17 @@ async def run_demo(*, lanes: int = 1, mib: int = 32, json_out: bool = False) -> 
                               f"{ev.dirty_rate / 1e6:6.1f} MB/s, predicted downtime "
                               f"{ev.predicted_downtime * 1000:6.0f} ms")
 
-            before = _count(counter)
-            report = await migrate(Process(pid), addr, identity=src, attestation=verifier,
+            report = await migrate(svc.workload(), addr, identity=src, attestation=verifier,
                                    convergence=Convergence(max_downtime=0.3, max_iterations=6),
                                    lanes=lanes, on_progress=show)
-            restored = new_pid = int(report.destination_summary["restored_pid"])
-            at_handover = _count(counter)
-            await anyio.sleep(0.5)
-            after = _count(counter)
+            new_pid = int(report.destination_summary["restored_pid"])
+            handed_over = len(svc.replies)
+            with anyio.move_on_after(60):
+                while len(svc.replies) < handed_over + 20 and not svc.errors:
+                    await anyio.sleep(0.1)
             tg.cancel_scope.cancel()
-        ok = (not _alive(pid) and _alive(new_pid) and after > at_handover >= before)
+        survived = not svc.errors and len(svc.replies) >= handed_over + 20
+        ok = survived and not _alive(svc.pid) and _alive(new_pid)
         it = report.iterations
         console.print(f"\nmigrated in {report.total_time:.2f} s, downtime "
                       f"{report.downtime * 1000:.0f} ms ({len(it)} iterations)")
@@ -148,21 +292,20 @@ async def run_demo(*, lanes: int = 1, mib: int = 32, json_out: bool = False) -> 
         console.print(f"wire bytes {report.bytes_on_wire / 1e6:.2f} MB for "
                       f"{report.image_bytes / 1e6:.1f} MB of dumped image; attestation: "
                       f"{report.attestation.get('platform')}")
-        console.print(f"counter {before} before, {at_handover} at hand-over, {after} after: "
-                      f"source pid {pid} {'gone' if not _alive(pid) else 'STILL RUNNING'}, "
-                      f"restored pid {new_pid} {'running' if _alive(new_pid) else 'DEAD'}")
+        last = svc.replies[-1][1] if svc.replies else 0
+        console.print(
+            f"TCP client: {len(svc.replies)} replies, last {last}, longest gap "
+            f"{svc.max_gap() * 1000:.0f} ms, "
+            + ("no reset and no lost reply" if not svc.errors else f"ERRORS {svc.errors}"))
+        console.print(f"source pid {svc.pid} {'gone' if not _alive(svc.pid) else 'STILL RUNNING'}"
+                      f", restored pid {new_pid} {'running' if _alive(new_pid) else 'DEAD'}")
         if not ok:
             raise ConfigError("the demo's checks failed (see above)")
-        console.print("[bold green]OK[/]: the workload moved and kept counting")
+        console.print("[bold green]OK[/]: the service moved and its client's connection "
+                      "survived")
         if json_out:
             print(report.to_json(indent=2))
         return report
     finally:
-        for p in (pid, restored):
-            if p:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        svc.cleanup()
         subprocess.run(["rm", "-rf", str(work)], check=False)
-

@@ -4,8 +4,6 @@ when CRIU is not installed (scripts/install-criu); CI has both."""
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 import pathlib
 import shutil
@@ -13,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -235,90 +234,10 @@ class PodmanBox:
                                capture_output=True)
 
 
-TCP_SERVER = r"""
-import os, socket, sys
-os.setsid()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 7000))
-s.listen(1)
-n = 0
-while True:
-    c, _ = s.accept()
-    f = c.makefile("rwb", buffering=0)
-    for line in f:
-        n += 1
-        f.write(b"%d\n" % n)
-"""
+def tcp_service(tmp: pathlib.Path, net: int) -> Any:
+    """The demo's TCP service + client (ctlive.demo.SampleService), small."""
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 missing: run scripts/install-criu")
+    from ctlive.demo import SampleService
 
-
-class TcpService:
-    """A TCP counter service in its own PID, mount and network namespace, reached from
-    the host over a veth pair (outer end ``vh<net>a``), and a client on the host that
-    keeps one connection open and checks that every reply is the next number."""
-
-    def __init__(self, tmp: pathlib.Path, net: int) -> None:
-        import threading
-
-        if shutil.which("ip") is None:
-            pytest.skip("iproute2 missing: run scripts/install-criu")
-        self.net = net
-        self.outer = f"vh{net}a"
-        self.outer2 = f"vh{net}b"
-        self.host_ip = f"10.77.{net}.1"
-        self.ip = f"10.77.{net}.2"
-        self.script = tmp / f"tcpsrv-{os.getpid()}-{net}.py"
-        self.script.write_text(TCP_SERVER)
-        subprocess.Popen(["unshare", "--pid", "--net", "--fork", "--mount-proc", "sh", "-c",
-                          f"exec {sys.executable} {self.script} </dev/null >/dev/null 2>&1"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
-        self.pid = _python_pid(self.script)
-        for cmd in (f"ip link add {self.outer} type veth peer name ceth0 netns {self.pid}",
-                    f"nsenter -t {self.pid} -n ip addr add {self.ip}/24 dev ceth0",
-                    f"nsenter -t {self.pid} -n ip link set ceth0 up",
-                    f"nsenter -t {self.pid} -n ip link set lo up",
-                    f"ip addr add {self.host_ip}/24 dev {self.outer}",
-                    f"ip link set {self.outer} up"):
-            subprocess.run(cmd.split(), check=True, capture_output=True)
-        self.replies: list[tuple[float, int]] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._client, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 5
-        while not self.replies and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def _client(self) -> None:
-        import socket
-
-        try:
-            c = socket.create_connection((self.ip, 7000), timeout=60)
-            f = c.makefile("rwb", buffering=0)
-            while not self._stop.is_set():
-                f.write(b"x\n")
-                line = f.readline()
-                if not line:
-                    self.errors.append("connection closed by the peer")
-                    return
-                value = int(line)
-                if self.replies and value != self.replies[-1][1] + 1:
-                    self.errors.append(f"reply {value} after {self.replies[-1][1]}: lost reply")
-                self.replies.append((time.monotonic(), value))
-                time.sleep(0.05)
-        except OSError as exc:
-            self.errors.append(f"{type(exc).__name__}: {exc}")
-
-    def max_gap(self) -> float:
-        times = [t for t, _ in self.replies]
-        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
-
-    def cleanup(self) -> None:
-        self._stop.set()
-        for pid in workload_pids(self.script, ("S", "R", "D", "T")):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for link in (self.outer, self.outer2):
-            subprocess.run(["ip", "link", "del", link], capture_output=True)
-
+    return SampleService(tmp, net=net, mib=8)

@@ -193,25 +193,16 @@ async def test_podman_container(receiver_factory: Any, verifier: Any, tmp_path: 
 
 async def test_tcp_service_client_survives(receiver_factory: Any, verifier: Any,
                                            tmp_path: Any) -> None:
-    from criu_harness import TcpService, require_criu
+    from criu_harness import require_criu, tcp_service
 
     require_criu()
-    svc = TcpService(tmp_path, net=150 + os.getpid() % 50)
-
-    async def plumb(kind: str, spec: Any, restored: Any) -> None:
-        # This "destination host" names the veth's outer end vh<net>b; give it the
-        # host-side address while the workload is still stopped.
-        for cmd in (f"ip addr add {svc.host_ip}/24 dev {svc.outer2}",
-                    f"ip link set {svc.outer2} up"):
-            await anyio.run_process(cmd.split())
-
-    rx = await receiver_factory(
-        external_map={f"veth[ceth0]:{svc.outer}": f"veth[ceth0]:{svc.outer2}"},
-        post_restore=plumb)
+    svc = tcp_service(tmp_path, net=150 + os.getpid() % 50)
+    # A destination on this same machine: the veth's outer end gets another name there
+    # and its host-side address before the workload resumes.
+    rx = await receiver_factory(**svc.receiver_options())
     try:
         assert svc.replies and not svc.errors
-        src = Process(svc.pid, tcp_established=True, external=(f"veth[ceth0]:{svc.outer}",))
-        report = await migrate(src, rx.addr, identity=SRC, attestation=verifier,
+        report = await migrate(svc.workload(), rx.addr, identity=SRC, attestation=verifier,
                                convergence=Convergence(max_iterations=2, max_downtime=0.0))
         handed_over = len(svc.replies)
         with anyio.fail_after(60):  # TCP retransmission back-off decides when it resumes
