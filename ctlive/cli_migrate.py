@@ -60,6 +60,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ctlive.attest import SnpPolicy
     from ctlive.backends import Process
@@ -68,17 +69,26 @@ def _migrate(args: argparse.Namespace) -> int:
     from ctlive.migrate import migrate
 
     console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=args.json) as bar:
+        # The bar counts iterations against the cap; the text shows the live figures.
+        task = bar.add_task("connect", total=args.max_iterations, info="")
 
-    def show(ev: Any) -> None:
-        console.print(f"{ev.phase:<8} iteration {ev.iteration}: {ev.bytes_done / 1e6:.1f} MB "
-                      f"sent, predicted downtime {ev.predicted_downtime * 1000:.0f} ms")
+        def show(ev: Any) -> None:
+            bar.update(task, completed=min(ev.iteration + 1, args.max_iterations),
+                       description=f"{ev.phase} #{ev.iteration}",
+                       info=f"{ev.bytes_done / 1e6:.1f} MB sent, dirty "
+                            f"{ev.dirty_rate / 1e6:.1f} MB/s, link {ev.link_rate / 1e6:.0f} MB/s, "
+                            f"predicted downtime {ev.predicted_downtime * 1000:.0f} ms")
 
-    report = anyio.run(lambda: migrate(
-        Process(args.pid, tcp_established=args.tcp_established), args.destination,
-        identity=Identity.load(args.key), attestation=SnpPolicy.from_toml(args.policy),
-        convergence=Convergence(max_downtime=args.max_downtime,
-                                max_iterations=args.max_iterations),
-        lanes=args.lanes, cipher=args.cipher, on_progress=show))
+        report = anyio.run(lambda: migrate(
+            Process(args.pid, tcp_established=args.tcp_established), args.destination,
+            identity=Identity.load(args.key), attestation=SnpPolicy.from_toml(args.policy),
+            convergence=Convergence(max_downtime=args.max_downtime,
+                                    max_iterations=args.max_iterations),
+            lanes=args.lanes, cipher=args.cipher, on_progress=show))
+        bar.update(task, completed=args.max_iterations, description="done")
     if args.json:
         print(report.to_json(indent=2))
     else:

@@ -215,3 +215,37 @@ async def test_tcp_service_client_survives(receiver_factory: Any, verifier: Any,
         print(f"TCP client: longest gap between replies {svc.max_gap():.2f} s")
     finally:
         svc.cleanup()
+
+
+async def test_two_migrations_at_once(tmp_path: Any, receiver_factory: Any,
+                                      verifier: Any) -> None:
+    from criu_harness import Mutator, require_criu
+
+    require_criu()
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        d.mkdir()
+    workloads = [Mutator(d, mib=8) for d in dirs]
+    rx = await receiver_factory()
+    reports: list[Any] = []
+
+    async def one(m: Mutator) -> None:
+        reports.append(await migrate(
+            Process(m.pid), rx.addr, identity=SRC, attestation=verifier,
+            convergence=Convergence(max_iterations=2, max_downtime=0.0)))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for m in workloads:
+                tg.start_soon(one, m)
+        assert rx.errors == []
+        assert len({r.migration_id for r in reports}) == 2
+        for m in workloads:
+            assert not alive(m.pid)
+            assert len(workload_pids(m.script)) == 1  # exactly one copy of each runs
+            c = m.count()
+            await anyio.sleep(0.4)
+            assert m.count() > c  # and it keeps counting
+    finally:
+        for m in workloads:
+            m.kill()
