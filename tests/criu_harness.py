@@ -37,6 +37,19 @@ while True:
 """
 
 
+def read_counter(path: pathlib.Path, timeout: float = 2.0) -> int:
+    """The workload rewrites its counter file on every tick (truncate, then write), so a
+    read can land in between and see it empty: retry until it holds a number."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return int(path.read_text())
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                return 0
+            time.sleep(0.01)
+
+
 def require_criu() -> str:
     if os.geteuid() != 0:
         pytest.skip("needs root for CRIU")
@@ -76,7 +89,7 @@ class Mutator:
             time.sleep(0.05)
 
     def count(self) -> int:
-        return int(self.counter.read_text() or 0)
+        return read_counter(self.counter)
 
     def dump(self, d: pathlib.Path, *, final: bool) -> None:
         d.mkdir(parents=True, exist_ok=True)
@@ -172,10 +185,7 @@ class RuncBundle:
             time.sleep(0.05)
 
     def count(self) -> int:
-        try:
-            return int(self.counter.read_text() or 0)
-        except (OSError, ValueError):
-            return 0
+        return read_counter(self.counter)
 
     def cleanup(self, *roots: str) -> None:
         for root in (None, *roots):
@@ -219,11 +229,7 @@ class PodmanBox:
         return int(out.stdout.strip() or 0)
 
     def count(self, name: str) -> int:
-        pid = self.pid_of(name)
-        try:
-            return int(pathlib.Path(f"/proc/{pid}/root/tmp/c").read_text() or 0)
-        except (OSError, ValueError):
-            return 0
+        return read_counter(pathlib.Path(f"/proc/{self.pid_of(name)}/root/tmp/c"))
 
     def cleanup(self) -> None:
         out = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], env=self.env,

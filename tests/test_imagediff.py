@@ -193,7 +193,7 @@ def test_real_image_roundtrip(real_dumps: list[pathlib.Path], tmp_path: pathlib.
 
 def test_real_dumps_rebuild_and_restore(real_dumps: list[pathlib.Path],
                                         tmp_path: pathlib.Path) -> None:
-    from criu_harness import _python_pid, restore_stopped, state
+    from criu_harness import _python_pid, read_counter, restore_stopped, state
 
     prev = None
     sizes = []
@@ -214,7 +214,7 @@ def test_real_dumps_rebuild_and_restore(real_dumps: list[pathlib.Path],
         time.sleep(0.5)
         assert state(pid) in ("S", "R")
         # The restored workload goes on from its state: the counter continues.
-        after = int(real_dumps_counter[-1].read_text() or 0)
+        after = read_counter(real_dumps_counter[-1])
         assert after > real_dumps_count[-1]
     finally:
         os.kill(pid, signal.SIGKILL)
