@@ -33,7 +33,7 @@ from ctlive.migrate import migrate
 from ctlive.report import MigrationReport, ProgressEvent
 from ctlive.serve import serve
 
-__all__ = ["SampleService", "run_demo", "start_sample_workload"]
+__all__ = ["SampleService", "run_demo", "script_pids", "start_sample_workload"]
 
 _WORKLOAD = r"""
 import os, random, sys, time
@@ -85,7 +85,9 @@ while True:
 """
 
 
-def _python_pids(script: pathlib.Path, states: tuple[str, ...] = ("S", "R", "D")) -> list[int]:
+def script_pids(script: pathlib.Path, states: tuple[str, ...] = ("S", "R", "D")) -> list[int]:
+    """Python processes running ``script`` whose state is in ``states`` (default: running;
+    add "T" for stopped ones, e.g. a copy restored stopped)."""
     out = []
     for d in pathlib.Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -122,7 +124,7 @@ class SampleService:
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
         deadline = time.monotonic() + 10
-        while not (pids := _python_pids(self.script)) and time.monotonic() < deadline:
+        while not (pids := script_pids(self.script)) and time.monotonic() < deadline:
             time.sleep(0.05)
         if not pids:
             raise ConfigError("the sample service did not start")
@@ -192,7 +194,7 @@ class SampleService:
     def cleanup(self) -> None:
         """Stop the client, kill every copy, remove the veth ends."""
         self._stop.set()
-        for pid in _python_pids(self.script, ("S", "R", "D", "T")):
+        for pid in script_pids(self.script, ("S", "R", "D", "T")):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for link in (self.outer, self.outer2):
@@ -212,16 +214,11 @@ def start_sample_workload(workdir: pathlib.Path, mib: int = 32) -> tuple[int, pa
                             stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        for d in pathlib.Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    argv = (d / "cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if len(argv) > 1 and argv[1] == str(script).encode() and b"python" in argv[0]:
-                    while not counter.exists() and time.monotonic() < deadline:
-                        time.sleep(0.05)
-                    return int(d.name), counter
+        pids = script_pids(script)
+        if pids:
+            while not counter.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return pids[0], counter
         time.sleep(0.05)
     proc.kill()
     raise ConfigError("the sample workload did not start")

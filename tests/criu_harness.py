@@ -137,18 +137,9 @@ def _python_pid(script: pathlib.Path, timeout: float = 10.0,
 def workload_pids(script: pathlib.Path,
                   states: tuple[str, ...] = ("S", "R", "D")) -> list[int]:
     """Python processes executing ``script`` in one of ``states`` (default: running)."""
-    out = []
-    for d in pathlib.Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-            if (len(argv) > 1 and b"python" in argv[0] and argv[1] == str(script).encode()
-                    and state(int(d.name)) in states):
-                out.append(int(d.name))
-        except OSError:
-            continue
-    return out
+    from ctlive.demo import script_pids
+
+    return script_pids(script, states)
 
 
 class RuncBundle:
