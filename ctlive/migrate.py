@@ -84,6 +84,25 @@ async def _next_item(gen: Iterator[ImageChange]) -> ImageChange | None:
     return await anyio.to_thread.run_sync(next, gen, None)
 
 
+async def send_iteration(s: Session, k: int, final: bool, prev: pathlib.Path | None,
+                         d: pathlib.Path, lane_rr: int = 0) -> tuple[DiffStats, int]:
+    """Send iteration ``k``: the change items that turn dump ``prev`` into ``d``, spread
+    over the session's lanes round-robin from ``lane_rr``. Returns the diff statistics
+    and the next lane counter. (Also the data-plane benchmark's source side.)"""
+    await s.send(IterationBegin(k, final))
+    st = DiffStats()
+    gen = diff(prev, d, stats=st)
+    while (item := await _next_item(gen)) is not None:
+        blob = encode_change(item)
+        lane = lane_rr % s.lane_count
+        lane_rr += 1
+        for frag in _fragments(blob):
+            await s.send_change(k, frag, lane=lane)
+    await s.send(IterationEnd(k, final, s.lane_counts(k), {
+        "pages": st.pages_total, "changed": st.pages_changed}))
+    return st, lane_rr
+
+
 async def migrate(
     source: Workload,
     destination: str | tuple[str, int],
@@ -158,19 +177,9 @@ async def migrate(
                         t_freeze = time.monotonic()
                         stopped = True  # from here on, failure means resume
                     res = await source.dump(d, final=final, parent=prev)
-                    await s.send(IterationBegin(k, final))
-                    st = DiffStats()
-                    gen = diff(prev, d, stats=st)
                     t_send = time.monotonic()
                     wire_before = s.statistics().bytes_sent
-                    while (item := await _next_item(gen)) is not None:
-                        blob = encode_change(item)
-                        lane = lane_rr % s.lane_count
-                        lane_rr += 1
-                        for frag in _fragments(blob):
-                            await s.send_change(k, frag, lane=lane)
-                    await s.send(IterationEnd(k, final, s.lane_counts(k), {
-                        "pages": st.pages_total, "changed": st.pages_changed}))
+                    st, lane_rr = await send_iteration(s, k, final, prev, d, lane_rr)
                     transfer = time.monotonic() - t_send
                     wire = s.statistics().bytes_sent - wire_before
                     stats = res.stats

@@ -108,7 +108,7 @@ class Receiver:
         restored: backends.Restored | None = None
         handed_over = False
         try:
-            final_dir = await self._receive_iterations(session, rec, workdir)
+            final_dir = await self.receive_iterations(session, rec, workdir)
             rec.state = "restoring"
             self.fault("before-restore")
             restored = await backends.restore(kind, final_dir, spec,
@@ -153,8 +153,10 @@ class Receiver:
                         await restored.discard()
                     shutil.rmtree(workdir, ignore_errors=True)
 
-    async def _receive_iterations(self, session: Session, rec: MigrationRecord,
-                                  workdir: pathlib.Path) -> pathlib.Path:
+    async def receive_iterations(self, session: Session, rec: MigrationRecord,
+                                 workdir: pathlib.Path) -> pathlib.Path:
+        """Rebuild each iteration's image under ``workdir`` until the final one, which
+        is verified against its manifest; returns its directory."""
         prev: pathlib.Path | None = None
         while True:
             event = await session.receive()
