@@ -35,18 +35,54 @@ from ctlive.serve import serve
 
 __all__ = ["SampleService", "run_demo", "script_pids", "start_sample_workload"]
 
-_WORKLOAD = r"""
-import os, random, sys, time
+# Shared by both sample workloads: ``size`` bytes of mixed content (zero, text,
+# sparse and random pages, as real heaps hold) and a thread that keeps dirtying
+# ``dirty`` of its pages per second, ``touch`` bytes in each, walking the pages
+# with a stride so that each second's dirty pages are distinct.
+_MUTATOR = r"""
+import os, random, sys, threading, time
 os.setsid()  # its own session inside the PID namespace, as CRIU requires
-size = int(sys.argv[1]) << 20; counter = sys.argv[2]
-buf = bytearray(size); r = random.Random(7)
-for i in range(0, size, 4096):
-    buf[i:i + 128] = r.randbytes(128)
+P = 4096
+size = int(sys.argv[1]) << 20
+dirty = float(sys.argv[3]) if len(sys.argv) > 3 else 0.3
+touch = max(1, min(P, int(sys.argv[4]) if len(sys.argv) > 4 else 16))
+buf = bytearray(size)
+r = random.Random(7)
+noise = r.randbytes(1 << 20)
+text = (b"GET /api/v1/items?id=%d HTTP/1.1 host: example.org user-agent: ctlive " * 2000)[:1 << 18]
+npages = size // P
+for i in range(npages):
+    kind, o = i % 8, r.randrange(1 << 17)
+    if kind in (2, 3):
+        buf[i * P:(i + 1) * P] = text[o:o + P]
+    elif kind in (4, 5):
+        buf[i * P:i * P + 128] = noise[o:o + 128]
+    elif kind == 6:
+        buf[i * P:(i + 1) * P] = noise[o:o + P]
+    elif kind == 7:
+        buf[i * P:(i + 1) * P] = bytes(range(256)) * 16
+
+def mutate():
+    rate = dirty * npages
+    stride = 7919 if npages % 7919 else 7907
+    page, q, done, t0 = 0, 0, 0, time.monotonic()
+    while True:
+        due = int((time.monotonic() - t0) * rate)
+        while done < due:
+            page = (page + stride) % npages
+            off = page * P + (r.randrange(P - touch + 1) if touch < P else 0)
+            q = (q + 4093) % ((1 << 20) - P)
+            buf[off:off + touch] = noise[q:q + touch]
+            done += 1
+        time.sleep(0.01)
+
+threading.Thread(target=mutate, daemon=True).start()
+"""
+
+_WORKLOAD = _MUTATOR + r"""
+counter = sys.argv[2]
 n = 0
 while True:
-    for _ in range(200):
-        p = r.randrange(size // 4096) * 4096 + r.randrange(4000)
-        buf[p:p + 16] = r.randbytes(16)
     n += 1
     with open(counter, "w") as f:
         f.write(str(n))
@@ -54,27 +90,12 @@ while True:
 """
 
 
-_SERVICE = r"""
-import os, random, socket, sys, threading, time
-os.setsid()  # its own session inside the PID namespace, as CRIU requires
+_SERVICE = _MUTATOR + r"""
+import socket
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 7000))
 s.listen(1)
-size = int(sys.argv[1]) << 20
-buf = bytearray(size)
-r = random.Random(7)
-for i in range(0, size, 4096):
-    buf[i:i + 128] = r.randbytes(128)
-
-def mutate():
-    while True:
-        for _ in range(200):
-            p = r.randrange(size // 4096) * 4096 + r.randrange(4000)
-            buf[p:p + 16] = r.randbytes(16)
-        time.sleep(0.02)
-
-threading.Thread(target=mutate, daemon=True).start()
 n = 0
 while True:
     c, _ = s.accept()
@@ -106,69 +127,125 @@ def script_pids(script: pathlib.Path, states: tuple[str, ...] = ("S", "R", "D"))
 
 
 class SampleService:
-    """The demo's workload: a TCP counter service that also keeps mutating ``mib`` MiB,
-    in its own PID, mount and network namespace, reached from this host over a veth
-    pair (outer end ``vh<net>a``, inner ``ceth0``), plus a client on this host that
-    keeps one connection open and checks that every reply is the next number."""
+    """The demo's workload: a TCP counter service that also keeps mutating ``mib`` MiB
+    (``dirty`` of its pages per second, ``touch`` bytes each), in its own PID, mount
+    and network namespace, reached from this host over a veth pair (outer end
+    ``vh<net>a``, inner ``ceth0``), plus a client on this host that keeps one
+    connection open and checks every reply.
 
-    def __init__(self, workdir: pathlib.Path, net: int, mib: int = 32) -> None:
+    Subclasses (the benchmarks' redis and podman variants) override ``command``,
+    ``launch``, ``exchange`` and ``pids``."""
+
+    request_interval = 0.02
+    """Seconds between two requests of the client: the resolution of ``max_gap``."""
+
+    def __init__(self, workdir: pathlib.Path, net: int, mib: int = 32, *,
+                 dirty: float = 0.3, touch: int = 16) -> None:
         import threading
 
+        self.workdir, self.mib, self.dirty, self.touch = workdir, mib, dirty, touch
         self.outer, self.outer2 = f"vh{net}a", f"vh{net}b"
         self.host_ip, self.ip = f"10.77.{net}.1", f"10.77.{net}.2"
         self.script = workdir / f"service-{os.getpid()}-{net}.py"
         self.script.write_text(_SERVICE)
-        # Own PID, mount and net namespace; no descriptors from the host's mount namespace.
-        subprocess.Popen(["unshare", "--pid", "--net", "--fork", "--mount-proc", "sh", "-c",
-                          f"exec {sys.executable} {self.script} {mib} </dev/null >/dev/null 2>&1"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while not (pids := script_pids(self.script)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not pids:
-            raise ConfigError("the sample service did not start")
-        self.pid = pids[0]
-        for cmd in (f"ip link add {self.outer} type veth peer name ceth0 netns {self.pid}",
-                    f"nsenter -t {self.pid} -n ip addr add {self.ip}/24 dev ceth0",
-                    f"nsenter -t {self.pid} -n ip link set ceth0 up",
-                    f"nsenter -t {self.pid} -n ip link set lo up",
+        self.pid = self.launch(self.command())
+        # The namespace's network: a veth whose inner end lives with the workload.
+        for cmd in (f"ip link add {self.outer} type veth peer name ceth0 netns {self.net_pid}",
+                    f"nsenter -t {self.net_pid} -n ip addr add {self.ip}/24 dev ceth0",
+                    f"nsenter -t {self.net_pid} -n ip link set ceth0 up",
+                    f"nsenter -t {self.net_pid} -n ip link set lo up",
                     f"ip addr add {self.host_ip}/24 dev {self.outer}",
                     f"ip link set {self.outer} up"):
             subprocess.run(cmd.split(), check=True, capture_output=True)
         self.replies: list[tuple[float, int]] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
+        self.prepare()
         threading.Thread(target=self._client, daemon=True).start()
-        while not self.replies and not self.errors and time.monotonic() < deadline + 10:
+        deadline = time.monotonic() + 60
+        while not self.replies and not self.errors and time.monotonic() < deadline:
             time.sleep(0.05)
+        if not self.replies:
+            self.cleanup()
+            raise ConfigError(f"the sample service's client got no reply: {self.errors}")
 
-    def _client(self) -> None:
+    @property
+    def net_pid(self) -> int:
+        """A process in the workload's network namespace."""
+        return self.pid
+
+    def command(self) -> list[str]:
+        """The workload's command line."""
+        return [sys.executable, str(self.script), str(self.mib), "-", str(self.dirty),
+                str(self.touch)]
+
+    def launch(self, argv: list[str]) -> int:
+        """Start ``argv`` in its own PID, mount and net namespace; returns its pid."""
+        cmd = " ".join(argv)
+        # No descriptors from the host's mount namespace; pid 1 of its namespace.
+        proc = subprocess.Popen(["unshare", "--pid", "--net", "--fork", "--mount-proc", "sh",
+                                 "-c", f"exec {cmd} </dev/null >/dev/null 2>&1"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, close_fds=True,
+                                start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                kids = pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+            except OSError:
+                kids = ""
+            if kids.split():
+                pid = int(kids.split()[0])
+                # Wait for the exec from sh into the workload.
+                if pathlib.Path(f"/proc/{pid}/comm").read_text().strip() != "sh":
+                    return pid
+            time.sleep(0.02)
+        proc.kill()
+        raise ConfigError(f"the sample service did not start: {argv[0]}")
+
+    def prepare(self) -> None:
+        """Runs once the network is up, before the client starts (e.g. fill a database)."""
+
+    def _connect(self) -> Any:
         import socket
 
+        deadline = time.monotonic() + 60  # the service may still be starting
+        while True:
+            try:
+                return socket.create_connection((self.ip, 7000), timeout=60)
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def exchange(self, f: Any, i: int) -> int:
+        """One request and its reply on the client's connection; returns the reply's
+        sequence value, raises ``ValueError`` on a wrong or missing reply."""
+        f.write(b"x\n")
+        line = f.readline()
+        if not line:
+            raise ValueError("connection closed by the peer")
+        value = int(line)
+        if self.replies and value != self.replies[-1][1] + 1:
+            raise ValueError(f"reply {value} after {self.replies[-1][1]}: lost reply")
+        return value
+
+    def _client(self) -> None:
         try:
-            for _ in range(100):  # the service may still be starting
-                try:
-                    c = socket.create_connection((self.ip, 7000), timeout=60)
-                    break
-                except ConnectionRefusedError:
-                    time.sleep(0.1)
-            else:
-                c = socket.create_connection((self.ip, 7000), timeout=60)
+            c = self._connect()
             f = c.makefile("rwb", buffering=0)
+            i = 0
             while not self._stop.is_set():
-                f.write(b"x\n")
-                line = f.readline()
-                if not line:
-                    self.errors.append("connection closed by the peer")
-                    return
-                value = int(line)
-                if self.replies and value != self.replies[-1][1] + 1:
-                    self.errors.append(f"reply {value} after {self.replies[-1][1]}: lost reply")
+                value = self.exchange(f, i)
                 self.replies.append((time.monotonic(), value))
-                time.sleep(0.05)
-        except OSError as exc:
+                i += 1
+                time.sleep(self.request_interval)
+        except (OSError, ValueError) as exc:
             self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def pids(self) -> list[int]:
+        """Every copy of the workload on this machine, stopped ones included."""
+        return script_pids(self.script, ("S", "R", "D", "T"))
 
     def workload(self) -> Process:
         """The source backend for this service (its TCP connection moves with it)."""
@@ -179,22 +256,34 @@ class SampleService:
         end is named ``vh<net>b`` there and gets the host-side address before resume."""
 
         async def plumb(kind: str, spec: dict[str, Any], restored: Any) -> None:
-            for cmd in (f"ip addr add {self.host_ip}/24 dev {self.outer2}",
-                        f"ip link set {self.outer2} up"):
-                await anyio.run_process(cmd.split())
+            for cmd in self.plumb_commands():
+                await anyio.run_process(cmd)
 
         return {"external_map": {f"veth[ceth0]:{self.outer}": f"veth[ceth0]:{self.outer2}"},
                 "post_restore": plumb}
+
+    def plumb_commands(self) -> list[list[str]]:
+        """Host-side setup of the restored copy's veth end (``vh<net>b``)."""
+        return [f"ip addr add {self.host_ip}/24 dev {self.outer2}".split(),
+                f"ip link set {self.outer2} up".split()]
 
     def max_gap(self) -> float:
         """Longest time between two replies the client saw."""
         times = [t for t, _ in self.replies]
         return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
+    def wait_replies(self, more: int, timeout: float = 60.0) -> None:
+        """Block until the client has ``more`` further replies (or an error)."""
+        start = len(self.replies)
+        deadline = time.monotonic() + timeout
+        while (len(self.replies) < start + more and not self.errors
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
+
     def cleanup(self) -> None:
         """Stop the client, kill every copy, remove the veth ends."""
         self._stop.set()
-        for pid in script_pids(self.script, ("S", "R", "D", "T")):
+        for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for link in (self.outer, self.outer2):
@@ -206,7 +295,7 @@ def start_sample_workload(workdir: pathlib.Path, mib: int = 32) -> tuple[int, pa
     script = workdir / "workload.py"
     script.write_text(_WORKLOAD)
     counter = workdir / "counter"
-    cmd = f"exec {sys.executable} {script} {mib} {counter} </dev/null >/dev/null 2>&1"
+    cmd = f"exec {sys.executable} {script} {mib} {counter} 1.0 16 </dev/null >/dev/null 2>&1"
     # Own PID and mount namespace, session leader inside it (CRIU needs both), and no
     # descriptors inherited from the host's mount namespace.
     proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", cmd],
