@@ -53,6 +53,7 @@ _HDR = struct.Struct("<BHQQI")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,200}$")
 MAX_FILE = 1 << 30
 DEFAULT_WINDOW_PAGES = 4096  # 16 MiB of pages per chunk
+MAX_DEFERRED = 256 << 20  # compressed pages held while their pagemap is still on its way
 
 
 @attrs.frozen
@@ -359,12 +360,16 @@ class Rebuilder:
         self._manifest: Manifest | None = None
         self._zd = zstandard.ZstdDecompressor()
         self._touched: dict[str, list[tuple[int, int]]] = {}
+        self._deferred: list[Change] = []
+        self._deferred_bytes = 0
 
     def apply(self, c: Change) -> None:
-        """Apply one item."""
-        if self._manifest is not None:
-            raise DeltaFormatError("change after the manifest")
+        """Apply one item. Items may arrive in any order (lanes interleave them): the
+        manifest is kept for ``finish()``, and pages that arrive before their pagemap
+        wait for it."""
         if c.kind == MANIFEST:
+            if self._manifest is not None:
+                raise DeltaFormatError("a second manifest")
             try:
                 files = json.loads(c.data)
             except ValueError as exc:
@@ -396,8 +401,22 @@ class Rebuilder:
             if len(data) != c.a:
                 raise DeltaFormatError(f"{name}: {len(data)} bytes, header says {c.a}")
             (self.out / name).write_bytes(data)
+        elif c.kind == PAGES and name not in self._pages_state and not self._has_pagemap(name):
+            self._deferred_bytes += len(c.data)
+            if self._deferred_bytes > MAX_DEFERRED:
+                raise DeltaFormatError(f"too many pages arrived before their pagemap ({name})")
+            self._deferred.append(c)
+            return
         else:
             self._apply_pages(name, c)
+            return
+        if self._deferred:  # a file arrived: it may be the pagemap some pages wait for
+            waiting, self._deferred, self._deferred_bytes = self._deferred, [], 0
+            for d in waiting:
+                self.apply(d)
+
+    def _has_pagemap(self, name: str) -> bool:
+        return name in _pages_files(_pagemaps(self.out))
 
     def _take_over(self, name: str, old_path: pathlib.Path, total: int) -> None:
         """Same layout as before: start from the old file itself and patch in place."""
@@ -508,6 +527,10 @@ class Rebuilder:
         try:
             if self._manifest is None:
                 raise DeltaFormatError("the change stream ended without a manifest")
+            if self._deferred:
+                raise DeltaFormatError(
+                    f"pages for {sorted({c.name for c in self._deferred})} arrived but their "
+                    "pagemap never did")
             # Pages files whose every window was unchanged got no item at all.
             for name in _pages_files(_pagemaps(self.out)):
                 if name in self._manifest.files and name not in self._pages_state:

@@ -33,10 +33,12 @@ def make_dump(d: pathlib.Path, maps: dict[int, list[tuple[int, bytes]]],
 
 
 def roundtrip(old: pathlib.Path | None, new: pathlib.Path, out: pathlib.Path,
-              window: int = 3) -> imagediff.DiffStats:
+              window: int = 3, shuffle: int | None = None) -> imagediff.DiffStats:
     st = imagediff.DiffStats()
     items = [imagediff.encode_change(c)
              for c in imagediff.diff(old, new, window_pages=window, stats=st)]
+    if shuffle is not None:  # lanes deliver items in any order
+        random.Random(shuffle).shuffle(items)
     rb = imagediff.Rebuilder(old, out)
     for item in items:
         rb.apply(imagediff.decode_change(item))
@@ -73,6 +75,29 @@ def test_synthetic_sequence(tmp_path: pathlib.Path) -> None:
     assert inc.pages_total == 19
     # The moved run is found by vaddr: only in-place changes and new pages are sent.
     assert inc.pages_changed < inc.pages_total
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_items_in_any_order(tmp_path: pathlib.Path, seed: int) -> None:
+    """With several lanes, the manifest can come first and pages before their pagemap."""
+    r = random.Random(seed)
+    make_dump(tmp_path / "d0", {3: [(0x10000, rnd_pages(r, 9))], 4: [(0x1000, rnd_pages(r, 5))]},
+              {"core-3.img": b"core" * 30})
+    make_dump(tmp_path / "d1", {3: [(0x10000, rnd_pages(r, 9)), (0x90000, rnd_pages(r, 2))],
+                                4: [(0x1000, rnd_pages(r, 5))]}, {"core-3.img": b"core" * 31})
+    roundtrip(None, tmp_path / "d0", tmp_path / "r0", shuffle=seed)
+    roundtrip(tmp_path / "r0", tmp_path / "d1", tmp_path / "r1", shuffle=seed + 100)
+
+
+def test_pages_without_pagemap_refused(tmp_path: pathlib.Path) -> None:
+    r = random.Random(6)
+    make_dump(tmp_path / "d0", {1: [(0x1000, rnd_pages(r, 4))]}, {})
+    rb = imagediff.Rebuilder(None, tmp_path / "out")
+    for c in imagediff.diff(None, tmp_path / "d0"):
+        if not c.name.startswith("pagemap"):
+            rb.apply(c)
+    with pytest.raises(errors.DeltaFormatError, match="pagemap never did"):
+        rb.finish()
 
 
 def test_unchanged_dump_sends_only_markers(tmp_path: pathlib.Path) -> None:
