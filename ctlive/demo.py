@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import os
 import pathlib
+import shlex
 import signal
 import subprocess
 import sys
@@ -41,7 +42,10 @@ __all__ = ["SampleService", "run_demo", "script_pids", "start_sample_workload"]
 # with a stride so that each second's dirty pages are distinct.
 _MUTATOR = r"""
 import os, random, sys, threading, time
-os.setsid()  # its own session inside the PID namespace, as CRIU requires
+try:
+    os.setsid()  # its own session inside the PID namespace, as CRIU requires
+except OSError:
+    pass  # already a session leader (a container's init)
 P = 4096
 size = int(sys.argv[1]) << 20
 dirty = float(sys.argv[3]) if len(sys.argv) > 3 else 0.3
@@ -181,7 +185,7 @@ class SampleService:
 
     def launch(self, argv: list[str]) -> int:
         """Start ``argv`` in its own PID, mount and net namespace; returns its pid."""
-        cmd = " ".join(argv)
+        cmd = shlex.join(argv)
         # No descriptors from the host's mount namespace; pid 1 of its namespace.
         proc = subprocess.Popen(["unshare", "--pid", "--net", "--fork", "--mount-proc", "sh",
                                  "-c", f"exec {cmd} </dev/null >/dev/null 2>&1"],
