@@ -46,7 +46,12 @@ class Row:
     tool: str
     workload: str
     downtime: float = 0.0
-    """Longest gap between two replies seen by the workload's client, seconds."""
+    """Longest gap between two replies seen by the workload's client, seconds: its UDP
+    echo prober (every 10 ms) where the workload has one, else its TCP client."""
+    tcp_gap: float = 0.0
+    """Longest gap between two replies on the TCP client's connection, seconds (includes
+    TCP's retransmission backoff: packets sent while the workload is frozen are
+    dropped and resent after 0.2, 0.6, 1.4, 3.0 s...)."""
     total: float = 0.0
     wire: int = 0
     """Bytes that crossed to the destination (0 for the local floor)."""
@@ -156,7 +161,8 @@ class HwmSampler:
 
 def _finish(row: Row, svc: SampleService, more: int = 20) -> Row:
     svc.wait_replies(more)
-    row.downtime = svc.max_gap()
+    row.tcp_gap = svc.max_gap()
+    row.downtime = svc.probe_gap() if svc.probes else row.tcp_gap
     row.errors += svc.errors
     if not svc.errors and len(svc.replies) < 2:
         row.errors.append("the client saw no replies")
@@ -259,7 +265,12 @@ async def ctlive_run(svc: SampleService, label: str, *, lanes: int = 1,
     """A full ctlive migration into a receiver process of its own (simulated SNP
     platform), over loopback; the source's dumps on a private tmpfs."""
     src_id, dst_id = Identity.generate(), Identity.generate()
-    state, srcdir = private_tmpfs("recv"), private_tmpfs("src")
+    state = private_tmpfs("recv")
+    # Above 1 GiB the source's dumps go to disk: workload, two dumps, the receiver's
+    # image and the restored copy would not all fit in this machine's memory.
+    on_disk = svc.mib > 1024
+    srcdir = (pathlib.Path(tempfile.mkdtemp(prefix="ctlive-src-", dir="/var/tmp")) if on_disk
+              else private_tmpfs("src"))
     rx = subprocess.Popen([sys.executable, "-m", "benchmarks.receiver"], cwd=REPO,
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert rx.stdin is not None and rx.stdout is not None
@@ -301,4 +312,7 @@ async def ctlive_run(svc: SampleService, label: str, *, lanes: int = 1,
             rx.kill()
         rx.wait()
         drop_tmpfs(state)
-        drop_tmpfs(srcdir)
+        if on_disk:
+            shutil.rmtree(srcdir, ignore_errors=True)
+        else:
+            drop_tmpfs(srcdir)

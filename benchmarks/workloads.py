@@ -45,6 +45,7 @@ class RedisService(SampleService):
 
     value_size = 1024
     request_interval = 0.002
+    udp_probe = False  # redis has no UDP echo: downtime is the writer's gap
 
     def __init__(self, workdir: pathlib.Path, net: int, mib: int = 64) -> None:
         self.keys = max(1000, (mib << 20) // (self.value_size + 200))

@@ -96,6 +96,15 @@ while True:
 
 _SERVICE = _MUTATOR + r"""
 import socket
+
+def udp_echo():  # the prober's port: downtime to 10 ms, free of TCP retransmission backoff
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("0.0.0.0", 7001))
+    while True:
+        d, a = u.recvfrom(64)
+        u.sendto(d, a)
+
+threading.Thread(target=udp_echo, daemon=True).start()
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 7000))
@@ -142,6 +151,8 @@ class SampleService:
 
     request_interval = 0.02
     """Seconds between two requests of the client: the resolution of ``max_gap``."""
+    udp_probe = True
+    """Also probe the service's UDP echo port every 10 ms (``probe_gap``)."""
 
     def __init__(self, workdir: pathlib.Path, net: int, mib: int = 32, *,
                  dirty: float = 0.3, touch: int = 16) -> None:
@@ -162,10 +173,13 @@ class SampleService:
                     f"ip link set {self.outer} up"):
             subprocess.run(cmd.split(), check=True, capture_output=True)
         self.replies: list[tuple[float, int]] = []
+        self.probes: list[float] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
         self.prepare()
         threading.Thread(target=self._client, daemon=True).start()
+        if self.udp_probe:
+            threading.Thread(target=self._prober, daemon=True).start()
         deadline = time.monotonic() + 60
         while not self.replies and not self.errors and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -186,9 +200,10 @@ class SampleService:
     def launch(self, argv: list[str]) -> int:
         """Start ``argv`` in its own PID, mount and net namespace; returns its pid."""
         cmd = shlex.join(argv)
-        # No descriptors from the host's mount namespace; pid 1 of its namespace.
+        # No descriptors from the host's mount namespace; pid 1 of its namespace and
+        # the leader of its own session (CRIU needs the session inside the namespace).
         proc = subprocess.Popen(["unshare", "--pid", "--net", "--fork", "--mount-proc", "sh",
-                                 "-c", f"exec {cmd} </dev/null >/dev/null 2>&1"],
+                                 "-c", f"exec setsid {cmd} </dev/null >/dev/null 2>&1"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, close_fds=True,
                                 start_new_session=True)
@@ -247,6 +262,28 @@ class SampleService:
         except (OSError, ValueError) as exc:
             self.errors.append(f"{type(exc).__name__}: {exc}")
 
+    def _prober(self) -> None:
+        import socket
+
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(0.01)
+        seq = 0
+        while not self._stop.is_set():
+            t = time.monotonic()
+            u.sendto(seq.to_bytes(8, "little"), (self.ip, 7001))
+            seq += 1
+            try:
+                while True:  # drain: late replies to earlier probes count when they arrive
+                    u.recv(64)
+                    self.probes.append(time.monotonic())
+            except (TimeoutError, OSError):
+                pass
+            time.sleep(max(0.0, 0.01 - (time.monotonic() - t)))
+
+    def probe_gap(self) -> float:
+        """Longest time between two UDP echo replies (10 ms probes); 0 without probes."""
+        return max((b - a for a, b in itertools.pairwise(self.probes)), default=0.0)
+
     def pids(self) -> list[int]:
         """Every copy of the workload on this machine, stopped ones included."""
         return script_pids(self.script, ("S", "R", "D", "T"))
@@ -294,12 +331,15 @@ class SampleService:
             subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
 
 
-def start_sample_workload(workdir: pathlib.Path, mib: int = 32) -> tuple[int, pathlib.Path]:
-    """Start the sample workload; returns (pid, counter file)."""
+def start_sample_workload(workdir: pathlib.Path, mib: int = 32, *, dirty: float = 1.0,
+                          touch: int = 16) -> tuple[int, pathlib.Path]:
+    """Start the sample workload (``dirty`` of its pages per second get ``touch`` new
+    bytes each); returns (pid, counter file)."""
     script = workdir / "workload.py"
     script.write_text(_WORKLOAD)
     counter = workdir / "counter"
-    cmd = f"exec {sys.executable} {script} {mib} {counter} 1.0 16 </dev/null >/dev/null 2>&1"
+    cmd = (f"exec {sys.executable} {script} {mib} {counter} {dirty} {touch} "
+           "</dev/null >/dev/null 2>&1")
     # Own PID and mount namespace, session leader inside it (CRIU needs both), and no
     # descriptors inherited from the host's mount namespace.
     proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", cmd],
