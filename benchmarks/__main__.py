@@ -144,7 +144,7 @@ def machine() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     ap.add_argument("--write", action="store_true", help="write results.json, plots, "
                     "RESULTS.md")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import pathlib
 import sys
 from typing import Any
@@ -47,6 +48,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d.add_argument("--mib", type=int, default=32, help="workload size")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=_demo)
+
+    # Its options belong to the suite: none are parsed here ("+" is no option prefix).
+    b = sub.add_parser("bench", help="the benchmark suite (from a source checkout; needs root)",
+                       prefix_chars="+", add_help=False)
+    b.add_argument("bench_args", nargs="*", help="arguments of python -m benchmarks")
+    b.set_defaults(func=_bench)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -123,4 +130,16 @@ def _demo(args: argparse.Namespace) -> int:
     from ctlive.demo import run_demo
 
     anyio.run(lambda: run_demo(lanes=args.lanes, mib=args.mib, json_out=args.json))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    # The suite lives in the repository (benchmarks/), not in the installed package.
+    checkout = pathlib.Path(__file__).resolve().parent.parent
+    if not (checkout / "benchmarks" / "__main__.py").is_file():
+        raise ConfigError("ctlive bench runs from a source checkout (benchmarks/ is not "
+                          "installed with the package)")
+    sys.path.insert(0, str(checkout))
+    bench = importlib.import_module("benchmarks.__main__")
+    bench.main(list(args.bench_args))
     return 0
