@@ -133,8 +133,25 @@ def decode_change(buf: bytes) -> Change:
 # --- page matching ----------------------------------------------------------------------
 
 
+_PAGEMAP_CACHE: dict[tuple[int, int, int, int], Pagemap] = {}
+
+
+def _pagemap(p: pathlib.Path) -> Pagemap:
+    # Each dump's pagemaps are parsed twice (as the new, then as the old dump of the
+    # next iteration): keep the last few, keyed by file identity and version.
+    st = p.stat()
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    pm = _PAGEMAP_CACHE.get(key)
+    if pm is None:
+        pm = read_pagemap(p)
+        if len(_PAGEMAP_CACHE) >= 256:
+            _PAGEMAP_CACHE.pop(next(iter(_PAGEMAP_CACHE)))
+        _PAGEMAP_CACHE[key] = pm
+    return pm
+
+
 def _pagemaps(d: pathlib.Path) -> dict[str, Pagemap]:
-    return {p.name: read_pagemap(p) for p in sorted(d.glob("pagemap-*.img"))}
+    return {p.name: _pagemap(p) for p in sorted(d.glob("pagemap-*.img"))}
 
 
 def _segments(old: Pagemap | None, new: Pagemap) -> list[tuple[int, int, int]]:
@@ -151,10 +168,26 @@ def _segments(old: Pagemap | None, new: Pagemap) -> list[tuple[int, int, int]]:
             ov, on, oidx = old_runs[i]
             lo, hi = max(vaddr, ov), min(end, ov + on * PAGE)
             if lo < hi:
-                out.append((idx + (lo - vaddr) // PAGE, oidx + (lo - ov) // PAGE,
-                            (hi - lo) // PAGE))
+                seg = (idx + (lo - vaddr) // PAGE, oidx + (lo - ov) // PAGE, (hi - lo) // PAGE)
+                last = out[-1] if out else None
+                if last is not None and last[0] + last[2] == seg[0] and last[1] + last[2] == seg[1]:
+                    # Adjacent mappings that sit next to each other in both files: one
+                    # segment, so that whole windows can be read in place.
+                    out[-1] = (last[0], last[1], last[2] + seg[2])
+                else:
+                    out.append(seg)
             i += 1
     return out
+
+
+def _old_span(segs: list[tuple[int, int, int]], start: int, count: int) -> tuple[int, int]:
+    """[lo, hi) old page indices that new pages [start, start+count) read from."""
+    lo, hi = 1 << 62, 0
+    for new_idx, old_idx, n in segs:
+        a, b = max(new_idx, start), min(new_idx + n, start + count)
+        if a < b:
+            lo, hi = min(lo, old_idx + a - new_idx), max(hi, old_idx + b - new_idx)
+    return (lo, hi) if lo < hi else (0, 0)
 
 
 def _identity(segs: list[tuple[int, int, int]], total: int) -> bool:
@@ -204,10 +237,23 @@ class _Mapped:
         self.buf: Any = (mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
                          if self.size else b"")
 
+    def drop(self, first_page: int, pages: int) -> None:
+        """Forget pages we are done with: the mapping would otherwise keep every page it
+        touched resident, making the process's RSS as large as the image."""
+        drop(self.buf, first_page, pages)
+
     def close(self) -> None:
         if isinstance(self.buf, mmap.mmap):
             self.buf.close()
         self._f.close()
+
+
+def drop(m: Any, first_page: int, pages: int) -> None:
+    """MADV_DONTNEED on pages of a shared file mapping: their data stays in the file."""
+    if isinstance(m, mmap.mmap) and pages > 0:
+        length = min(pages * PAGE, len(m) - first_page * PAGE)
+        if length > 0:
+            m.madvise(mmap.MADV_DONTNEED, first_page * PAGE, length)
 
 
 def _pages_files(maps: dict[str, Pagemap]) -> dict[str, str]:
@@ -215,30 +261,57 @@ def _pages_files(maps: dict[str, Pagemap]) -> dict[str, str]:
     return {f"pages-{pm.pages_id}.img": name for name, pm in maps.items()}
 
 
-def _file_digest(path: pathlib.Path, pages: bool) -> dict[str, Any]:
+def _hash_file_pages(path: pathlib.Path) -> bytes:
+    """Per-page XXH64 hashes of a pages file, window by window (bounded RSS)."""
+    m = _Mapped(path)
+    try:
+        total = m.size // PAGE
+        out = bytearray()
+        for start in range(0, total, DEFAULT_WINDOW_PAGES):
+            count = min(DEFAULT_WINDOW_PAGES, total - start)
+            view = memoryview(m.buf)[start * PAGE : (start + count) * PAGE]
+            out += pagediff.page_hashes(view).tobytes()
+            view.release()
+            m.drop(start, count)
+        return bytes(out)
+    finally:
+        m.close()
+
+
+def _pages_digest(size: int, hashes: bytes) -> dict[str, Any]:
+    return {"size": size, "page_hashes": hashlib.blake2b(hashes).hexdigest()}
+
+
+def _bytes_digest(data: bytes) -> dict[str, Any]:
+    return {"size": len(data), "blake2b": hashlib.blake2b(data).hexdigest()}
+
+
+def _file_digest(path: pathlib.Path, pages: bool,
+                 hashes: dict[str, bytes] | None = None) -> dict[str, Any]:
     size = path.stat().st_size
     if pages and size % PAGE == 0 and size:
-        m = _Mapped(path)
-        try:
-            digest = hashlib.blake2b(pagediff.page_hashes(m.buf).tobytes()).hexdigest()
-        finally:
-            m.close()
-        return {"size": size, "page_hashes": digest}
-    h = hashlib.blake2b()
+        h = hashes.get(path.name) if hashes is not None else None
+        if h is None:
+            h = _hash_file_pages(path)
+            if hashes is not None:
+                hashes[path.name] = h
+        return _pages_digest(size, h)
+    d = hashlib.blake2b()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return {"size": size, "blake2b": h.hexdigest()}
+            d.update(chunk)
+    return {"size": size, "blake2b": d.hexdigest()}
 
 
-def manifest(d: str | os.PathLike[str]) -> Manifest:
-    """The manifest of a dump directory."""
+def manifest(d: str | os.PathLike[str], hashes: dict[str, bytes] | None = None) -> Manifest:
+    """The manifest of a dump directory. ``hashes`` (pages file -> per-page hashes)
+    supplies hashes known to be current and receives the ones computed."""
     root = pathlib.Path(d)
     pages = _pages_files(_pagemaps(root))
     files = {}
     for p in sorted(root.iterdir()):
         if p.is_file() and not p.name.endswith(".log"):
-            files[p.name] = _file_digest(p, p.name in pages)
+            files[p.name] = _file_digest(p, p.name in pages, hashes)
     return Manifest(files)
 
 
@@ -258,12 +331,15 @@ def diff(old_dir: str | os.PathLike[str] | None, new_dir: str | os.PathLike[str]
     new_pages = _pages_files(new_maps)
     zc = zstandard.ZstdCompressor(level=level)
     names = sorted(p.name for p in new.iterdir() if p.is_file() and not p.name.endswith(".log"))
+    # The manifest is built from what the diff reads anyway: no second pass.
+    files: dict[str, dict[str, Any]] = {}
     # Non-page files first (pagemaps among them): the receiver needs them to lay out pages.
     for name in names:
         if name in new_pages:
             continue
         _safe_name(name)
         data = (new / name).read_bytes()
+        files[name] = _bytes_digest(data)
         st.files += 1
         st.file_bytes_in += len(data)
         st.bytes_in += len(data)
@@ -293,13 +369,15 @@ def diff(old_dir: str | os.PathLike[str] | None, new_dir: str | os.PathLike[str]
         if name not in new_pages:
             continue
         yield from _diff_pages(old, new, name, new_maps[new_pages[name]],
-                               old_maps.get(new_pages[name]), old_pages, window_pages, zc, st)
-    yield Change(MANIFEST, "", data=manifest(new).to_json())
+                               old_maps.get(new_pages[name]), old_pages, window_pages, zc, st,
+                               files)
+    yield Change(MANIFEST, "", data=Manifest(files).to_json())
 
 
 def _diff_pages(old: pathlib.Path | None, new: pathlib.Path, name: str, new_map: Pagemap,
                 old_map: Pagemap | None, old_pages: dict[str, str], window: int,
-                zc: zstandard.ZstdCompressor, st: DiffStats) -> Iterator[Change]:
+                zc: zstandard.ZstdCompressor, st: DiffStats,
+                files: dict[str, dict[str, Any]]) -> Iterator[Change]:
     new_m = _Mapped(new / name)
     old_name = f"pages-{old_map.pages_id}.img" if old_map is not None else None
     old_m = (_Mapped(old / old_name) if old is not None and old_name in old_pages
@@ -312,13 +390,19 @@ def _diff_pages(old: pathlib.Path | None, new: pathlib.Path, name: str, new_map:
                 "pages", path=str(new / name))
         segs = _segments(old_map, new_map) if old_m is not None else []
         st.pages_total += total
+        hashes = bytearray()
         for start in range(0, total, window):
             count = min(window, total - start)
             base = (_base_window(old_m.buf, segs, start, count, readonly=True)
                     if old_m is not None else bytearray(count * PAGE))
             cur = memoryview(new_m.buf)[start * PAGE : (start + count) * PAGE]
             enc = pagediff.encode(base, cur)
+            hashes += pagediff.page_hashes(cur).tobytes()  # while the window is hot
             del base, cur  # release the views before the mmaps close
+            new_m.drop(start, count)
+            if old_m is not None:
+                lo, hi = _old_span(segs, start, count)
+                old_m.drop(lo, hi - lo)
             st.bytes_in += count * PAGE
             changed = enc.pages_zero + enc.pages_delta + enc.pages_raw
             st.pages_changed += changed
@@ -329,6 +413,7 @@ def _diff_pages(old: pathlib.Path | None, new: pathlib.Path, name: str, new_map:
                 payload = zc.compress(enc.data)
                 st.bytes_out += len(payload)
                 yield Change(PAGES, name, start, count, payload)
+        files[name] = _pages_digest(new_m.size, bytes(hashes)) if total else _bytes_digest(b"")
         if total == 0:
             yield Change(FILE_WHOLE, name, 0, 0, zc.compress(b""))
     finally:
@@ -349,8 +434,17 @@ class Rebuilder:
     """
 
     def __init__(self, old_dir: str | os.PathLike[str] | None,
-                 out_dir: str | os.PathLike[str], *, consume_old: bool = False) -> None:
+                 out_dir: str | os.PathLike[str], *, consume_old: bool = False,
+                 old_hashes: dict[str, bytes] | None = None) -> None:
         self.consume_old = consume_old
+        # Per-page hashes of the old dump's pages files, from the previous verified
+        # rebuild: a file patched in place is then re-hashed only where it was patched.
+        self._old_hashes = old_hashes or {}
+        self.page_hashes: dict[str, bytes] = {}
+        """After ``finish()``: per-page hashes of the verified result (pass them as
+        ``old_hashes`` to the next iteration's rebuilder)."""
+        self._patched: dict[str, list[tuple[int, int]]] = {}
+        self._taken: dict[str, str] = {}
         self._inplace: dict[str, tuple[Any, mmap.mmap | None]] = {}
         self.old = pathlib.Path(old_dir) if old_dir is not None else None
         self.out = pathlib.Path(out_dir)
@@ -425,6 +519,7 @@ class Rebuilder:
             os.rename(old_path, target)
         else:
             shutil.copyfile(old_path, target)
+        self._taken[name] = old_path.name
         f = open(target, "r+b")  # noqa: SIM115
         mm = mmap.mmap(f.fileno(), 0) if total else None
         self._inplace[name] = (f, mm)
@@ -477,9 +572,14 @@ class Rebuilder:
                 pagediff.decode(view, stream)
             finally:
                 view.release()
+            drop(mm, start, count)
+            self._patched.setdefault(name, []).append((start, count))
             return
         base = (_base_window(old_m.buf, segs, start, count) if old_m is not None
                 else bytearray(count * PAGE))
+        if old_m is not None:
+            lo, hi = _old_span(segs, start, count)
+            old_m.drop(lo, hi - lo)
         pagediff.decode(base, stream)
         f.seek(start * PAGE)
         f.write(base)
@@ -504,8 +604,25 @@ class Rebuilder:
                     cnt = min(DEFAULT_WINDOW_PAGES, s + n - w)
                     base = (_base_window(old_m.buf, segs, w, cnt) if old_m is not None
                             else bytearray(cnt * PAGE))
+                    if old_m is not None:
+                        lo, hi = _old_span(segs, w, cnt)
+                        old_m.drop(lo, hi - lo)
                     f.seek(w * PAGE)
                     f.write(base)
+
+    def _carry_hashes(self) -> None:
+        # Files patched in place: the old hashes hold wherever no chunk wrote.
+        for name, (_, mm) in self._inplace.items():
+            known = self._old_hashes.get(self._taken.get(name, ""))
+            if mm is None or known is None or len(known) != len(mm) // PAGE * 8:
+                continue
+            h = bytearray(known)
+            for start, count in self._patched.get(name, []):
+                view = memoryview(mm)[start * PAGE : (start + count) * PAGE]
+                h[start * 8 : (start + count) * 8] = pagediff.page_hashes(view).tobytes()
+                view.release()
+                drop(mm, start, count)
+            self.page_hashes[name] = bytes(h)
 
     def close(self) -> None:
         """Release files (also on failure)."""
@@ -536,9 +653,10 @@ class Rebuilder:
                 if name in self._manifest.files and name not in self._pages_state:
                     self._page_state(name)
             self._fill_untouched()
+            self._carry_hashes()
         finally:
             self.close()
-        got = manifest(self.out)
+        got = manifest(self.out, self.page_hashes)
         want = self._manifest
         if got.files != want.files:
             missing = sorted(set(want.files) - set(got.files))

@@ -158,6 +158,7 @@ class Receiver:
         """Rebuild each iteration's image under ``workdir`` until the final one, which
         is verified against its manifest; returns its directory."""
         prev: pathlib.Path | None = None
+        hashes: dict[str, bytes] = {}
         while True:
             event = await session.receive()
             if isinstance(event, Abort):
@@ -167,7 +168,9 @@ class Receiver:
             if not isinstance(event, IterationBegin):
                 raise RemoteProtocolError(f"expected ITERATION_BEGIN, got {event!r}")
             out = workdir / f"img-{event.index}"
-            rb = Rebuilder(prev, out, consume_old=True)  # the previous image is discarded
+            # The previous image is discarded: patch it in place, and re-hash only what
+            # changed when verifying.
+            rb = Rebuilder(prev, out, consume_old=True, old_hashes=hashes)
             partial: dict[int, bytearray] = {}
             try:
                 while True:
@@ -186,6 +189,7 @@ class Receiver:
                 if partial:
                     raise DeltaFormatError("iteration ended inside a fragmented item")
                 await anyio.to_thread.run_sync(rb.finish)
+                hashes = rb.page_hashes
             finally:
                 rb.close()
             if prev is not None:

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctlive import errors, imagediff, images
+from ctlive import errors, imagediff, images, pagediff
 from ctlive.cli import main as cli_main
 
 PAGE = 4096
@@ -284,3 +284,85 @@ def test_mutated_real_images(real_dumps: list[pathlib.Path],
             images.read_stats(p)
     except errors.ImageFormatError:
         pass
+
+
+def test_carried_hashes_match_fresh_ones(tmp_path: pathlib.Path) -> None:
+    """The receiver re-hashes only patched windows; the result equals hashing anew,
+    and a bad item in a patched window is still caught."""
+    r = random.Random(8)
+    pages = bytearray(rnd_pages(r, 40))
+    make_dump(tmp_path / "d0", {1: [(0x10000, bytes(pages))]}, {"core-1.img": b"c"})
+    rb = imagediff.Rebuilder(None, tmp_path / "r0", consume_old=True)
+    for c in imagediff.diff(None, tmp_path / "d0", window_pages=8):
+        rb.apply(c)
+    rb.finish()
+    hashes, prev = rb.page_hashes, tmp_path / "r0"
+    for k in (1, 2, 3):
+        pages[r.randrange(40) * PAGE + 9] ^= 0x5A
+        make_dump(tmp_path / f"d{k}", {1: [(0x10000, bytes(pages))]}, {"core-1.img": b"c"})
+        items = list(imagediff.diff(tmp_path / f"d{k - 1}", tmp_path / f"d{k}", window_pages=8))
+        rb = imagediff.Rebuilder(prev, tmp_path / f"r{k}", consume_old=True, old_hashes=hashes)
+        if k == 3:  # flip a byte inside a patched window: verification must fail
+            i = next(j for j, c in enumerate(items) if c.kind == imagediff.PAGES)
+            c = items[i]
+            raw = bytearray(pagediff.decompress(c.data, c.b * pagediff.MAX_RECORD))
+            raw[-1] ^= 1
+            items[i] = imagediff.Change(c.kind, c.name, c.a, c.b, pagediff.compress(bytes(raw)))
+            for c in items:
+                rb.apply(c)
+            with pytest.raises((errors.ImageFormatError, errors.DeltaFormatError)):
+                rb.finish()
+            return
+        for c in items:
+            rb.apply(c)
+        rb.finish()
+        assert rb.page_hashes == {"pages-1.img": imagediff._hash_file_pages(
+            tmp_path / f"r{k}" / "pages-1.img")}
+        assert filecmp.cmp(tmp_path / f"d{k}" / "pages-1.img", tmp_path / f"r{k}" / "pages-1.img",
+                           shallow=False)
+        hashes, prev = rb.page_hashes, tmp_path / f"r{k}"
+
+
+_RSS_PROBE = """
+import pathlib, sys
+from ctlive import imagediff
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) << 10
+d0, d1, out = map(pathlib.Path, sys.argv[1:4])
+start = hwm()
+rb = imagediff.Rebuilder(None, out / "r0", consume_old=True)
+for c in imagediff.diff(None, d0):
+    rb.apply(c)
+rb.finish()
+rb2 = imagediff.Rebuilder(out / "r0", out / "r1", consume_old=True, old_hashes=rb.page_hashes)
+for c in imagediff.diff(d0, d1):
+    rb2.apply(c)
+rb2.finish()
+print(hwm() - start)
+"""
+
+
+def test_memory_bounded_by_window(tmp_path: pathlib.Path) -> None:
+    """Diff, rebuild and verify of a 256 MiB image keep the process's peak RSS far below
+    the image size (mappings drop each window once done)."""
+    import subprocess
+    import sys
+
+    n = 65536
+    data = bytearray(os.urandom(n * PAGE))
+    for i in range(0, n, 2):
+        data[i * PAGE : (i + 1) * PAGE] = bytes(PAGE)
+    make_dump(tmp_path / "d0", {1: [(0x100000, bytes(data))]}, {"core-1.img": b"c" * 100})
+    for i in range(0, n, 97):
+        data[i * PAGE + 5] ^= 1
+    make_dump(tmp_path / "d1", {1: [(0x100000, bytes(data))]}, {"core-1.img": b"c" * 101})
+    del data
+    (tmp_path / "out").mkdir()
+    probe = tmp_path / "probe.py"
+    probe.write_text(_RSS_PROBE)
+    out = subprocess.run([sys.executable, str(probe), str(tmp_path / "d0"), str(tmp_path / "d1"),
+                          str(tmp_path / "out")], capture_output=True, text=True, check=True)
+    growth = int(out.stdout)
+    assert growth < 160 << 20, f"peak RSS grew by {growth >> 20} MiB for a 256 MiB image"
