@@ -91,7 +91,8 @@ async def send_iteration(s: Session, k: int, final: bool, prev: pathlib.Path | N
     and the next lane counter. (Also the data-plane benchmark's source side.)"""
     await s.send(IterationBegin(k, final))
     st = DiffStats()
-    gen = diff(prev, d, stats=st)
+    # The final dump is diffed while the workload is frozen: use every core.
+    gen = diff(prev, d, stats=st, threads=min(os.cpu_count() or 1, 4) if final else 1)
     while (item := await _next_item(gen)) is not None:
         blob = encode_change(item)
         lane = lane_rr % s.lane_count

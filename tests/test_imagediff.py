@@ -366,3 +366,19 @@ def test_memory_bounded_by_window(tmp_path: pathlib.Path) -> None:
                           str(tmp_path / "out")], capture_output=True, text=True, check=True)
     growth = int(out.stdout)
     assert growth < 160 << 20, f"peak RSS grew by {growth >> 20} MiB for a 256 MiB image"
+
+
+def test_parallel_diff_is_identical(tmp_path: pathlib.Path) -> None:
+    """Windows diffed on a thread pool give the same items, in the same order."""
+    r = random.Random(12)
+    a = bytearray(rnd_pages(r, 50))
+    make_dump(tmp_path / "d0", {1: [(0x10000, bytes(a))]}, {"core-1.img": b"c"})
+    for i in range(0, 50, 3):
+        a[i * PAGE + 100] ^= 0x33
+    make_dump(tmp_path / "d1", {1: [(0x10000, bytes(a)), (0x900000, rnd_pages(r, 7))]},
+              {"core-1.img": b"d"})
+    for old in (None, tmp_path / "d0"):
+        one = list(imagediff.diff(old, tmp_path / "d1", window_pages=4))
+        four = list(imagediff.diff(old, tmp_path / "d1", window_pages=4, threads=4))
+        assert one == four
+    roundtrip(tmp_path / "d0", tmp_path / "d1", tmp_path / "r1", window=4)
