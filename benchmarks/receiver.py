@@ -4,7 +4,8 @@ CPU time and peak RSS are measured apart from the source.
     python -m benchmarks.receiver   (reads one JSON line of settings on stdin)
 
 Settings: ``state`` (directory), ``key`` (hex private key), ``allow`` (hex public
-key), ``external_map`` and ``plumb`` (commands run after restore). It prints one JSON
+key), ``external_map``, ``plumb`` and ``switch`` (commands run after restore and after
+resume). It prints one JSON
 line with its address and the simulated platform's ARK/ASK/measurement, serves
 until stdin closes, then prints one JSON line of its own figures and exits.
 """
@@ -41,10 +42,12 @@ def cpu_seconds(who: int) -> float:
 async def run(cfg: dict[str, Any]) -> None:
     platform = SimulatedSnpPlatform()
     ident = Identity(bytes.fromhex(cfg["key"]))
-    plumb = cfg.get("plumb", [])
-
     async def post_restore(kind: str, spec: dict[str, Any], restored: Any) -> None:
-        for cmd in plumb:
+        for cmd in cfg.get("plumb", []):
+            await anyio.run_process(cmd)
+
+    async def post_resume(kind: str, spec: dict[str, Any], restored: Any) -> None:
+        for cmd in cfg.get("switch", []):
             await anyio.run_process(cmd)
 
     async with anyio.create_task_group() as tg:
@@ -52,6 +55,7 @@ async def run(cfg: dict[str, Any]) -> None:
             ("127.0.0.1", 0), identity=ident, provider=platform,
             allow={bytes.fromhex(cfg["allow"])}, state_dir=cfg["state"],
             external_map=cfg.get("external_map"), post_restore=post_restore,
+            post_resume=post_resume,
             on_session_error=lambda exc: print(f"receiver: {type(exc).__name__}: {exc}",
                                                file=sys.stderr, flush=True),
             task_status=task_status))

@@ -187,7 +187,7 @@ def floor(svc: SampleService, label: str) -> Row:
         image = du(img)
         r = run_waited([criu, "restore", "-D", str(img), "-d", "--root", "/", "-o",
                         "restore.log", *_ext(svc, svc.outer2)], img)
-        for cmd in svc.plumb_commands():
+        for cmd in svc.plumb_commands() + svc.switch_commands():
             subprocess.run(cmd, check=True, capture_output=True)
         row = Row("floor", label, total=d.seconds + r.seconds, cpu_src=d.cpu, cpu_dst=r.cpu,
                   rss_dst=r.maxrss, image=image)
@@ -221,7 +221,7 @@ def page_server(svc: SampleService, label: str, port: int = 27700) -> Row:
         r = run_waited([criu, "restore", "-D", str(pages), "-d", "--root", "/", "-o",
                         "restore.log", *_ext(svc, svc.outer2)], pages)
         total = time.perf_counter() - t
-        for cmd in svc.plumb_commands():
+        for cmd in svc.plumb_commands() + svc.switch_commands():
             subprocess.run(cmd, check=True, capture_output=True)
         row = Row("criu page-server", label, total=total, wire=wire, cpu_src=d.cpu,
                   cpu_dst=ps_ru.ru_utime + ps_ru.ru_stime + r.cpu,
@@ -279,7 +279,8 @@ async def ctlive_run(svc: SampleService, label: str, *, lanes: int = 1,
         rx.stdin.write(json.dumps({"state": str(state), "key": dst_id.private_key.hex(),
                                    "allow": src_id.public_key.hex(),
                                    "external_map": opts["external_map"],
-                                   "plumb": svc.plumb_commands()}) + "\n")
+                                   "plumb": svc.plumb_commands(),
+                                   "switch": svc.switch_commands()}) + "\n")
         rx.stdin.flush()
         hello = json.loads(await anyio.to_thread.run_sync(rx.stdout.readline))
         root = TrustedRoot(Product.MILAN, x509.load_pem_x509_certificate(hello["ark"].encode()),

@@ -300,13 +300,23 @@ class SampleService:
             for cmd in self.plumb_commands():
                 await anyio.run_process(cmd)
 
+        async def switch(kind: str, spec: dict[str, Any], restored: Any) -> None:
+            for cmd in self.switch_commands():
+                await anyio.run_process(cmd)
+
         return {"external_map": {f"veth[ceth0]:{self.outer}": f"veth[ceth0]:{self.outer2}"},
-                "post_restore": plumb}
+                "post_restore": plumb, "post_resume": switch}
 
     def plumb_commands(self) -> list[list[str]]:
-        """Host-side setup of the restored copy's veth end (``vh<net>b``)."""
-        return [f"ip addr add {self.host_ip}/24 dev {self.outer2}".split(),
+        """Host-side setup of the restored copy's veth end (``vh<net>b``), without a
+        route: traffic stays with the source's copy until the switch."""
+        return [f"ip addr add {self.host_ip}/24 dev {self.outer2} noprefixroute".split(),
                 f"ip link set {self.outer2} up".split()]
+
+    def switch_commands(self) -> list[list[str]]:
+        """Send the service's traffic to the restored copy (after it resumed)."""
+        net = self.host_ip.rsplit(".", 1)[0] + ".0/24"
+        return [f"ip route replace {net} dev {self.outer2} src {self.host_ip}".split()]
 
     def max_gap(self) -> float:
         """Longest time between two replies the client saw."""

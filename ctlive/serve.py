@@ -74,10 +74,14 @@ class Receiver:
                  fault: Callable[[str], Any] | None,
                  external_map: dict[str, str] | None = None,
                  post_restore: Callable[[str, dict[str, Any], backends.Restored], Any]
+                 | None = None,
+                 post_resume: Callable[[str, dict[str, Any], backends.Restored], Any]
                  | None = None) -> None:
         self.state_dir = state_dir
         self.external_map = external_map
         self.post_restore = post_restore
+        self.post_resume = post_resume
+        self._specs: dict[str, tuple[str, dict[str, Any]]] = {}
         self.commit_grace = commit_grace
         self.migrations: dict[str, MigrationRecord] = {}
         self._pending: dict[str, tuple[backends.Restored, pathlib.Path]] = {}
@@ -126,12 +130,14 @@ class Receiver:
             except CtliveError:
                 # The source may have killed its copy: keep ours stopped for a while.
                 self._pending[mid] = (restored, workdir)
+                self._specs[mid] = (kind, spec)
                 handed_over = True
                 rec.state = "commit-pending"
                 raise
             if isinstance(event, Commit):
                 self.fault("before-resume")
                 await restored.resume()
+                await self._after_resume(kind, spec, restored)
                 handed_over = True
                 rec.state = "committed"
                 await session.send(CommitAck(mid, {"restored_pid": restored.pid}))
@@ -232,9 +238,17 @@ class Receiver:
             return
         restored, workdir = entry
         await restored.resume()
+        kind, spec = self._specs.pop(mid, ("", {}))
+        await self._after_resume(kind, spec, restored)
         rec.state = "committed"
         await session.send(CommitAck(mid, {"restored_pid": restored.pid}))
         shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _after_resume(self, kind: str, spec: dict[str, Any],
+                            restored: backends.Restored) -> None:
+        if self.post_resume is not None:
+            # Traffic may move to this copy now (the source's copy is gone).
+            await self.post_resume(kind, spec, restored)
 
     async def expire_pending(self) -> None:
         """Discard READY copies whose COMMIT never came, after the grace period."""
@@ -245,6 +259,7 @@ class Receiver:
                 rec = self.migrations[mid]
                 if now - rec.started > self.commit_grace:
                     restored, workdir = self._pending.pop(mid)
+                    self._specs.pop(mid, None)
                     await restored.discard()
                     shutil.rmtree(workdir, ignore_errors=True)
                     rec.state = "expired"
@@ -262,6 +277,7 @@ async def serve(
     on_session_error: Callable[[BaseException], Any] | None = None,
     external_map: dict[str, str] | None = None,
     post_restore: Callable[[str, dict[str, Any], backends.Restored], Any] | None = None,
+    post_resume: Callable[[str, dict[str, Any], backends.Restored], Any] | None = None,
     task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
     _fault: Callable[[str], Any] | None = None,
 ) -> None:
@@ -272,11 +288,13 @@ async def serve(
     accepted. Memory per migration is bounded by ``window`` (bytes in flight).
     ``external_map`` renames external resources (veth outer ends) for this host, and
     ``post_restore(kind, spec, restored)`` is awaited after each restore, while the
-    workload is still stopped, for host-side network setup.
+    workload is still stopped, for host-side network setup; ``post_resume`` (same
+    arguments) right after COMMIT resumed it, to move traffic to it (not earlier: until
+    COMMIT the source may still resume its own copy).
     """
     root = pathlib.Path(state_dir)
     root.mkdir(parents=True, exist_ok=True)
-    receiver = Receiver(root, commit_grace, _fault, external_map, post_restore)
+    receiver = Receiver(root, commit_grace, _fault, external_map, post_restore, post_resume)
 
     async def handler(session: Session) -> None:
         try:
