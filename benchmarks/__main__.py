@@ -89,16 +89,26 @@ class Runner:
         finally:
             svc.cleanup()
 
-    def median(self, spec: Spec, tool: str, repeat: int) -> tools.Row:
-        rows = [self.one(spec, tool) for _ in range(repeat)]
-        good = [r for r in rows if not r.errors] or rows
-        good.sort(key=lambda r: r.downtime)
-        best = good[len(good) // 2]
-        best.iterations = best.iterations or []
-        if len(good) > 1:
-            gaps = ", ".join(f"{r.downtime:.3f}" for r in good)
-            best.errors = [*best.errors, f"median of {len(good)}; downtimes {gaps}"]
-        return best
+    def medians(self, spec: Spec, names: list[str], repeat: int) -> list[tools.Row]:
+        """Each tool ``repeat`` times, interleaved (tool after tool, then again), so that
+        drift in the machine's speed spreads over all tools; the median row of each."""
+        runs: dict[str, list[tools.Row]] = {n: [] for n in names}
+        for _ in range(repeat):
+            for name in names:
+                runs[name].append(self.one(spec, name))
+        out = []
+        for name in names:
+            good = [r for r in runs[name] if not r.errors] or runs[name]
+            good.sort(key=lambda r: r.downtime)
+            best = good[len(good) // 2]
+            if len(good) > 1:
+                gaps = ", ".join(f"{r.downtime:.3f}" for r in good)
+                best.errors = [*best.errors, f"median of {len(good)}; downtimes {gaps}"]
+            print(f"  {spec.label()}: {best.tool}: gap {best.downtime:.3f} s, total "
+                  f"{best.total:.2f} s, wire {best.wire / 1e6:.1f} MB, dst RSS "
+                  f"{best.rss_dst / 2**20:.0f} MiB {best.errors or ''}", flush=True)
+            out.append(best)
+        return out
 
 
 def ctlive_tool(lanes: int, cipher: str) -> str:
@@ -110,12 +120,7 @@ def section_tools(run: Runner, specs: list[Spec], configs: list[tuple[int, str]]
     rows = []
     for spec in specs:
         names = ["floor", "page-server", "podman"] + [ctlive_tool(n, c) for n, c in configs]
-        for name in names:
-            row = run.median(spec, name, repeat)
-            print(f"  {spec.label()}: {row.tool}: gap {row.downtime:.3f} s, total "
-                  f"{row.total:.2f} s, wire {row.wire / 1e6:.1f} MB {row.errors or ''}",
-                  flush=True)
-            rows.append(row)
+        rows += run.medians(spec, names, repeat)
     return rows
 
 
@@ -180,22 +185,13 @@ def main(argv: list[str] | None = None) -> None:
             rows = []
             for dirty, touch in grid:
                 spec = Spec("mutating", mib, dirty, touch)
-                for name in ("floor", ctlive_tool(1, "AESGCM")):
-                    row = run.median(spec, name, args.repeat)
-                    print(f"  {spec.label()}: {row.tool}: gap {row.downtime:.3f} s "
-                          f"{row.errors or ''}", flush=True)
-                    rows.append(row)
+                rows += run.medians(spec, ["floor", ctlive_tool(1, "AESGCM")], args.repeat)
             res["sweep"] = [attrs.asdict(r) for r in rows]
         if "sizes" not in args.skip:
             print("== sizes: downtime and receiver peak RSS against image size", flush=True)
             rows = []
             for mib in ([16, 48] if q else args.sizes):
-                spec = Spec("mutating", mib)
-                for name in ("floor", ctlive_tool(1, "AESGCM")):
-                    row = run.median(spec, name, 1)
-                    print(f"  {spec.label()}: {row.tool}: gap {row.downtime:.3f} s, dst RSS "
-                          f"{row.rss_dst / 2**20:.0f} MiB {row.errors or ''}", flush=True)
-                    rows.append(row)
+                rows += run.medians(Spec("mutating", mib), ["floor", ctlive_tool(1, "AESGCM")], 1)
             res["sizes"] = [attrs.asdict(r) for r in rows]
         if "dataplane" not in args.skip:
             print("== dataplane: ctlive's pipeline against a plain loopback copy", flush=True)
