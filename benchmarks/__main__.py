@@ -124,6 +124,38 @@ def section_tools(run: Runner, specs: list[Spec], configs: list[tuple[int, str]]
     return rows
 
 
+def memory_speed(mib: int = 512) -> dict[str, float]:
+    """GB/s writing ``mib`` MiB into tmpfs with memory freed a moment ago ("recycled")
+    and with memory freed seconds ago ("cold"). On a VM that hands freed memory back to
+    its host (free page reporting), the two differ several-fold, and every dump,
+    rebuild and restore writes at one speed or the other."""
+    import time as _time
+
+    from benchmarks.tools import drop_tmpfs, private_tmpfs
+
+    d = private_tmpfs("memspeed", size=f"{mib + 64}m")
+    block = os.urandom(1 << 20)
+    speeds: dict[str, float] = {}
+
+    def write() -> float:
+        t = _time.perf_counter()
+        with open(d / "x", "wb") as f:
+            for _ in range(mib):
+                f.write(block)
+        took = _time.perf_counter() - t
+        (d / "x").unlink()
+        return mib * 2**20 / took / 1e9
+
+    try:
+        write()
+        speeds["recycled"] = write()
+        _time.sleep(5)
+        speeds["cold"] = write()
+    finally:
+        drop_tmpfs(d)
+    return speeds
+
+
 def machine() -> dict[str, str]:
     import platform
     import subprocess
@@ -145,7 +177,8 @@ def machine() -> dict[str, str]:
             "kernel": platform.release(), "criu": str(find_criu().version),
             "podman": out(["podman", "--version"]),
             "redis": out(["redis-server", "--version"]).split(" sha")[0],
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "memory_speed": ", ".join(f"{k} {v:.1f} GB/s" for k, v in memory_speed().items())}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -223,13 +223,16 @@ def stages(corpus: list[pathlib.Path], scratch: pathlib.Path,
     out["decrypt"] = time.perf_counter() - t
     t = time.perf_counter()
     prev_out = None
+    hashes: dict[str, bytes] = {}
     for k, items in enumerate(per_iter):
         target = scratch / f"r{k}"
-        rb = Rebuilder(prev_out, target, consume_old=True)
+        # As the receiver does: carry verified page hashes from one rebuild to the next.
+        rb = Rebuilder(prev_out, target, consume_old=True, old_hashes=hashes)
         try:
             for item in items:
                 rb.apply(decode_change(item))
             rb.finish()
+            hashes = rb.page_hashes
         finally:
             rb.close()
         if prev_out is not None:

@@ -163,6 +163,27 @@ def _plots(res: dict[str, Any], out: pathlib.Path) -> list[str]:
     return made
 
 
+def phases_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Where each ctlive row's downtime went (its own stage timers), and whether the
+    client's longest gap was the final phase or an earlier pre-copy freeze."""
+    L = ["| workload | tool | client gap (s) | own clock (s) | final dump | diff + send | "
+         "verify | restore | kill + commit + resume | longest gap was | dumps (freeze s) |",
+         "|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|"]
+    for r in rows:
+        ph = r.get("phases") or {}
+        if not r["tool"].startswith("ctlive") or _failed(r) or "dump" not in ph:
+            continue
+        start = ph.get("gap_from", 0.0)
+        where = ("the final phase" if start > -0.05 else
+                 f"a pre-copy freeze {-start:.1f} s before it")
+        dumps = ", ".join(f"{it.get('frozen_s') or it['dump_s']:.2f}" for it in r["iterations"])
+        L.append(f"| {r['workload']} | {r['tool']} | {r['downtime']:.3f} | "
+                 f"{r['reported_downtime']:.3f} | {ph['dump']:.3f} | {ph['send']:.3f} | "
+                 f"{ph.get('dst_verify', 0.0):.3f} | {ph.get('dst_restore', 0.0):.3f} | "
+                 f"{ph.get('kill', 0.0) + ph.get('commit', 0.0):.3f} | {where} | {dumps} |")
+    return L
+
+
 def render(res: dict[str, Any], plot_dir: pathlib.Path | None) -> tuple[str, list[str]]:
     """(RESULTS.md text, failed rows)."""
     m = res["machine"]
@@ -176,6 +197,10 @@ def render(res: dict[str, Any], plot_dir: pathlib.Path | None) -> tuple[str, lis
           f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; kernel {m['kernel']}; "
           f"CRIU {m['criu']}; {m['podman']}; {m['redis']}; Python {m['python']}. No SEV "
           "hardware: the receiver attests with the simulated SNP platform.", "",
+          *([f"Memory write speed into tmpfs (512 MiB): {m['memory_speed']} (recycled: "
+             "memory freed a moment before; cold: freed seconds before, which this VM has "
+             "handed back to its host by then). See the analysis at the end.", ""]
+            if m.get("memory_speed") else []),
           "## Targets", "", *targets, ""]
     if "tools" in res:
         L += ["## 1. Every workload, every tool", "",
@@ -188,6 +213,16 @@ def render(res: dict[str, Any], plot_dir: pathlib.Path | None) -> tuple[str, lis
               "the runs noted.", "", *tools_table(res["tools"]), ""]
         if "downtime.png" in plots:
             L += ["![downtime per workload and tool](results/downtime.png)", ""]
+        phases = phases_table(res["tools"] + res.get("sweep", []) + res.get("sizes", []))
+        if len(phases) > 2:
+            L += ["### Where ctlive's downtime goes", "",
+                  "ctlive's own stage timers for each row above and below (source clock, "
+                  "seconds): the final dump, its diff and transfer, the destination's last "
+                  "verification and CRIU restore, then kill, COMMIT and resume. The last "
+                  "columns say whether the client's longest gap was this final phase or the "
+                  "freeze of an earlier pre-copy iteration (without soft-dirty tracking each "
+                  "one is a full `dump --leave-running`), and how long each dump froze the "
+                  "workload.", "", *phases, ""]
     if "sweep" in res:
         L += ["## 2. Dirty rate and bytes per dirtied page", "",
               "The mutating workload; 'dirty' is the fraction of its pages written per second "

@@ -12,6 +12,7 @@ archives them as part of the workload.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import pathlib
@@ -66,6 +67,9 @@ class Row:
     rss_idle: int = 0
     """Resident set of the receiver before the migration, bytes."""
     iterations: list[dict[str, Any]] = attrs.field(factory=list)
+    phases: dict[str, float] = attrs.field(factory=dict)
+    """ctlive: where its own downtime went (source clock, with the destination's
+    split), and where the client's longest gap lay relative to the final freeze."""
     errors: list[str] = attrs.field(factory=list)
 
 
@@ -288,6 +292,7 @@ async def ctlive_run(svc: SampleService, label: str, *, lanes: int = 1,
         verifier = SnpVerifier(SnpPolicy(measurements=[bytes.fromhex(hello["measurement"])]),
                                trusted_roots=[root])
         c0 = cpu_self_children()
+        t0 = time.monotonic()
         report = await migrate(svc.workload(), (hello["addr"][0], hello["addr"][1]),
                                identity=src_id, attestation=verifier,
                                convergence=Convergence(max_iterations=6), lanes=lanes,
@@ -304,10 +309,23 @@ async def ctlive_run(svc: SampleService, label: str, *, lanes: int = 1,
                   iterations=[{"index": i.index, "final": i.final, "wire": i.wire_bytes,
                                "image": i.image_bytes, "changed": i.pages_changed,
                                "pages": i.pages_total, "dump_s": i.dump_seconds,
-                               "transfer_s": i.transfer_seconds}
+                               "transfer_s": i.transfer_seconds,
+                               "frozen_s": (i.frozen_time_us or 0) / 1e6,
+                               "memdump_s": (i.memdump_time_us or 0) / 1e6}
                               for i in report.iterations])
         row.rss_idle = int(hello.get("rss_idle", 0))
-        return await anyio.to_thread.run_sync(_finish, row, svc)
+        row.phases = dict(report.downtime_phases)
+        timings = report.destination_summary.get("timings", {})
+        row.phases.update({f"dst_{k}": float(v) for k, v in timings.items()})
+        row = await anyio.to_thread.run_sync(_finish, row, svc)
+        # Where the client's longest gap lay, relative to the final freeze.
+        freeze = t0 + report.total_time - report.downtime
+        gaps = [(b - a, a, b) for a, b in itertools.pairwise(svc.probes or
+                                                             [t for t, _ in svc.replies])]
+        if gaps:
+            _, a, b = max(gaps)
+            row.phases.update(gap_from=a - freeze, gap_to=b - freeze)
+        return row
     finally:
         if rx.poll() is None:
             rx.kill()

@@ -4,7 +4,10 @@ After every iteration the policy sees the history and decides whether the next
 dump is the final one. The default, :class:`Convergence`, predicts the downtime of
 stopping now (final dump + transfer of what will be dirty by then + restore)
 from smoothed dirty and link rates, and stops when that fits ``max_downtime``,
-when the dirty set stops shrinking, or at ``max_iterations``. Users can pass any
+when the dirty set stops shrinking, or at ``max_iterations``. Without soft-dirty
+tracking each pre-copy iteration is a full ``dump --leave-running``, which freezes
+the workload as long as the final dump does; the policy then also stops as soon as
+another iteration could save less time than the freeze it costs. Users can pass any
 object with the same ``decide`` method.
 """
 
@@ -50,6 +53,10 @@ class Convergence:
     """Weight of the newest sample in the rate averages (1 = no smoothing)."""
     restore_rate: float = attrs.field(default=1.0e9, validator=_positive)
     """Assumed restore speed, image bytes per second, until one is measured."""
+    freeze_cost: float = attrs.field(default=1.0, validator=_positive)
+    """When pre-copy iterations are full dumps (no soft-dirty tracking), stop once the
+    predicted final transfer is below this multiple of the freeze another iteration
+    would cost (0 disables the rule)."""
 
     def __attrs_post_init__(self) -> None:
         if self.max_iterations < 1:
@@ -81,11 +88,18 @@ class Convergence:
                      + last.image_bytes / self.restore_rate)
         inputs = {"dirty_rate": dirty_rate, "link_rate": link_rate, "dirty_bytes": dirty_bytes,
                   "predicted_wire_bytes": wire_bytes, "final_dump_seconds": frozen}
+        transfer = wire_bytes / max(link_rate, 1.0)
+        inputs["predicted_transfer_seconds"] = transfer
         if k + 2 >= self.max_iterations:
             reason, final = f"iteration cap ({self.max_iterations} dumps)", True
         elif k > 0 and predicted <= self.max_downtime:
             reason, final = (f"predicted downtime {predicted:.3f}s fits {self.max_downtime}s",
                              True)
+        elif k > 0 and last.pre_dump is False and transfer < self.freeze_cost * frozen:
+            # Another iteration can shorten the final phase by at most the transfer
+            # time, and would freeze the workload for a whole dump to do so.
+            reason, final = (f"another full-dump iteration would freeze {frozen:.3f}s to "
+                             f"save at most {transfer:.3f}s of transfer", True)
         elif k > 1 and history[-2].pages_changed > 0 and (
                 last.pages_changed > history[-2].pages_changed * (1 - self.min_shrink)):
             reason, final = ("dirty set stopped shrinking "

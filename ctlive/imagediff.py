@@ -481,7 +481,9 @@ class Rebuilder:
         self.page_hashes: dict[str, bytes] = {}
         """After ``finish()``: per-page hashes of the verified result (pass them as
         ``old_hashes`` to the next iteration's rebuilder)."""
-        self._patched: dict[str, list[tuple[int, int]]] = {}
+        # Windows patched in place, in arrival order, with their pages' hashes taken
+        # right after the patch (while the window is hot, and before the last item).
+        self._patched: dict[str, list[tuple[int, bytes]]] = {}
         self._taken: dict[str, str] = {}
         self._inplace: dict[str, tuple[Any, mmap.mmap | None]] = {}
         self.old = pathlib.Path(old_dir) if old_dir is not None else None
@@ -608,10 +610,11 @@ class Rebuilder:
             view = memoryview(mm)[start * PAGE : (start + count) * PAGE]
             try:
                 pagediff.decode(view, stream)
+                hashes = pagediff.page_hashes(view).tobytes()
             finally:
                 view.release()
             drop(mm, start, count)
-            self._patched.setdefault(name, []).append((start, count))
+            self._patched.setdefault(name, []).append((start, hashes))
             return
         base = (_base_window(old_m.buf, segs, start, count) if old_m is not None
                 else bytearray(count * PAGE))
@@ -655,11 +658,8 @@ class Rebuilder:
             if mm is None or known is None or len(known) != len(mm) // PAGE * 8:
                 continue
             h = bytearray(known)
-            for start, count in self._patched.get(name, []):
-                view = memoryview(mm)[start * PAGE : (start + count) * PAGE]
-                h[start * 8 : (start + count) * 8] = pagediff.page_hashes(view).tobytes()
-                view.release()
-                drop(mm, start, count)
+            for start, hashes in self._patched.get(name, []):
+                h[start * 8 : start * 8 + len(hashes)] = hashes
             self.page_hashes[name] = bytes(h)
 
     def close(self) -> None:

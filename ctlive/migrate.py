@@ -143,6 +143,7 @@ async def migrate(
     session_stats: list[int] = [0]
     attest_summary: dict[str, Any] = {}
     t_freeze = 0.0
+    phases: dict[str, float] = {}
 
     async def progress(ev: ProgressEvent) -> None:
         if on_progress is not None:
@@ -182,6 +183,8 @@ async def migrate(
                     wire_before = s.statistics().bytes_sent
                     st, lane_rr = await send_iteration(s, k, final, prev, d, lane_rr)
                     transfer = time.monotonic() - t_send
+                    if final:
+                        phases.update(dump=t_send - t_freeze, send=transfer)
                     wire = s.statistics().bytes_sent - wire_before
                     stats = res.stats
                     it = IterationReport(
@@ -190,7 +193,8 @@ async def migrate(
                         pages_zero=st.pages_zero, pages_delta=st.pages_delta,
                         pages_raw=st.pages_raw, image_bytes=st.bytes_in, wire_bytes=wire,
                         frozen_time_us=stats.frozen_time if stats else None,
-                        memdump_time_us=stats.memdump_time if stats else None)
+                        memdump_time_us=stats.memdump_time if stats else None,
+                        pre_dump=res.pre_dump)
                     iterations.append(it)
                     if prev is not None and prev.parent == root:
                         shutil.rmtree(prev, ignore_errors=True)
@@ -207,8 +211,10 @@ async def migrate(
                     k += 1
                 phase = "restore"
                 await progress(ProgressEvent("restore", k, s.statistics().bytes_sent, 0, 0, 0, 0))
+                t_sent = time.monotonic()
                 with anyio.fail_after(ready_timeout):
                     reply = await s.receive()
+                phases["destination"] = time.monotonic() - t_sent
                 if isinstance(reply, Error):
                     raise MigrationError(f"the destination failed: {reply.code}: {reply.message}",
                                          phase="restore")
@@ -218,9 +224,12 @@ async def migrate(
                 # Point of no return: the destination holds a verified copy, stopped.
                 phase = "commit"
                 with anyio.CancelScope(shield=True):
+                    t_kill = time.monotonic()
                     await source.kill()
                     killed = True
+                    t_commit = time.monotonic()
                     ack = await _commit(s, mid, commit_timeout)
+                    phases.update(kill=t_commit - t_kill, commit=time.monotonic() - t_commit)
                 dest_summary.update(ack.summary)
                 session_stats[0] = s.statistics().bytes_sent + s.statistics().bytes_received
             except BaseException as exc:
@@ -274,6 +283,7 @@ async def migrate(
         lanes=lanes,
         attestation=attest_summary,
         destination_summary=dest_summary,
+        downtime_phases=phases,
     )
 
 

@@ -55,6 +55,10 @@ class IterationReport:
     wire_bytes: int
     frozen_time_us: int | None
     memdump_time_us: int | None
+    pre_dump: bool | None = None
+    """True for a CRIU pre-dump (soft-dirty tracking: a short freeze), False for a full
+    ``dump --leave-running`` (the workload is frozen while all its memory is written);
+    None when unknown."""
 
 
 @attrs.frozen
@@ -75,6 +79,12 @@ class MigrationReport:
     lanes: int
     attestation: dict[str, Any]
     destination_summary: dict[str, Any] = attrs.field(factory=dict)
+    downtime_phases: dict[str, float] = attrs.field(factory=dict)
+    """Where the downtime went, in seconds on the source's clock: ``dump`` (the final
+    dump), ``send`` (its diff and transfer), ``destination`` (until READY: the last
+    rebuild's verification and the restore; the destination's own split is in
+    ``destination_summary["timings"]``), ``kill`` (the source copy) and ``commit``
+    (COMMIT until its ACK, the destination's resume included)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, for JSON."""

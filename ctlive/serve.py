@@ -65,6 +65,10 @@ class MigrationRecord:
     started: float = attrs.field(factory=time.monotonic)
     restored_pid: int | None = None
     error: str | None = None
+    timings: dict[str, float] = attrs.field(factory=dict)
+    """Seconds spent in the final phase: ``verify`` (completing and checking the last
+    image once its last item arrived), ``restore``, ``post_restore``, ``resume``,
+    ``post_resume``."""
 
 
 class Receiver:
@@ -115,15 +119,20 @@ class Receiver:
             final_dir = await self.receive_iterations(session, rec, workdir)
             rec.state = "restoring"
             self.fault("before-restore")
+            t = time.monotonic()
             restored = await backends.restore(kind, final_dir, spec,
                                               external_map=self.external_map)
             rec.restored_pid = restored.pid
+            rec.timings["restore"] = time.monotonic() - t
             if self.post_restore is not None:
                 # Host-side plumbing (addresses, routes) while the workload is still stopped.
+                t = time.monotonic()
                 await self.post_restore(kind, spec, restored)
+                rec.timings["post_restore"] = time.monotonic() - t
             self.fault("before-ready")
             await session.send(Ready({"restored_pid": restored.pid,
-                                      "iterations": rec.iterations}))
+                                      "iterations": rec.iterations,
+                                      "timings": dict(rec.timings)}))
             rec.state = "ready"
             try:
                 event = await session.receive()
@@ -136,11 +145,11 @@ class Receiver:
                 raise
             if isinstance(event, Commit):
                 self.fault("before-resume")
-                await restored.resume()
-                await self._after_resume(kind, spec, restored)
+                await self._resume(kind, spec, restored, rec.timings)
                 handed_over = True
                 rec.state = "committed"
-                await session.send(CommitAck(mid, {"restored_pid": restored.pid}))
+                await session.send(CommitAck(mid, {"restored_pid": restored.pid,
+                                                   "timings": dict(rec.timings)}))
                 shutil.rmtree(workdir, ignore_errors=True)
                 return
             if isinstance(event, Abort):
@@ -194,7 +203,10 @@ class Receiver:
                         self.fault("mid-iteration")
                 if partial:
                     raise DeltaFormatError("iteration ended inside a fragmented item")
+                t = time.monotonic()
                 await anyio.to_thread.run_sync(rb.finish)
+                if ev.final:
+                    rec.timings["verify"] = time.monotonic() - t
                 hashes = rb.page_hashes
             finally:
                 rb.close()
@@ -237,18 +249,23 @@ class Receiver:
                                      f"no migration {mid} is waiting for COMMIT here")
             return
         restored, workdir = entry
-        await restored.resume()
         kind, spec = self._specs.pop(mid, ("", {}))
-        await self._after_resume(kind, spec, restored)
+        await self._resume(kind, spec, restored, rec.timings)
         rec.state = "committed"
-        await session.send(CommitAck(mid, {"restored_pid": restored.pid}))
+        await session.send(CommitAck(mid, {"restored_pid": restored.pid,
+                                           "timings": dict(rec.timings)}))
         shutil.rmtree(workdir, ignore_errors=True)
 
-    async def _after_resume(self, kind: str, spec: dict[str, Any],
-                            restored: backends.Restored) -> None:
+    async def _resume(self, kind: str, spec: dict[str, Any], restored: backends.Restored,
+                      timings: dict[str, float]) -> None:
+        t = time.monotonic()
+        await restored.resume()
+        timings["resume"] = time.monotonic() - t
         if self.post_resume is not None:
             # Traffic may move to this copy now (the source's copy is gone).
+            t = time.monotonic()
             await self.post_resume(kind, spec, restored)
+            timings["post_resume"] = time.monotonic() - t
 
     async def expire_pending(self) -> None:
         """Discard READY copies whose COMMIT never came, after the grace period."""
