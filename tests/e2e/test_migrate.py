@@ -16,6 +16,7 @@ from mitm import Mitm
 from ctlive import errors
 from ctlive.backends import Process
 from ctlive.convergence import Convergence
+from ctlive.criubin import find_criu
 from ctlive.migrate import migrate
 from ctlive.report import Decision
 from tests.e2e.conftest import SRC
@@ -49,6 +50,17 @@ async def test_mutating_process_three_iterations(mutator: Mutator, receiver_fact
     assert mutator.count() > at_handover >= before  # it goes on from its state
     assert rx.errors == []
     assert '"migration_id"' in report.to_json()
+    # Where the downtime went: the phases cover the final phase and fit inside it.
+    ph = report.downtime_phases
+    assert set(ph) == {"dump", "send", "destination", "kill", "commit"}
+    assert all(v >= 0 for v in ph.values())
+    assert sum(ph.values()) <= report.downtime
+    assert ph["dump"] == pytest.approx(report.iterations[-1].dump_seconds, abs=0.05)
+    timings = report.destination_summary["timings"]
+    assert {"verify", "restore", "resume"} <= set(timings)
+    assert timings["restore"] <= ph["destination"]
+    assert [i.pre_dump for i in report.iterations[:-1]] == [
+        find_criu().dirty_tracking] * (len(report.iterations) - 1)
 
 
 async def test_attestation_refused_sends_no_image_bytes(mutator: Mutator, receiver_factory: Any,
