@@ -242,6 +242,11 @@ def main(argv: list[str] | None = None) -> None:
         (HERE / "results" / "results.json").write_text(json.dumps(res, indent=1))
         (HERE / "RESULTS.md").write_text(text)
         print(f"wrote {HERE / 'RESULTS.md'} and {HERE / 'results'}/")
+        if not q:
+            from benchmarks.report import update_readme
+
+            if update_readme(res, HERE.parent / "README.md"):
+                print("updated README.md's headline table")
     if failures:
         raise SystemExit(f"rows failed: {failures}")
 

@@ -184,6 +184,41 @@ def phases_table(rows: list[dict[str, Any]]) -> list[str]:
     return L
 
 
+def headline(res: dict[str, Any]) -> list[str]:
+    """The short table README shows: each workload's downtime per tool (median rows of
+    the tools section), and the bytes each tool sent."""
+    rows = res.get("tools", [])
+    out = ["| workload | floor (local dump + restore) | CRIU page-server | podman export/import "
+           "| ctlive (1 lane, AES-GCM) | ctlive wire vs page-server |",
+           "|---|--:|--:|--:|--:|--:|"]
+    for w in dict.fromkeys(r["workload"] for r in rows):
+        by = {r["tool"]: r for r in rows if r["workload"] == w}
+
+        def gap(tool: str, by: dict[str, dict[str, Any]] = by) -> str:
+            r = by.get(tool)
+            return "failed" if r is None or _failed(r) else f"{r['downtime']:.2f} s"
+
+        c, ps = by.get(f"ctlive {DEFAULT}"), by.get("criu page-server")
+        wire = (f"{c['wire'] / 1e6:.0f} MB vs {ps['wire'] / 1e6:.0f} MB" if c and ps else "-")
+        out.append(f"| {w} | {gap('floor')} | {gap('criu page-server')} | "
+                   f"{gap('podman export/import')} | {gap(f'ctlive {DEFAULT}')} | {wire} |")
+    return out
+
+
+def update_readme(res: dict[str, Any], readme: pathlib.Path) -> bool:
+    """Replace the table between README's benchmark markers; False without markers."""
+    begin, end = "<!-- bench:headline -->", "<!-- /bench:headline -->"
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    table = "\n".join(headline(res))
+    readme.write_text(f"{head}{begin}\n{table}\n\n_{res['date']}, `{res['command'].strip()}`; "
+                      f"downtime is the client's longest gap between replies._\n{end}{tail}")
+    return True
+
+
 def render(res: dict[str, Any], plot_dir: pathlib.Path | None) -> tuple[str, list[str]]:
     """(RESULTS.md text, failed rows)."""
     m = res["machine"]

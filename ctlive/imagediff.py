@@ -203,6 +203,40 @@ def _identity(segs: list[tuple[int, int, int]], total: int) -> bool:
     return pos == total
 
 
+def _rearrange(mm: mmap.mmap, segs: list[tuple[int, int, int]], total: int) -> None:
+    """Move old pages to their new indices inside one mapping (at least as long as both
+    layouts), then zero the new pages no segment fills.
+
+    Both files list pages in vaddr order, so segments keep their order in both: pages
+    moving towards the start are moved first, in ascending order, then pages moving
+    towards the end, in descending order; no move then overwrites a source that is
+    still to be read."""
+    for new_idx, old_idx, n in segs:
+        if new_idx < old_idx:
+            mm.move(new_idx * PAGE, old_idx * PAGE, n * PAGE)
+    for new_idx, old_idx, n in reversed(segs):
+        if new_idx > old_idx:
+            mm.move(new_idx * PAGE, old_idx * PAGE, n * PAGE)
+    pos = 0
+    for new_idx, _, n in [*segs, (total, 0, 0)]:
+        for at in range(pos, new_idx, DEFAULT_WINDOW_PAGES):
+            k = min(DEFAULT_WINDOW_PAGES, new_idx - at)
+            mm[at * PAGE : (at + k) * PAGE] = bytes(k * PAGE)
+        pos = new_idx + n
+
+
+def _rearrangeable(segs: list[tuple[int, int, int]], total: int, old_total: int) -> bool:
+    """Segments in order, inside both files, covering most of the new file: cheaper to
+    rearrange the old file in place than to write a new one."""
+    pos_new = pos_old = covered = 0
+    for new_idx, old_idx, n in segs:
+        if n <= 0 or new_idx < pos_new or old_idx < pos_old:
+            return False
+        pos_new, pos_old = new_idx + n, old_idx + n
+        covered += n
+    return pos_new <= total and pos_old <= old_total and covered * 2 >= total
+
+
 def _contiguous(segs: list[tuple[int, int, int]], start: int, count: int) -> int | None:
     """Old page index where [start, start+count) lies as one contiguous old range."""
     for new_idx, old_idx, n in segs:
@@ -484,7 +518,7 @@ class Rebuilder:
         # Windows patched in place, in arrival order, with their pages' hashes taken
         # right after the patch (while the window is hot, and before the last item).
         self._patched: dict[str, list[tuple[int, bytes]]] = {}
-        self._taken: dict[str, str] = {}
+        self._base_hashes: dict[str, bytes] = {}
         self._inplace: dict[str, tuple[Any, mmap.mmap | None]] = {}
         self.old = pathlib.Path(old_dir) if old_dir is not None else None
         self.out = pathlib.Path(out_dir)
@@ -552,15 +586,34 @@ class Rebuilder:
     def _has_pagemap(self, name: str) -> bool:
         return name in _pages_files(_pagemaps(self.out))
 
-    def _take_over(self, name: str, old_path: pathlib.Path, total: int) -> None:
-        """Same layout as before: start from the old file itself and patch in place."""
+    def _take_over(self, name: str, old_path: pathlib.Path, total: int,
+                   segs: list[tuple[int, int, int]], old_total: int) -> None:
+        """Start from the old file itself and patch in place. A changed layout (a
+        mapping grew, a page appeared) is first rearranged inside the file: far less
+        work, and no fresh memory, compared with writing the whole file anew."""
         target = self.out / name
         if self.consume_old:
             os.rename(old_path, target)
         else:
             shutil.copyfile(old_path, target)
-        self._taken[name] = old_path.name
         f = open(target, "r+b")  # noqa: SIM115
+        known = self._old_hashes.get(old_path.name)
+        if not _identity(segs, total) or old_total != total:
+            size = max(total, old_total) * PAGE
+            f.truncate(size)
+            with mmap.mmap(f.fileno(), size) as work:
+                _rearrange(work, segs, total)
+            f.truncate(total * PAGE)
+            if known is not None and len(known) == old_total * 8:
+                # The carried hashes move with their pages; new pages are zero for now.
+                h = bytearray(pagediff.page_hashes(bytes(PAGE)).tobytes() * total)
+                for new_idx, old_idx, n in segs:
+                    h[new_idx * 8 : (new_idx + n) * 8] = known[old_idx * 8 : (old_idx + n) * 8]
+                known = bytes(h)
+            else:
+                known = None
+        if known is not None:
+            self._base_hashes[name] = known
         mm = mmap.mmap(f.fileno(), 0) if total else None
         self._inplace[name] = (f, mm)
 
@@ -583,11 +636,13 @@ class Rebuilder:
                 old_m = _Mapped(p)
                 segs = _segments(old_map, new_map)
         total = new_map.present_pages
-        if old_m is not None and total > 0 and old_m.size == total * PAGE and _identity(segs,
-                                                                                         total):
+        old_total = old_map.present_pages if old_map is not None else 0
+        if (old_m is not None and total > 0 and old_m.size == old_total * PAGE
+                and _rearrangeable(segs, total, old_total)):
             old_m.close()
             assert self.old is not None and old_map is not None
-            self._take_over(name, self.old / f"pages-{old_map.pages_id}.img", total)
+            self._take_over(name, self.old / f"pages-{old_map.pages_id}.img", total, segs,
+                            old_total)
             taken: tuple[Any, list[tuple[int, int, int]], Any, int] = (None, [], None, total)
             self._pages_state[name] = taken
             return taken
@@ -654,7 +709,7 @@ class Rebuilder:
     def _carry_hashes(self) -> None:
         # Files patched in place: the old hashes hold wherever no chunk wrote.
         for name, (_, mm) in self._inplace.items():
-            known = self._old_hashes.get(self._taken.get(name, ""))
+            known = self._base_hashes.get(name)
             if mm is None or known is None or len(known) != len(mm) // PAGE * 8:
                 continue
             h = bytearray(known)
