@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 import attrs
 
+from ctlive import livecopy
 from ctlive.criubin import find_criu, run_criu
 from ctlive.errors import CheckpointError, ConfigError, CriuError, CtliveError, RestoreError
 from ctlive.images import DumpStats, read_stats
@@ -46,6 +47,17 @@ class DumpResult:
     pre_dump: bool
     final: bool
     stats: DumpStats | None
+    method: str = ""
+    """``pre-dump`` (CRIU, soft-dirty: a short freeze), ``dump`` (CRIU ``--leave-running``:
+    frozen while all memory is written), ``read`` (memory read while the workload runs,
+    no freeze; see :mod:`ctlive.livecopy`) or ``final``."""
+
+
+async def _live_read(pid: int, images_dir: pathlib.Path) -> DumpResult:
+    """A pre-copy iteration that does not freeze the workload (ctlive.livecopy)."""
+    t = time.monotonic()
+    await anyio.to_thread.run_sync(livecopy.read_tree, _tree(pid), images_dir)
+    return DumpResult(time.monotonic() - t, False, False, None, "read")
 
 
 @runtime_checkable
@@ -101,7 +113,7 @@ class Process:
 
     def __init__(self, pid: int, *, tcp_established: bool = False,
                  external: tuple[str, ...] = (), shell_job: bool = False,
-                 network_lock: str | None = None) -> None:
+                 network_lock: str | None = None, live_read: bool | None = None) -> None:
         if pid <= 1:
             raise ConfigError(f"refusing to checkpoint pid {pid}")
         if not pathlib.Path(f"/proc/{pid}").exists():
@@ -111,6 +123,9 @@ class Process:
         self.external = external
         self.shell_job = shell_job
         self.network_lock = network_lock
+        self.live_read = live_read
+        """Pre-copy by reading memory while the tree runs (no freeze) instead of with
+        CRIU; None: whenever CRIU cannot pre-dump (no soft-dirty tracking)."""
 
     def _common(self) -> list[str]:
         args = []
@@ -127,7 +142,10 @@ class Process:
     async def dump(self, images_dir: pathlib.Path, *, final: bool,
                    parent: pathlib.Path | None = None) -> DumpResult:
         images_dir.mkdir(parents=True, exist_ok=True)
-        pre = not final and find_criu().dirty_tracking
+        tracking = find_criu().dirty_tracking
+        if not final and (self.live_read or (self.live_read is None and not tracking)):
+            return await _live_read(self.pid, images_dir)
+        pre = not final and tracking
         if pre:
             args = ["pre-dump", "-t", str(self.pid), "-D", str(images_dir)]
             if parent is not None:
@@ -141,7 +159,8 @@ class Process:
         stats = None
         with contextlib.suppress(Exception):
             stats = read_stats(images_dir / "stats-dump")
-        return DumpResult(time.monotonic() - t, pre, final, stats)
+        return DumpResult(time.monotonic() - t, pre, final, stats,
+                          "final" if final else "pre-dump" if pre else "dump")
 
     async def resume(self) -> None:
         _signal_tree(self.pid, signal.SIGCONT)
@@ -180,9 +199,13 @@ class RuncContainer:
 
     kind = "runc"
 
-    def __init__(self, container_id: str, *, root: str | None = None) -> None:
+    def __init__(self, container_id: str, *, root: str | None = None,
+                 live_read: bool = True) -> None:
         self.id = container_id
         self.root = root
+        self.live_read = live_read
+        """Pre-copy by reading the container's memory while it runs (no freeze) instead
+        of ``runc checkpoint --leave-running``."""
 
     async def _state(self) -> dict[str, Any]:
         data = json.loads(await _runc(["state", self.id], phase="iterate", root=self.root))
@@ -194,6 +217,8 @@ class RuncContainer:
                    parent: pathlib.Path | None = None) -> DumpResult:
         images_dir.mkdir(parents=True, exist_ok=True)
         phase = "final-dump" if final else "iterate"
+        if not final and self.live_read:
+            return await _live_read(int((await self._state())["pid"]), images_dir)
         t = time.monotonic()
         if final:
             await _runc(["pause", self.id], phase=phase, root=self.root)
@@ -202,7 +227,8 @@ class RuncContainer:
         stats = None
         with contextlib.suppress(Exception):
             stats = read_stats(images_dir / "stats-dump")
-        return DumpResult(time.monotonic() - t, False, final, stats)
+        return DumpResult(time.monotonic() - t, False, final, stats,
+                          "final" if final else "dump")
 
     async def resume(self) -> None:
         await _runc(["resume", self.id], phase="abort", root=self.root)
@@ -272,14 +298,21 @@ class PodmanContainer:
 
     kind = "podman"
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, live_read: bool = True) -> None:
         self.name = name
+        self.live_read = live_read
+        """Pre-copy by reading the container's memory while it runs (no freeze) instead
+        of ``podman container checkpoint --leave-running``."""
         self._final_archive: pathlib.Path | None = None
 
     async def dump(self, images_dir: pathlib.Path, *, final: bool,
                    parent: pathlib.Path | None = None) -> DumpResult:
         images_dir.mkdir(parents=True, exist_ok=True)
         phase = "final-dump" if final else "iterate"
+        if not final and self.live_read:
+            pid = await _runc(["container", "inspect", "--format", "{{.State.Pid}}", self.name],
+                              phase=phase, tool="podman")
+            return await _live_read(int(pid.strip()), images_dir)
         archive = images_dir.parent / f"{images_dir.name}.tar"
         t = time.monotonic()
         args = ["container", "checkpoint", "--export", str(archive), "--compress", "none"]
@@ -295,7 +328,7 @@ class PodmanContainer:
         stats = None
         with contextlib.suppress(Exception):
             stats = read_stats(images_dir / "stats-dump")
-        return DumpResult(duration, False, final, stats)
+        return DumpResult(duration, False, final, stats, "final" if final else "dump")
 
     async def resume(self) -> None:
         if self._final_archive is None:

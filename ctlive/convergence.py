@@ -95,7 +95,7 @@ class Convergence:
         elif k > 0 and predicted <= self.max_downtime:
             reason, final = (f"predicted downtime {predicted:.3f}s fits {self.max_downtime}s",
                              True)
-        elif k > 0 and last.pre_dump is False and transfer < self.freeze_cost * frozen:
+        elif k > 0 and last.method == "dump" and transfer < self.freeze_cost * frozen:
             # Another iteration can shorten the final phase by at most the transfer
             # time, and would freeze the workload for a whole dump to do so.
             reason, final = (f"another full-dump iteration would freeze {frozen:.3f}s to "

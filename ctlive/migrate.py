@@ -194,7 +194,7 @@ async def migrate(
                         pages_raw=st.pages_raw, image_bytes=st.bytes_in, wire_bytes=wire,
                         frozen_time_us=stats.frozen_time if stats else None,
                         memdump_time_us=stats.memdump_time if stats else None,
-                        pre_dump=res.pre_dump)
+                        method=res.method)
                     iterations.append(it)
                     if prev is not None and prev.parent == root:
                         shutil.rmtree(prev, ignore_errors=True)

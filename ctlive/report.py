@@ -55,10 +55,11 @@ class IterationReport:
     wire_bytes: int
     frozen_time_us: int | None
     memdump_time_us: int | None
-    pre_dump: bool | None = None
-    """True for a CRIU pre-dump (soft-dirty tracking: a short freeze), False for a full
-    ``dump --leave-running`` (the workload is frozen while all its memory is written);
-    None when unknown."""
+    method: str = ""
+    """How the iteration was taken: ``pre-dump`` (CRIU with soft-dirty tracking: a short
+    freeze), ``dump`` (CRIU ``dump --leave-running``: the workload is frozen while all
+    its memory is written), ``read`` (memory read while the workload runs: no freeze),
+    ``final``; empty when unknown."""
 
 
 @attrs.frozen

@@ -13,9 +13,9 @@ from ctlive.report import IterationReport
 
 
 def it(k: int, changed: int, wire: int, *, dump: float = 0.2, transfer: float = 0.1,
-       total: int = 10000, pre_dump: bool | None = None) -> IterationReport:
+       total: int = 10000, method: str = "") -> IterationReport:
     return IterationReport(k, False, dump, transfer, total, changed, 0, changed, 0,
-                           total * 4096, wire, 50_000, 10_000, pre_dump)
+                           total * 4096, wire, 50_000, 10_000, method)
 
 
 def test_first_iteration_always_continues() -> None:
@@ -50,15 +50,17 @@ def test_full_dumps_stop_when_a_freeze_costs_more_than_it_saves() -> None:
     # Without soft-dirty every pre-copy iteration freezes the workload for a whole dump
     # (0.05 s here): once the predicted final transfer is shorter, iterating only adds
     # outages.
-    hist = [it(0, 10000, 40_000_000, pre_dump=False),
-            it(1, 2000, 200_000, transfer=0.1, pre_dump=False)]
+    hist = [it(0, 10000, 40_000_000, method="dump"),
+            it(1, 2000, 200_000, transfer=0.1, method="dump")]
     d = Convergence(max_downtime=0.01, max_iterations=10).decide(hist, [0.0, 1.0])
     assert d.final_next and "freeze" in d.reason
     assert d.inputs["predicted_transfer_seconds"] < 0.05
-    # The same history from pre-dumps (short freezes) keeps iterating ...
-    pre = [attrs.evolve(h, pre_dump=True) for h in hist]
-    assert not Convergence(max_downtime=0.01, max_iterations=10).decide(pre, [0.0, 1.0]
-                                                                         ).final_next
+    # The same history from pre-dumps or live reads (short or no freezes) keeps
+    # iterating ...
+    for method in ("pre-dump", "read"):
+        pre = [attrs.evolve(h, method=method) for h in hist]
+        assert not Convergence(max_downtime=0.01, max_iterations=10).decide(
+            pre, [0.0, 1.0]).final_next
     # ... and so do full dumps whose delta still takes longer to send than a freeze.
     slow = [hist[0], attrs.evolve(hist[1], transfer_seconds=20.0, wire_bytes=8_000_000)]
     assert not Convergence(max_downtime=0.01, max_iterations=10).decide(slow, [0.0, 1.0]

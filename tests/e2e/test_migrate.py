@@ -59,8 +59,11 @@ async def test_mutating_process_three_iterations(mutator: Mutator, receiver_fact
     timings = report.destination_summary["timings"]
     assert {"verify", "restore", "resume"} <= set(timings)
     assert timings["restore"] <= ph["destination"]
-    assert [i.pre_dump for i in report.iterations[:-1]] == [
-        find_criu().dirty_tracking] * (len(report.iterations) - 1)
+    # Pre-copy froze nothing: CRIU pre-dumps with soft-dirty, else live memory reads.
+    assert {i.method for i in report.iterations[:-1]} == {
+        "pre-dump" if find_criu().dirty_tracking else "read"}
+    assert report.iterations[-1].method == "final"
+    assert report.iterations[-1].wire_bytes < report.iterations[0].wire_bytes / 4
 
 
 async def test_attestation_refused_sends_no_image_bytes(mutator: Mutator, receiver_factory: Any,
@@ -167,6 +170,11 @@ async def test_runc_container(receiver_factory: Any, verifier: Any, tmp_path: An
                                attestation=verifier,
                                convergence=Convergence(max_iterations=3, max_downtime=0.0))
         assert report.workload == "runc" and len(report.iterations) == 3
+        # Pre-copy read the running container's memory; only the final dump froze it.
+        assert [i.method for i in report.iterations] == ["read", "read", "final"]
+        final = report.iterations[-1]
+        # The read was its base: pages are found there by address (sent as deltas).
+        assert final.pages_raw <= final.pages_total // 4
         # The source container is gone; the restored one counts on from its state.
         gone = await anyio.run_process(["runc", "state", name], check=False)
         assert gone.returncode != 0
@@ -194,6 +202,11 @@ async def test_podman_container(receiver_factory: Any, verifier: Any, tmp_path: 
                                attestation=verifier,
                                convergence=Convergence(max_iterations=3, max_downtime=0.0))
         assert report.workload == "podman" and len(report.iterations) == 3
+        # Pre-copy read the running container's memory; only the final dump froze it.
+        assert [i.method for i in report.iterations] == ["read", "read", "final"]
+        final = report.iterations[-1]
+        # The read was its base: pages are found there by address (sent as deltas).
+        assert final.pages_raw <= final.pages_total // 4
         restored = f"{name}-{report.migration_id[:8]}"
         assert box.pid_of(name) == 0  # the source container is gone
         at_handover = box.count(restored)

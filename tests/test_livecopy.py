@@ -1,0 +1,66 @@
+"""Live memory reads (pre-copy without freezing): content, layout, errors."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ctlive import errors, images, livecopy
+
+PAGE = images.PAGE_SIZE
+
+_CHILD = """
+import ctypes, mmap, sys, time
+P = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+m = mmap.mmap(-1, 64 * 4096, flags=P)
+for i in range(64):
+    m[i * 4096:(i + 1) * 4096] = bytes([i + 1]) * 4096 if i % 3 else bytes(4096)
+m2 = mmap.mmap(-1, 8 * 4096, flags=P)  # mapped, never touched: nothing to dump
+print(ctypes.addressof(ctypes.c_char.from_buffer(m)),
+      ctypes.addressof(ctypes.c_char.from_buffer(m2)), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def child() -> tuple[int, int, int]:
+    p = subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    addr, untouched = map(int, p.stdout.readline().split())
+    yield p.pid, addr, untouched
+    p.kill()
+    p.wait()
+
+
+def test_read_lays_out_pages_as_criu_does(child: tuple[int, int, int],
+                                          tmp_path: pathlib.Path) -> None:
+    pid, addr, untouched = child
+    st = livecopy.read_tree([pid], tmp_path)
+    assert st.processes == 1 and st.pages > 64 and st.unreadable_pages == 0
+    # Named by the pid CRIU will use (no PID namespace here: the pid itself).
+    pm = images.read_pagemap(tmp_path / f"pagemap-{pid}.img")
+    data = (tmp_path / f"pages-{pm.pages_id}.img").read_bytes()
+    assert len(data) == pm.present_pages * PAGE
+    where = {}
+    for vaddr, n, idx in pm.runs():
+        for i in range(n):
+            where[vaddr + i * PAGE] = idx + i
+    # Every written page of the buffer is there, at its address, with its bytes.
+    for i in range(64):
+        if i % 3:
+            at = where[addr + i * PAGE]
+            assert data[at * PAGE : (at + 1) * PAGE] == bytes([i + 1]) * PAGE
+    # Pages never touched are not present, so they are not read.
+    assert not any(untouched + i * PAGE in where for i in range(8))
+
+
+def test_read_of_a_missing_process_is_a_ctlive_error(tmp_path: pathlib.Path) -> None:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    time.sleep(0.05)
+    with pytest.raises(errors.CheckpointError):
+        livecopy.read_tree([p.pid], tmp_path)
