@@ -176,7 +176,10 @@ def phases_table(rows: list[dict[str, Any]]) -> list[str]:
         start = ph.get("gap_from", 0.0)
         where = ("the final phase" if start > -0.05 else
                  f"a pre-copy freeze {-start:.1f} s before it")
-        dumps = ", ".join(f"{it.get('frozen_s') or it['dump_s']:.2f}" for it in r["iterations"])
+        # A live read (no CRIU stats, no freeze) shows as 0.
+        dumps = ", ".join("0" if not it["final"] and not it.get("frozen_s")
+                          else f"{it.get('frozen_s') or it['dump_s']:.2f}"
+                          for it in r["iterations"])
         L.append(f"| {r['workload']} | {r['tool']} | {r['downtime']:.3f} | "
                  f"{r['reported_downtime']:.3f} | {ph['dump']:.3f} | {ph['send']:.3f} | "
                  f"{ph.get('dst_verify', 0.0):.3f} | {ph.get('dst_restore', 0.0):.3f} | "
@@ -255,9 +258,9 @@ def render(res: dict[str, Any], plot_dir: pathlib.Path | None) -> tuple[str, lis
                   "seconds): the final dump, its diff and transfer, the destination's last "
                   "verification and CRIU restore, then kill, COMMIT and resume. The last "
                   "columns say whether the client's longest gap was this final phase or the "
-                  "freeze of an earlier pre-copy iteration (without soft-dirty tracking each "
-                  "one is a full `dump --leave-running`), and how long each dump froze the "
-                  "workload.", "", *phases, ""]
+                  "freeze of an earlier pre-copy iteration, and how long each iteration "
+                  "froze the workload (0: a live read of its memory, which does not freeze "
+                  "it; see docs/backends.md).", "", *phases, ""]
     if "sweep" in res:
         L += ["## 2. Dirty rate and bytes per dirtied page", "",
               "The mutating workload; 'dirty' is the fraction of its pages written per second "

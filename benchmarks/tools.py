@@ -311,7 +311,8 @@ async def ctlive_run(svc: SampleService, label: str, *, lanes: int = 1,
                                "pages": i.pages_total, "dump_s": i.dump_seconds,
                                "transfer_s": i.transfer_seconds,
                                "frozen_s": (i.frozen_time_us or 0) / 1e6,
-                               "memdump_s": (i.memdump_time_us or 0) / 1e6}
+                               "memdump_s": (i.memdump_time_us or 0) / 1e6,
+                               "method": i.method}
                               for i in report.iterations])
         row.rss_idle = int(hello.get("rss_idle", 0))
         row.phases = dict(report.downtime_phases)

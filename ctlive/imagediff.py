@@ -203,25 +203,37 @@ def _identity(segs: list[tuple[int, int, int]], total: int) -> bool:
     return pos == total
 
 
-def _rearrange(mm: mmap.mmap, segs: list[tuple[int, int, int]], total: int) -> None:
+def _rearrange(mm: mmap.mmap, segs: list[tuple[int, int, int]], total: int,
+               window: int = DEFAULT_WINDOW_PAGES) -> None:
     """Move old pages to their new indices inside one mapping (at least as long as both
     layouts), then zero the new pages no segment fills.
 
     Both files list pages in vaddr order, so segments keep their order in both: pages
     moving towards the start are moved first, in ascending order, then pages moving
     towards the end, in descending order; no move then overwrites a source that is
-    still to be read."""
+    still to be read. Moves go a window at a time, in the same direction, and each
+    window is dropped from the mapping once moved: memory stays bounded by the window."""
+    w = window
+
+    def move(new_idx: int, old_idx: int, n: int) -> None:
+        mm.move(new_idx * PAGE, old_idx * PAGE, n * PAGE)
+        drop(mm, old_idx, n)
+        drop(mm, new_idx, n)
+
     for new_idx, old_idx, n in segs:
         if new_idx < old_idx:
-            mm.move(new_idx * PAGE, old_idx * PAGE, n * PAGE)
+            for at in range(0, n, w):
+                move(new_idx + at, old_idx + at, min(w, n - at))
     for new_idx, old_idx, n in reversed(segs):
         if new_idx > old_idx:
-            mm.move(new_idx * PAGE, old_idx * PAGE, n * PAGE)
+            for at in reversed(range(0, n, w)):
+                move(new_idx + at, old_idx + at, min(w, n - at))
     pos = 0
     for new_idx, _, n in [*segs, (total, 0, 0)]:
-        for at in range(pos, new_idx, DEFAULT_WINDOW_PAGES):
-            k = min(DEFAULT_WINDOW_PAGES, new_idx - at)
+        for at in range(pos, new_idx, w):
+            k = min(w, new_idx - at)
             mm[at * PAGE : (at + k) * PAGE] = bytes(k * PAGE)
+            drop(mm, at, k)
         pos = new_idx + n
 
 
