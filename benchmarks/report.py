@@ -235,7 +235,7 @@ def render(res: dict[str, Any], plot_dir: pathlib.Path | None) -> tuple[str, lis
           f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; kernel {m['kernel']}; "
           f"CRIU {m['criu']}; {m['podman']}; {m['redis']}; Python {m['python']}. No SEV "
           "hardware: the receiver attests with the simulated SNP platform.", "",
-          *([f"Memory write speed into tmpfs (512 MiB): {m['memory_speed']} (recycled: "
+          *([f"Memory write speed into tmpfs: {m['memory_speed']} (recycled: "
              "memory freed a moment before; cold: freed seconds before, which this VM has "
              "handed back to its host by then). See the analysis at the end.", ""]
             if m.get("memory_speed") else []),
