@@ -2,8 +2,9 @@
 destination.
 
 The source side is a :class:`Workload`: ``dump(dir, final=…)`` takes an iteration
-while the workload runs (``pre-dump`` where the kernel tracks dirty pages, full
-``dump --leave-running`` elsewhere) or the final dump, which leaves the workload
+while the workload runs (``pre-dump`` where the kernel tracks dirty pages, else a live
+read of its memory, :mod:`ctlive.livecopy`, or with ``live_read=False`` a full
+``dump --leave-running``) or the final dump, which leaves the workload
 *stopped* so it can be resumed if the migration fails. The destination side is
 :func:`restore`, which restores *stopped* and returns a :class:`Restored` that the
 two-phase commit resumes or discards.

@@ -4,10 +4,11 @@ After every iteration the policy sees the history and decides whether the next
 dump is the final one. The default, :class:`Convergence`, predicts the downtime of
 stopping now (final dump + transfer of what will be dirty by then + restore)
 from smoothed dirty and link rates, and stops when that fits ``max_downtime``,
-when the dirty set stops shrinking, or at ``max_iterations``. Without soft-dirty
-tracking each pre-copy iteration is a full ``dump --leave-running``, which freezes
-the workload as long as the final dump does; the policy then also stops as soon as
-another iteration could save less time than the freeze it costs. Users can pass any
+when the dirty set stops shrinking, or at ``max_iterations``. When pre-copy
+iterations are full ``dump --leave-running`` (a backend with ``live_read=False`` on a
+kernel without soft-dirty tracking), each freezes the workload as long as the final
+dump does; the policy then also stops as soon as another iteration could save less
+time than the freeze it costs. Users can pass any
 object with the same ``decide`` method.
 """
 
