@@ -144,21 +144,31 @@ def _read_process(pid: int, out: pathlib.Path, pages_id: int, zero_pfn: int | No
 
 
 def read_tree(pids: Iterable[int], out: str | os.PathLike[str]) -> ReadStats:
-    """Read the memory of the running processes ``pids`` into ``out`` as CRIU-style
-    pagemap and pages files. Raises :class:`~ctlive.errors.CheckpointError` when a
-    process cannot be read at all (gone, or no permission)."""
+    """Read the memory of the running processes ``pids`` (the tree's root first) into
+    ``out`` as CRIU-style pagemap and pages files. Processes that end meanwhile are
+    left out; raises :class:`~ctlive.errors.CheckpointError` when the root is gone or a
+    process cannot be read (no permission)."""
     d = pathlib.Path(out)
     d.mkdir(parents=True, exist_ok=True)
     zero_pfn = None
     with contextlib.suppress(OSError):
         zero_pfn = _zero_pfn()
-    total = unreadable = n = 0
+    total = unreadable = done = 0
     for n, pid in enumerate(pids, 1):
         try:
             p, u = _read_process(pid, d, n, zero_pfn)
+        except (FileNotFoundError, ProcessLookupError) as exc:
+            # A process of the tree that ended meanwhile (a short-lived child) is simply
+            # not in this base; the workload itself gone is an error.
+            (d / f"pages-{n}.img").unlink(missing_ok=True)
+            if n == 1:
+                raise CheckpointError(f"the workload (pid {pid}) is gone: {exc}",
+                                      phase="iterate", cause=exc) from exc
+            continue
         except OSError as exc:
             raise CheckpointError(f"cannot read the memory of pid {pid}: {exc}",
                                   phase="iterate", cause=exc) from exc
         total += p
         unreadable += u
-    return ReadStats(n, total, unreadable)
+        done += 1
+    return ReadStats(done, total, unreadable)

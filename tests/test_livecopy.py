@@ -58,9 +58,22 @@ def test_read_lays_out_pages_as_criu_does(child: tuple[int, int, int],
     assert not any(untouched + i * PAGE in where for i in range(8))
 
 
-def test_read_of_a_missing_process_is_a_ctlive_error(tmp_path: pathlib.Path) -> None:
+def test_read_of_a_workload_that_is_gone_is_a_ctlive_error(tmp_path: pathlib.Path) -> None:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     time.sleep(0.05)
     with pytest.raises(errors.CheckpointError):
         livecopy.read_tree([p.pid], tmp_path)
+
+
+def test_a_child_that_ended_is_left_out(child: tuple[int, int, int],
+                                        tmp_path: pathlib.Path) -> None:
+    """Short-lived processes come and go in a tree: one that ended between listing the
+    tree and reading it is not an error, and leaves no stray files."""
+    pid, _, _ = child
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    st = livecopy.read_tree([pid, gone.pid], tmp_path)
+    assert st.processes == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["pages-1.img", f"pagemap-{pid}.img"])
