@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m.add_argument("--max-downtime", type=float, default=0.3)
     m.add_argument("--max-iterations", type=int, default=8)
     m.add_argument("--tcp-established", action="store_true")
+    m.add_argument("--criu-precopy", action="store_true",
+                   help="pre-copy with CRIU dumps even without soft-dirty tracking (each "
+                   "iteration then freezes the workload for a whole dump) instead of "
+                   "reading its memory while it runs")
     m.add_argument("--json", action="store_true", help="print the report as JSON")
     m.set_defaults(func=_migrate)
 
@@ -90,7 +94,8 @@ def _migrate(args: argparse.Namespace) -> int:
                             f"predicted downtime {ev.predicted_downtime * 1000:.0f} ms")
 
         report = anyio.run(lambda: migrate(
-            Process(args.pid, tcp_established=args.tcp_established), args.destination,
+            Process(args.pid, tcp_established=args.tcp_established,
+                    live_read=False if args.criu_precopy else None), args.destination,
             identity=Identity.load(args.key), attestation=SnpPolicy.from_toml(args.policy),
             convergence=Convergence(max_downtime=args.max_downtime,
                                     max_iterations=args.max_iterations),

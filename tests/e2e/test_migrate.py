@@ -66,6 +66,21 @@ async def test_mutating_process_three_iterations(mutator: Mutator, receiver_fact
     assert report.iterations[-1].wire_bytes < report.iterations[0].wire_bytes / 4
 
 
+async def test_criu_precopy_when_asked(mutator: Mutator, receiver_factory: Any,
+                                      verifier: Any) -> None:
+    """live_read=False: pre-copy iterations are CRIU's (a full dump --leave-running on
+    a kernel without soft-dirty tracking), and the migration works the same."""
+    rx = await receiver_factory()
+    report = await migrate(Process(mutator.pid, live_read=False), rx.addr, identity=SRC,
+                           attestation=verifier,
+                           convergence=Convergence(max_iterations=3, max_downtime=0.0))
+    want = "pre-dump" if find_criu().dirty_tracking else "dump"
+    assert [i.method for i in report.iterations] == [want, want, "final"]
+    assert alive(report.destination_summary["restored_pid"])
+    assert len(workload_pids(mutator.script)) == 1
+    assert rx.errors == []
+
+
 async def test_attestation_refused_sends_no_image_bytes(mutator: Mutator, receiver_factory: Any,
                                                         platform: Any) -> None:
     from ctlive.attest import SnpPolicy, SnpVerifier
