@@ -32,7 +32,7 @@ import attrs
 
 from benchmarks import dataplane, tools
 from benchmarks.workloads import MutatingService, RedisService, have_redis, in_podman
-from ctlive.demo import SampleService
+from ctlive.testing.workloads import SampleService
 
 HERE = pathlib.Path(__file__).resolve().parent
 CTLIVE_CONFIGS = [(1, "AESGCM"), (2, "AESGCM"), (1, "ChaChaPoly"), (2, "ChaChaPoly")]
@@ -171,7 +171,7 @@ def machine() -> dict[str, str]:
     cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")),
                "?")
     mem = next((ln.split()[1] for ln in meminfo if ln.startswith("MemTotal")), "0")
-    from ctlive.criubin import find_criu
+    from ctlive.backends.criu import find_criu
 
     return {"cpu": cpu, "cores": str(os.cpu_count()), "memory": f"{int(mem) / 2**20:.1f} GiB",
             "kernel": platform.release(), "criu": str(find_criu().version),

@@ -20,10 +20,8 @@ from typing import Any
 
 import anyio
 
-from ctlive.channel import Session, open_session, serve_sessions
 from ctlive.identity import Identity
-from ctlive.noise import CipherState
-from ctlive.wire import (
+from ctlive.protocol.frames import (
     Change,
     Commit,
     CommitAck,
@@ -32,6 +30,10 @@ from ctlive.wire import (
     MigrationMeta,
     Ready,
 )
+from ctlive.protocol.noise import CipherState
+from ctlive.transport.client import open_session
+from ctlive.transport.server import serve_sessions
+from ctlive.transport.session import Session
 
 CHUNK = 1 << 20
 SENDERS_PER_LANE = 1  # more oversubscribes 2 cores (measured slower)
@@ -45,7 +47,7 @@ class _Provider:
 
 class _Verifier:
     def verify(self, evidence: bytes, report_data: bytes) -> Any:
-        from ctlive.evidence import AttestationResult
+        from ctlive.protocol.evidence import AttestationResult
 
         assert evidence == report_data
         return AttestationResult("bench", b"")

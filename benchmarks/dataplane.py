@@ -34,17 +34,21 @@ from typing import Any
 import anyio
 import zstandard
 
-from ctlive import imagediff, pagediff
-from ctlive.channel import open_session, serve_sessions
-from ctlive.criubin import find_criu
-from ctlive.demo import start_sample_workload
-from ctlive.evidence import AttestationResult
+from ctlive.backends.criu import find_criu
 from ctlive.identity import Identity
-from ctlive.imagediff import Rebuilder, decode_change, diff, encode_change
-from ctlive.migrate import send_iteration
-from ctlive.noise import CipherState
-from ctlive.serve import MigrationRecord, Receiver
-from ctlive.wire import Commit, CommitAck, MigrationMeta, Ready
+from ctlive.images import diff as image_diff
+from ctlive.images import pagediff
+from ctlive.images.changes import decode_change, encode_change
+from ctlive.images.diff import diff
+from ctlive.images.rebuild import Rebuilder
+from ctlive.migration.destination import MigrationRecord, Receiver
+from ctlive.migration.iteration import send_iteration
+from ctlive.protocol.evidence import AttestationResult
+from ctlive.protocol.frames import Commit, CommitAck, MigrationMeta, Ready
+from ctlive.protocol.noise import CipherState
+from ctlive.testing.workloads import start_sample_workload
+from ctlive.transport.client import open_session
+from ctlive.transport.server import serve_sessions
 
 PAGE = pagediff.PAGE_SIZE
 
@@ -248,8 +252,8 @@ def stages(corpus: list[pathlib.Path], scratch: pathlib.Path,
 def wire_floor(old: pathlib.Path | None, new: pathlib.Path) -> int:
     """zstd-1 of the XOR of exactly the changed pages, plus zstd-1 of changed files."""
     zc = zstandard.ZstdCompressor(level=1)
-    new_maps = imagediff._pagemaps(new)
-    old_maps = imagediff._pagemaps(old) if old is not None else {}
+    new_maps = image_diff.pagemaps(new)
+    old_maps = image_diff.pagemaps(old) if old is not None else {}
     pages_of = {f"pages-{pm.pages_id}.img": name for name, pm in new_maps.items()}
     total = 0
     for p in files_of(new):
@@ -263,12 +267,12 @@ def wire_floor(old: pathlib.Path | None, new: pathlib.Path) -> int:
         cur = (new / pages_name).read_bytes()
         old_buf = (old / f"pages-{old_map.pages_id}.img").read_bytes() if (
             old is not None and old_map is not None) else b""
-        segs = imagediff._segments(old_map, new_map) if old_map is not None else []
+        segs = image_diff.segments(old_map, new_map) if old_map is not None else []
         xored = bytearray()
         npages = len(cur) // PAGE
         for start in range(0, npages, 4096):
             count = min(4096, npages - start)
-            base = imagediff._base_window(old_buf, segs, start, count) if old_buf else bytes(
+            base = image_diff.base_window(old_buf, segs, start, count) if old_buf else bytes(
                 count * PAGE)
             new_w = cur[start * PAGE : (start + count) * PAGE]
             for i in pagediff.changed_pages(bytes(base), new_w):

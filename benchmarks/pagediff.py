@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import zstandard
 
-from ctlive import pagediff
+from ctlive.images import pagediff
 
 PAGE = pagediff.PAGE_SIZE
 

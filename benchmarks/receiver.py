@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ctlive.attest import SimulatedSnpPlatform
 from ctlive.identity import Identity
-from ctlive.serve import serve
+from ctlive.migration.destination import serve
 
 
 def vm(field: str = "VmHWM") -> int:

@@ -31,11 +31,11 @@ from cryptography import x509
 
 from ctlive.attest import SnpPolicy, SnpVerifier
 from ctlive.attest.certs import Product, TrustedRoot
-from ctlive.convergence import Convergence
-from ctlive.criubin import find_criu
-from ctlive.demo import SampleService
+from ctlive.backends.criu import find_criu
 from ctlive.identity import Identity
-from ctlive.migrate import migrate
+from ctlive.migration.convergence import Convergence
+from ctlive.migration.source import migrate
+from ctlive.testing.workloads import SampleService
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

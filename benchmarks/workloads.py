@@ -27,14 +27,14 @@ import tempfile
 import time
 from typing import Any
 
-from ctlive.demo import SampleService
+from ctlive.testing.workloads import SampleService
 
 IMAGE = "localhost/ctlive-bench-base:1"
 PODMAN_LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 
 
 class MutatingService(SampleService):
-    """The mutating TCP service (``ctlive.demo``), with its parameters in its label."""
+    """The mutating TCP service (``ctlive.testing.workloads``), with its parameters in its label."""
 
     def label(self) -> str:
         return f"mutating {self.mib} MiB, {self.dirty:.0%}/s x {self.touch} B"

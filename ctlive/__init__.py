@@ -12,22 +12,18 @@ and, inside the guest, ``await ctlive.serve(...)`` (or ``ctlive serve``).
 from __future__ import annotations
 
 from ctlive.attest import SimulatedSnpPlatform, SnpPolicy, SnpVerifier
-from ctlive.backends import (
-    DumpResult,
-    PodmanContainer,
-    Process,
-    Restored,
-    RuncContainer,
-    Workload,
-)
-from ctlive.convergence import Convergence, ConvergencePolicy
+from ctlive.backends import DumpResult, Restored, Workload
+from ctlive.backends.podman import PodmanContainer
+from ctlive.backends.process import Process
+from ctlive.backends.runc import RuncContainer
 from ctlive.errors import *  # noqa: F403
 from ctlive.errors import __all__ as _errors_all
-from ctlive.evidence import AttestationResult, EvidenceProvider, EvidenceVerifier
 from ctlive.identity import Identity, load_public_keys
-from ctlive.migrate import migrate
-from ctlive.report import Decision, IterationReport, MigrationReport, ProgressEvent
-from ctlive.serve import serve
+from ctlive.migration.convergence import Convergence, ConvergencePolicy
+from ctlive.migration.destination import serve
+from ctlive.migration.report import Decision, IterationReport, MigrationReport, ProgressEvent
+from ctlive.migration.source import migrate
+from ctlive.protocol.evidence import AttestationResult, EvidenceProvider, EvidenceVerifier
 
 __version__ = "0.1.0"
 

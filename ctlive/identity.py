@@ -10,7 +10,10 @@ from nacl.public import PrivateKey
 
 from ctlive.errors import ConfigError
 
-__all__ = ["Identity", "load_public_keys"]
+__all__ = [
+    "Identity",
+    "load_public_keys",
+]
 
 _HEADER = "ctlive-x25519-private-key"
 

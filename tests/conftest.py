@@ -6,9 +6,14 @@ Every async test runs under both asyncio and trio through anyio's pytest plugin.
 from __future__ import annotations
 
 import os
+import pathlib
+import sys
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+# Test helpers (CRIU harness, MITM proxy, pure-Python reference kernels) import by name.
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 
 settings.register_profile("ci", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])

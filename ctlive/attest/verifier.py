@@ -32,7 +32,7 @@ from ctlive.errors import (
     ReportDataMismatchError,
     ReportFormatError,
 )
-from ctlive.evidence import AttestationResult
+from ctlive.protocol.evidence import AttestationResult
 
 __all__ = ["SnpVerifier", "VerifiedReport"]
 

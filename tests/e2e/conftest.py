@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import pathlib
-import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
 import pytest
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
-
 from criu_harness import Mutator, require_criu
 
 from ctlive.attest import SimulatedSnpPlatform, SnpPolicy, SnpVerifier
@@ -54,7 +50,7 @@ class Receiver:
 @pytest.fixture
 async def receiver_factory(tmp_path: pathlib.Path, platform: SimulatedSnpPlatform
                            ) -> AsyncIterator[Any]:
-    from ctlive.serve import serve
+    from ctlive.migration.destination import serve
 
     async with anyio.create_task_group() as tg:
         async def start(fault: Any = None, allow: Any = None, **kw: Any) -> Receiver:

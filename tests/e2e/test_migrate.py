@@ -14,11 +14,11 @@ from criu_harness import Mutator, state, workload_pids
 from mitm import Mitm
 
 from ctlive import errors
-from ctlive.backends import Process
-from ctlive.convergence import Convergence
-from ctlive.criubin import find_criu
-from ctlive.migrate import migrate
-from ctlive.report import Decision
+from ctlive.backends.criu import find_criu
+from ctlive.backends.process import Process
+from ctlive.migration.convergence import Convergence
+from ctlive.migration.report import Decision
+from ctlive.migration.source import migrate
 from tests.e2e.conftest import SRC
 
 pytestmark = pytest.mark.anyio
@@ -173,7 +173,7 @@ async def test_tampered_record_aborts_and_source_resumes(mutator: Mutator,
 async def test_runc_container(receiver_factory: Any, verifier: Any, tmp_path: Any) -> None:
     from criu_harness import RuncBundle, require_criu
 
-    from ctlive.backends import RuncContainer
+    from ctlive.backends.runc import RuncContainer
 
     require_criu()
     name = f"ctlive-e2e-{os.getpid()}-{anyio.current_time():.0f}"
@@ -204,7 +204,7 @@ async def test_runc_container(receiver_factory: Any, verifier: Any, tmp_path: An
 async def test_podman_container(receiver_factory: Any, verifier: Any, tmp_path: Any) -> None:
     from criu_harness import PodmanBox, require_criu
 
-    from ctlive.backends import PodmanContainer
+    from ctlive.backends.podman import PodmanContainer
 
     require_criu()
     name = f"ctlive-pm-{os.getpid()}-{anyio.current_time():.0f}"

@@ -1,0 +1,91 @@
+"""A plain process tree, checkpointed by CRIU directly."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import time
+from typing import Any
+
+from ctlive.backends.criu import find_criu, run_criu
+from ctlive.backends.liveread import live_read_dump
+from ctlive.backends.workload import DumpResult, signal_tree
+from ctlive.errors import ConfigError
+from ctlive.images.criu_format import read_stats
+
+__all__ = [
+    "Process",
+]
+
+
+class Process:
+    """A process tree, checkpointed by CRIU directly.
+
+    The tree should live in its own PID namespace (``unshare --pid --fork setsid
+    CMD``): CRIU then restores it as a whole on the destination.
+    """
+
+    kind = "process"
+
+    def __init__(self, pid: int, *, tcp_established: bool = False,
+                 external: tuple[str, ...] = (), shell_job: bool = False,
+                 network_lock: str | None = None, live_read: bool | None = None) -> None:
+        if pid <= 1:
+            raise ConfigError(f"refusing to checkpoint pid {pid}")
+        if not pathlib.Path(f"/proc/{pid}").exists():
+            raise ConfigError(f"no process {pid}")
+        self.pid = pid
+        self.tcp_established = tcp_established
+        self.external = external
+        self.shell_job = shell_job
+        self.network_lock = network_lock
+        self.live_read = live_read
+        """Pre-copy by reading memory while the tree runs (no freeze) instead of with
+        CRIU; None: whenever CRIU cannot pre-dump (no soft-dirty tracking)."""
+
+    def _common(self) -> list[str]:
+        args = []
+        if self.tcp_established:
+            args.append("--tcp-established")
+        for e in self.external:
+            args += ["--external", e]
+        if self.shell_job:
+            args.append("--shell-job")
+        if self.network_lock:
+            args += ["--network-lock", self.network_lock]
+        return args
+
+    async def dump(self, images_dir: pathlib.Path, *, final: bool,
+                   parent: pathlib.Path | None = None) -> DumpResult:
+        images_dir.mkdir(parents=True, exist_ok=True)
+        tracking = find_criu().dirty_tracking
+        if not final and (self.live_read or (self.live_read is None and not tracking)):
+            return await live_read_dump(self.pid, images_dir)
+        pre = not final and tracking
+        if pre:
+            args = ["pre-dump", "-t", str(self.pid), "-D", str(images_dir)]
+            if parent is not None:
+                args += ["--prev-images-dir", os.path.relpath(parent, images_dir)]
+        else:
+            args = ["dump", "-t", str(self.pid), "-D", str(images_dir),
+                    "--leave-stopped" if final else "--leave-running"]
+        t = time.monotonic()
+        await run_criu(args + self._common(), workdir=images_dir, log="dump.log",
+                       phase="final-dump" if final else "iterate")
+        stats = None
+        with contextlib.suppress(Exception):
+            stats = read_stats(images_dir / "stats-dump")
+        return DumpResult(time.monotonic() - t, pre, final, stats,
+                          "final" if final else "pre-dump" if pre else "dump")
+
+    async def resume(self) -> None:
+        signal_tree(self.pid, signal.SIGCONT)
+
+    async def kill(self) -> None:
+        signal_tree(self.pid, signal.SIGKILL)
+
+    def restore_spec(self) -> dict[str, Any]:
+        return {"tcp_established": self.tcp_established, "external": list(self.external),
+                "shell_job": self.shell_job}

@@ -1,0 +1,58 @@
+"""``ctlive serve`` and ``ctlive keygen``."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import anyio
+
+from ctlive.errors import ConfigError
+
+__all__ = ["register"]
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from ctlive.identity import Identity
+
+    ident = Identity.generate()
+    ident.save(args.output)
+    print(ident.public_key.hex())
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``ctlive serve`` and ``ctlive keygen``."""
+    k = sub.add_parser("keygen", help="make an X25519 identity (writes KEY and KEY.pub)")
+    k.add_argument("-o", "--output", type=pathlib.Path, required=True)
+    k.set_defaults(func=_keygen)
+
+    s = sub.add_parser("serve", help="receive migrations (run inside the SEV-SNP guest)")
+    s.add_argument("--listen", default="0.0.0.0:7788")
+    s.add_argument("--state", type=pathlib.Path, default=pathlib.Path("/run/ctlive"))
+    s.add_argument("--key", type=pathlib.Path, required=True, help="this receiver's identity")
+    s.add_argument("--allow", type=pathlib.Path, required=True,
+                   help="file of allowed source public keys (hex, one per line)")
+    s.add_argument("--provider", choices=["configfs", "sev-guest"])
+    s.set_defaults(func=_serve)
+
+def _serve(args: argparse.Namespace) -> int:
+    from ctlive.attest import auto_provider
+    from ctlive.identity import Identity, load_public_keys
+    from ctlive.migration.destination import serve
+
+    provider = auto_provider(args.provider)
+    allow = load_public_keys(args.allow)
+    if not allow:
+        raise ConfigError(f"{args.allow} lists no source keys: nobody could migrate here")
+
+    async def run() -> None:
+        async with anyio.create_task_group() as tg:
+            addr = await tg.start(lambda task_status: serve(
+                args.listen, identity=Identity.load(args.key), provider=provider, allow=allow,
+                state_dir=args.state, task_status=task_status))
+            print(f"ctlive receiver listening on {addr[0]}:{addr[1]}", file=sys.stderr)
+
+    anyio.run(run)
+    return 0

@@ -1,0 +1,224 @@
+"""Diff two successive CRIU dumps into a stream of change items, and rebuild the new
+dump byte for byte from the old one and that stream.
+
+One code path serves the first, full transfer (``old_dir=None``) and every later
+iteration. Pages are matched by (pagemap file, virtual address): for each window of
+the new pages file, the receiver's copy of the matching old pages is laid out in
+the new file's order (zero where there is none), and the native core encodes the
+difference in one pass (zero markers, XOR deltas, raw pages), compressed as one
+zstd frame per window. Non-page files go whole, as a zstd delta against their old
+version (the old file is the dictionary), or as "unchanged". The last item is a
+manifest of the new dump; the rebuilder checks its result against it.
+
+Memory is bounded by the window size, independent of the image size. Functions
+hold no global state, so they run in worker threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import os
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import zstandard
+
+from ctlive.errors import ImageFormatError
+from ctlive.images import pagediff
+from ctlive.images.changes import (
+    FILE_SAME,
+    FILE_WHOLE,
+    FILE_ZDELTA,
+    MANIFEST,
+    PAGES,
+    Change,
+    safe_name,
+)
+from ctlive.images.criu_format import Pagemap
+from ctlive.images.layout import (
+    DEFAULT_WINDOW_PAGES,
+    PAGE,
+    MappedFile,
+    base_window,
+    old_span,
+    pagemaps,
+    pages_files,
+    segments,
+)
+from ctlive.images.manifest import Manifest, bytes_digest, pages_digest
+
+__all__ = [
+    "DiffStats",
+    "diff",
+]
+
+
+
+@attrs.define
+class DiffStats:
+    """What a diff found and sent (for the migration report)."""
+
+    files: int = 0
+    files_unchanged: int = 0
+    file_bytes_in: int = 0
+    pages_total: int = 0
+    pages_changed: int = 0
+    pages_zero: int = 0
+    pages_delta: int = 0
+    pages_raw: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+# --- page matching ----------------------------------------------------------------------
+
+
+# --- diff ---------------------------------------------------------------------------------
+
+
+def diff(old_dir: str | os.PathLike[str] | None, new_dir: str | os.PathLike[str], *,
+         window_pages: int = DEFAULT_WINDOW_PAGES, level: int = 1,
+         stats: DiffStats | None = None, threads: int = 1) -> Iterator[Change]:
+    """Yield the change items that turn ``old_dir`` (None: nothing) into ``new_dir``.
+
+    ``threads`` > 1 diffs that many windows at once (the native core and zstd release
+    the GIL): worth it while the workload is frozen and the cores are otherwise idle."""
+    new = pathlib.Path(new_dir)
+    old = pathlib.Path(old_dir) if old_dir is not None else None
+    st = stats if stats is not None else DiffStats()
+    new_maps = pagemaps(new)
+    old_maps = pagemaps(old) if old is not None else {}
+    old_pages = pages_files(old_maps)
+    new_pages = pages_files(new_maps)
+    zc = zstandard.ZstdCompressor(level=level)
+    names = sorted(p.name for p in new.iterdir() if p.is_file() and not p.name.endswith(".log"))
+    # The manifest is built from what the diff reads anyway: no second pass.
+    files: dict[str, dict[str, Any]] = {}
+    # Non-page files first (pagemaps among them): the receiver needs them to lay out pages.
+    for name in names:
+        if name in new_pages:
+            continue
+        safe_name(name)
+        data = (new / name).read_bytes()
+        files[name] = bytes_digest(data)
+        st.files += 1
+        st.file_bytes_in += len(data)
+        st.bytes_in += len(data)
+        prev = old / name if old is not None else None
+        if prev is not None and prev.is_file():
+            old_data = prev.read_bytes()
+            if old_data == data:
+                st.files_unchanged += 1
+                yield Change(FILE_SAME, name)
+                continue
+            whole = zc.compress(data)
+            if old_data:
+                dictionary = zstandard.ZstdCompressionDict(
+                    old_data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+                delta = zstandard.ZstdCompressor(level=level, dict_data=dictionary).compress(data)
+                if len(delta) < len(whole):
+                    st.bytes_out += len(delta)
+                    yield Change(FILE_ZDELTA, name, len(data), 0, delta)
+                    continue
+            st.bytes_out += len(whole)
+            yield Change(FILE_WHOLE, name, len(data), 0, whole)
+        else:
+            whole = zc.compress(data)
+            st.bytes_out += len(whole)
+            yield Change(FILE_WHOLE, name, len(data), 0, whole)
+    for name in names:
+        if name not in new_pages:
+            continue
+        yield from _diff_pages(old, new, name, new_maps[new_pages[name]],
+                               old_maps.get(new_pages[name]), old_pages, window_pages, zc, st,
+                               files, level, threads)
+    yield Change(MANIFEST, "", data=Manifest(files).to_json())
+
+
+def _diff_window(old_m: MappedFile | None, segs: list[tuple[int, int, int]], new_m: MappedFile,
+                 start: int, count: int, level: int) -> tuple[Any, bytes | None, bytes]:
+    """(encode result, zstd payload or None when nothing changed, page hashes) of one
+    window; touches nothing shared, so windows run in parallel threads."""
+    base = (base_window(old_m.buf, segs, start, count, readonly=True)
+            if old_m is not None else bytearray(count * PAGE))
+    cur = memoryview(new_m.buf)[start * PAGE : (start + count) * PAGE]
+    enc = pagediff.encode(base, cur)
+    hashes = pagediff.page_hashes(cur).tobytes()  # while the window is hot
+    del base, cur  # release the views before the mmaps close
+    new_m.drop(start, count)
+    if old_m is not None:
+        lo, hi = old_span(segs, start, count)
+        old_m.drop(lo, hi - lo)
+    changed = enc.pages_zero + enc.pages_delta + enc.pages_raw
+    payload = zstandard.ZstdCompressor(level=level).compress(enc.data) if changed else None
+    return enc, payload, hashes
+
+
+def _in_order(fn: Any, jobs: list[tuple[int, int]], threads: int) -> Iterator[Any]:
+    """``fn(*job)`` for each job, results in order; with ``threads`` > 1 run ahead on a
+    pool, at most two jobs per thread in flight (bounded memory)."""
+    if threads <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield fn(*job)
+        return
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+        it = iter(jobs)
+        for job in itertools.islice(it, 2 * threads):
+            pending.append(pool.submit(fn, *job))
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, *nxt))
+            yield result
+
+
+def _diff_pages(old: pathlib.Path | None, new: pathlib.Path, name: str, new_map: Pagemap,
+                old_map: Pagemap | None, old_pages: dict[str, str], window: int,
+                zc: zstandard.ZstdCompressor, st: DiffStats,
+                files: dict[str, dict[str, Any]], level: int, threads: int) -> Iterator[Change]:
+    new_m = MappedFile(new / name)
+    old_name = f"pages-{old_map.pages_id}.img" if old_map is not None else None
+    old_m = (MappedFile(old / old_name) if old is not None and old_name in old_pages
+             and (old / old_name).is_file() else None)
+    try:
+        total = new_m.size // PAGE
+        if new_m.size % PAGE or total != new_map.present_pages:
+            raise ImageFormatError(
+                f"pages file holds {new_m.size} bytes, its pagemap says {new_map.present_pages} "
+                "pages", path=str(new / name))
+        segs = segments(old_map, new_map) if old_m is not None else []
+        st.pages_total += total
+        hashes = bytearray()
+        jobs = [(start, min(window, total - start)) for start in range(0, total, window)]
+
+        def work(start: int, count: int) -> tuple[int, int, Any, bytes | None, bytes]:
+            return (start, count, *_diff_window(old_m, segs, new_m, start, count, level))
+
+        for start, count, enc, payload, h in _in_order(work, jobs, threads):
+            hashes += h
+            st.bytes_in += count * PAGE
+            st.pages_changed += enc.pages_zero + enc.pages_delta + enc.pages_raw
+            st.pages_zero += enc.pages_zero
+            st.pages_delta += enc.pages_delta
+            st.pages_raw += enc.pages_raw
+            if payload is not None:
+                st.bytes_out += len(payload)
+                yield Change(PAGES, name, start, count, payload)
+        files[name] = pages_digest(new_m.size, bytes(hashes)) if total else bytes_digest(b"")
+        if total == 0:
+            yield Change(FILE_WHOLE, name, 0, 0, zc.compress(b""))
+    finally:
+        new_m.close()
+        if old_m is not None:
+            old_m.close()
+
+
+# --- rebuild ------------------------------------------------------------------------------
+
+

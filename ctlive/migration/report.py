@@ -1,0 +1,101 @@
+"""What a migration reports: progress events while it runs, and a frozen
+:class:`MigrationReport` at the end (JSON-serialisable, for logs and dashboards)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "Decision",
+    "IterationReport",
+    "MigrationReport",
+    "ProgressEvent",
+]
+
+
+@attrs.frozen
+class ProgressEvent:
+    """A progress update from ``migrate()``."""
+
+    phase: str
+    """connect, attest, iterate, final-dump, transfer, restore, commit, done."""
+    iteration: int
+    bytes_done: int
+    bytes_predicted: int
+    dirty_rate: float
+    """Bytes of pages dirtied per second (smoothed)."""
+    link_rate: float
+    """Wire bytes per second (smoothed)."""
+    predicted_downtime: float
+
+
+@attrs.frozen
+class Decision:
+    """A convergence decision and the inputs it was made from."""
+
+    after_iteration: int
+    final_next: bool
+    reason: str
+    predicted_downtime: float
+    inputs: dict[str, float]
+
+
+@attrs.frozen
+class IterationReport:
+    """One iteration's figures."""
+
+    index: int
+    final: bool
+    dump_seconds: float
+    transfer_seconds: float
+    pages_total: int
+    pages_changed: int
+    pages_zero: int
+    pages_delta: int
+    pages_raw: int
+    image_bytes: int
+    wire_bytes: int
+    frozen_time_us: int | None
+    memdump_time_us: int | None
+    method: str = ""
+    """How the iteration was taken: ``pre-dump`` (CRIU with soft-dirty tracking: a short
+    freeze), ``dump`` (CRIU ``dump --leave-running``: the workload is frozen while all
+    its memory is written), ``read`` (memory read while the workload runs: no freeze),
+    ``final``; empty when unknown."""
+
+
+@attrs.frozen
+class MigrationReport:
+    """The outcome of a migration."""
+
+    migration_id: str
+    workload: str
+    destination: str
+    total_time: float
+    downtime: float
+    downtime_method: str
+    iterations: tuple[IterationReport, ...]
+    decisions: tuple[Decision, ...]
+    bytes_on_wire: int
+    image_bytes: int
+    cipher: str
+    lanes: int
+    attestation: dict[str, Any]
+    destination_summary: dict[str, Any] = attrs.field(factory=dict)
+    downtime_phases: dict[str, float] = attrs.field(factory=dict)
+    """Where the downtime went, in seconds on the source's clock: ``dump`` (the final
+    dump), ``send`` (its diff and transfer), ``destination`` (until READY: the last
+    rebuild's verification and the restore; the destination's own split is in
+    ``destination_summary["timings"]``), ``kill`` (the source copy) and ``commit``
+    (COMMIT until its ACK, the destination's resume included)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, for JSON."""
+        return attrs.asdict(self)
+
+    def to_json(self, **kw: Any) -> str:
+        """The report as JSON."""
+        return json.dumps(self.to_dict(), **kw)

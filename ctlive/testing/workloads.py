@@ -1,0 +1,365 @@
+"""``ctlive demo``: a real migration on this machine, with nothing to configure.
+
+It starts a sample workload (a TCP counter service that keeps mutating 32 MiB, in
+its own PID, mount and network namespace behind a veth) with a live TCP client on
+this host, a receiver on loopback that attests with the *simulated* SNP platform
+(clearly insecure: there is no SEV hardware here), and migrates the service with
+real CRIU. It checks that the client's connection survived with no reset and no
+lost reply and that exactly one copy runs, prints the report, and cleans up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import pathlib
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import anyio
+
+from ctlive.backends.process import Process
+from ctlive.errors import ConfigError
+
+__all__ = [
+    "SampleService",
+    "script_pids",
+    "start_sample_workload",
+]
+
+# Shared by both sample workloads: ``size`` bytes of mixed content (zero, text,
+# sparse and random pages, as real heaps hold) and a thread that keeps dirtying
+# ``dirty`` of its pages per second, ``touch`` bytes in each, walking the pages
+# with a stride so that each second's dirty pages are distinct.
+_MUTATOR = r"""
+import os, random, sys, threading, time
+try:
+    os.setsid()  # its own session inside the PID namespace, as CRIU requires
+except OSError:
+    pass  # already a session leader (a container's init)
+P = 4096
+size = int(sys.argv[1]) << 20
+dirty = float(sys.argv[3]) if len(sys.argv) > 3 else 0.3
+touch = max(1, min(P, int(sys.argv[4]) if len(sys.argv) > 4 else 16))
+buf = bytearray(size)
+r = random.Random(7)
+noise = r.randbytes(1 << 20)
+text = (b"GET /api/v1/items?id=%d HTTP/1.1 host: example.org user-agent: ctlive " * 2000)[:1 << 18]
+npages = size // P
+for i in range(npages):
+    kind, o = i % 8, r.randrange(1 << 17)
+    if kind in (2, 3):
+        buf[i * P:(i + 1) * P] = text[o:o + P]
+    elif kind in (4, 5):
+        buf[i * P:i * P + 128] = noise[o:o + 128]
+    elif kind == 6:
+        buf[i * P:(i + 1) * P] = noise[o:o + P]
+    elif kind == 7:
+        buf[i * P:(i + 1) * P] = bytes(range(256)) * 16
+
+def mutate():
+    rate = dirty * npages
+    stride = 7919 if npages % 7919 else 7907
+    page, q, done, t0 = 0, 0, 0, time.monotonic()
+    while True:
+        due = int((time.monotonic() - t0) * rate)
+        while done < due:
+            page = (page + stride) % npages
+            off = page * P + (r.randrange(P - touch + 1) if touch < P else 0)
+            q = (q + 4093) % ((1 << 20) - P)
+            buf[off:off + touch] = noise[q:q + touch]
+            done += 1
+        time.sleep(0.01)
+
+threading.Thread(target=mutate, daemon=True).start()
+"""
+
+_WORKLOAD = _MUTATOR + r"""
+counter = sys.argv[2]
+n = 0
+while True:
+    n += 1
+    with open(counter, "w") as f:
+        f.write(str(n))
+    time.sleep(0.02)
+"""
+
+
+_SERVICE = _MUTATOR + r"""
+import socket
+
+def udp_echo():  # the prober's port: downtime to 10 ms, free of TCP retransmission backoff
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("0.0.0.0", 7001))
+    while True:
+        d, a = u.recvfrom(64)
+        u.sendto(d, a)
+
+threading.Thread(target=udp_echo, daemon=True).start()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7000))
+s.listen(1)
+n = 0
+while True:
+    c, _ = s.accept()
+    f = c.makefile("rwb", buffering=0)
+    for line in f:
+        n += 1
+        f.write(b"%d\n" % n)
+"""
+
+
+def script_pids(script: pathlib.Path, states: tuple[str, ...] = ("S", "R", "D")) -> list[int]:
+    """Python processes running ``script`` whose state is in ``states`` (default: running;
+    add "T" for stopped ones, e.g. a copy restored stopped)."""
+    out = []
+    for d in pathlib.Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+            status = (d / "status").read_text()
+        except OSError:
+            continue
+        state = next((ln.split()[1] for ln in status.splitlines()
+                      if ln.startswith("State:")), "?")
+        if (len(argv) > 1 and b"python" in argv[0] and argv[1] == str(script).encode()
+                and state in states):
+            out.append(int(d.name))
+    return out
+
+
+class SampleService:
+    """The demo's workload: a TCP counter service that also keeps mutating ``mib`` MiB
+    (``dirty`` of its pages per second, ``touch`` bytes each), in its own PID, mount
+    and network namespace, reached from this host over a veth pair (outer end
+    ``vh<net>a``, inner ``ceth0``), plus a client on this host that keeps one
+    connection open and checks every reply.
+
+    Subclasses (the benchmarks' redis and podman variants) override ``command``,
+    ``launch``, ``exchange`` and ``pids``."""
+
+    request_interval = 0.02
+    """Seconds between two requests of the client: the resolution of ``max_gap``."""
+    udp_probe = True
+    """Also probe the service's UDP echo port every 10 ms (``probe_gap``)."""
+
+    def __init__(self, workdir: pathlib.Path, net: int, mib: int = 32, *,
+                 dirty: float = 0.3, touch: int = 16) -> None:
+        import threading
+
+        self.workdir, self.mib, self.dirty, self.touch = workdir, mib, dirty, touch
+        self.outer, self.outer2 = f"vh{net}a", f"vh{net}b"
+        self.host_ip, self.ip = f"10.77.{net}.1", f"10.77.{net}.2"
+        self.script = workdir / f"service-{os.getpid()}-{net}.py"
+        self.script.write_text(_SERVICE)
+        self.pid = self.launch(self.command())
+        # The namespace's network: a veth whose inner end lives with the workload.
+        for cmd in (f"ip link add {self.outer} type veth peer name ceth0 netns {self.net_pid}",
+                    f"nsenter -t {self.net_pid} -n ip addr add {self.ip}/24 dev ceth0",
+                    f"nsenter -t {self.net_pid} -n ip link set ceth0 up",
+                    f"nsenter -t {self.net_pid} -n ip link set lo up",
+                    f"ip addr add {self.host_ip}/24 dev {self.outer}",
+                    f"ip link set {self.outer} up"):
+            subprocess.run(cmd.split(), check=True, capture_output=True)
+        self.replies: list[tuple[float, int]] = []
+        self.probes: list[float] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self.prepare()
+        threading.Thread(target=self._client, daemon=True).start()
+        if self.udp_probe:
+            threading.Thread(target=self._prober, daemon=True).start()
+        deadline = time.monotonic() + 60
+        while not self.replies and not self.errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not self.replies:
+            self.cleanup()
+            raise ConfigError(f"the sample service's client got no reply: {self.errors}")
+
+    @property
+    def net_pid(self) -> int:
+        """A process in the workload's network namespace."""
+        return self.pid
+
+    def command(self) -> list[str]:
+        """The workload's command line."""
+        return [sys.executable, str(self.script), str(self.mib), "-", str(self.dirty),
+                str(self.touch)]
+
+    def launch(self, argv: list[str]) -> int:
+        """Start ``argv`` in its own PID, mount and net namespace; returns its pid."""
+        cmd = shlex.join(argv)
+        # No descriptors from the host's mount namespace; pid 1 of its namespace and
+        # the leader of its own session (CRIU needs the session inside the namespace).
+        proc = subprocess.Popen(["unshare", "--pid", "--net", "--fork", "--mount-proc", "sh",
+                                 "-c", f"exec setsid {cmd} </dev/null >/dev/null 2>&1"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, close_fds=True,
+                                start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                kids = pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+            except OSError:
+                kids = ""
+            if kids.split():
+                pid = int(kids.split()[0])
+                # Wait for the exec from sh into the workload.
+                if pathlib.Path(f"/proc/{pid}/comm").read_text().strip() != "sh":
+                    return pid
+            time.sleep(0.02)
+        proc.kill()
+        raise ConfigError(f"the sample service did not start: {argv[0]}")
+
+    def prepare(self) -> None:
+        """Runs once the network is up, before the client starts (e.g. fill a database)."""
+
+    def _connect(self) -> Any:
+        import socket
+
+        deadline = time.monotonic() + 60  # the service may still be starting
+        while True:
+            try:
+                return socket.create_connection((self.ip, 7000), timeout=60)
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def exchange(self, f: Any, i: int) -> int:
+        """One request and its reply on the client's connection; returns the reply's
+        sequence value, raises ``ValueError`` on a wrong or missing reply."""
+        f.write(b"x\n")
+        line = f.readline()
+        if not line:
+            raise ValueError("connection closed by the peer")
+        value = int(line)
+        if self.replies and value != self.replies[-1][1] + 1:
+            raise ValueError(f"reply {value} after {self.replies[-1][1]}: lost reply")
+        return value
+
+    def _client(self) -> None:
+        try:
+            c = self._connect()
+            f = c.makefile("rwb", buffering=0)
+            i = 0
+            while not self._stop.is_set():
+                value = self.exchange(f, i)
+                self.replies.append((time.monotonic(), value))
+                i += 1
+                time.sleep(self.request_interval)
+        except (OSError, ValueError) as exc:
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def _prober(self) -> None:
+        import socket
+
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(0.01)
+        seq = 0
+        while not self._stop.is_set():
+            t = time.monotonic()
+            u.sendto(seq.to_bytes(8, "little"), (self.ip, 7001))
+            seq += 1
+            try:
+                while True:  # drain: late replies to earlier probes count when they arrive
+                    u.recv(64)
+                    self.probes.append(time.monotonic())
+            except (TimeoutError, OSError):
+                pass
+            time.sleep(max(0.0, 0.01 - (time.monotonic() - t)))
+
+    def probe_gap(self) -> float:
+        """Longest time between two UDP echo replies (10 ms probes); 0 without probes."""
+        return max((b - a for a, b in itertools.pairwise(self.probes)), default=0.0)
+
+    def pids(self) -> list[int]:
+        """Every copy of the workload on this machine, stopped ones included."""
+        return script_pids(self.script, ("S", "R", "D", "T"))
+
+    def workload(self) -> Process:
+        """The source backend for this service (its TCP connection moves with it)."""
+        return Process(self.pid, tcp_established=True, external=(f"veth[ceth0]:{self.outer}",))
+
+    def receiver_options(self) -> dict[str, Any]:
+        """``serve()`` options for a destination on this same machine: the veth's outer
+        end is named ``vh<net>b`` there and gets the host-side address before resume."""
+
+        async def plumb(kind: str, spec: dict[str, Any], restored: Any) -> None:
+            for cmd in self.plumb_commands():
+                await anyio.run_process(cmd)
+
+        async def switch(kind: str, spec: dict[str, Any], restored: Any) -> None:
+            for cmd in self.switch_commands():
+                await anyio.run_process(cmd)
+
+        return {"external_map": {f"veth[ceth0]:{self.outer}": f"veth[ceth0]:{self.outer2}"},
+                "post_restore": plumb, "post_resume": switch}
+
+    def plumb_commands(self) -> list[list[str]]:
+        """Host-side setup of the restored copy's veth end (``vh<net>b``), without a
+        route: traffic stays with the source's copy until the switch."""
+        return [f"ip addr add {self.host_ip}/24 dev {self.outer2} noprefixroute".split(),
+                f"ip link set {self.outer2} up".split()]
+
+    def switch_commands(self) -> list[list[str]]:
+        """Send the service's traffic to the restored copy (after it resumed)."""
+        net = self.host_ip.rsplit(".", 1)[0] + ".0/24"
+        return [f"ip route replace {net} dev {self.outer2} src {self.host_ip}".split()]
+
+    def max_gap(self) -> float:
+        """Longest time between two replies the client saw."""
+        times = [t for t, _ in self.replies]
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+    def wait_replies(self, more: int, timeout: float = 60.0) -> None:
+        """Block until the client has ``more`` further replies (or an error)."""
+        start = len(self.replies)
+        deadline = time.monotonic() + timeout
+        while (len(self.replies) < start + more and not self.errors
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
+
+    def cleanup(self) -> None:
+        """Stop the client, kill every copy, remove the veth ends."""
+        self._stop.set()
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for link in (self.outer, self.outer2):
+            subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
+
+
+def start_sample_workload(workdir: pathlib.Path, mib: int = 32, *, dirty: float = 1.0,
+                          touch: int = 16) -> tuple[int, pathlib.Path]:
+    """Start the sample workload (``dirty`` of its pages per second get ``touch`` new
+    bytes each); returns (pid, counter file)."""
+    script = workdir / "workload.py"
+    script.write_text(_WORKLOAD)
+    counter = workdir / "counter"
+    cmd = (f"exec {sys.executable} {script} {mib} {counter} {dirty} {touch} "
+           "</dev/null >/dev/null 2>&1")
+    # Own PID and mount namespace, session leader inside it (CRIU needs both), and no
+    # descriptors inherited from the host's mount namespace.
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", cmd],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = script_pids(script)
+        if pids:
+            while not counter.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return pids[0], counter
+        time.sleep(0.05)
+    proc.kill()
+    raise ConfigError("the sample workload did not start")
+
+

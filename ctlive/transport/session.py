@@ -1,0 +1,276 @@
+"""The secure channel over TCP: attested handshake, records, lanes and flow control.
+
+This is the I/O shell around the sans-I/O cores (``handshake``, ``records``,
+``wire``). It runs unchanged under asyncio and trio (anyio), on non-blocking
+sockets driven with ``anyio.wait_readable``/``wait_writable`` so that records are
+read with ``recv_into`` straight into preallocated buffers.
+
+Connection setup::
+
+    control connection:  b"CTL1" cipher pattern | u16-framed handshake messages |
+                         records (HELLO, then the migration's control frames)
+    lane connection i:   b"CTLL" session-id lane-index join-tag | records (CHANGE)
+
+Lane keys and the join tag are derived from the handshake's chaining key, so a
+lane cannot be joined or read without the session. With ``lanes=1`` everything
+travels on the control connection. AEAD work for large records runs in worker
+threads (``cryptography`` and libsodium release the GIL), so lanes use both
+cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import anyio
+import anyio.abc
+import attrs
+
+from ctlive.errors import (
+    BrokenChannelError,
+    ClosedChannelError,
+    CtliveError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from ctlive.protocol.conversation import Conversation
+from ctlive.protocol.evidence import AttestationResult
+from ctlive.protocol.frames import (
+    Change,
+    Credit,
+    Error,
+    Event,
+    Role,
+    decode_frame,
+    encode_frame,
+)
+from ctlive.protocol.handshake import HandshakeResult
+from ctlive.protocol.lanes import LaneMerger
+from ctlive.transport.link import Link
+
+__all__ = [
+    "MAX_CHANGE",
+    "ChannelStatistics",
+    "Session",
+]
+
+DEFAULT_WINDOW = 64 << 20
+"""Bytes of CHANGE payload a sender may have outstanding before the receiver grants more."""
+MAX_CHANGE = 1 << 20
+"""Largest payload of one CHANGE frame."""
+
+
+@attrs.frozen
+class LaneStatistics:
+    """Per-connection figures."""
+
+    bytes_sent: int
+    bytes_received: int
+    records_sent: int
+    records_received: int
+
+
+@attrs.frozen
+class ChannelStatistics:
+    """A frozen snapshot of a session's traffic."""
+
+    bytes_sent: int
+    bytes_received: int
+    records_sent: int
+    records_received: int
+    lanes: tuple[LaneStatistics, ...]
+
+
+class Session:
+    """An authenticated, attested migration session.
+
+    Control frames go through :meth:`send` / :meth:`receive`, checked by the wire
+    :class:`~ctlive.protocol.conversation.Conversation`. The source sends CHANGE payloads with
+    :meth:`send_change`, spread over the lanes and subject to the receiver's
+    byte credit; the destination gets them from :meth:`receive` in logical order
+    (between the iteration's BEGIN and END). Background tasks read every
+    connection; a bad record on any of them fails the session.
+    """
+
+    def __init__(self, role: Role, hs: HandshakeResult, control: Link, lanes: list[Link],
+                 window: int) -> None:
+        self.role = role
+        self.handshake = hs
+        self.conversation = Conversation(role)
+        self._control = control
+        self._lanes = lanes
+        self._credit = window
+        self._credit_event = anyio.Event()
+        self._granted_pending = 0
+        self.window = window
+        self._next_lane = 0
+        self._counts: dict[int, list[int]] = {}
+        self._closed = False
+        self.closed_event = anyio.Event()
+        self._inbox_send, self._inbox = anyio.create_memory_object_stream[
+            tuple[int, Event | None] | BaseException](32)
+        self._ordered = LaneMerger(len(lanes))
+        self._failed: BaseException | None = None
+
+    @property
+    def attestation(self) -> AttestationResult | None:
+        """What the source's verifier established about the destination."""
+        return self.handshake.attestation
+
+    @property
+    def remote_static(self) -> bytes:
+        """The peer's static public key."""
+        return self.handshake.remote_static
+
+    @property
+    def lane_count(self) -> int:
+        """Number of lanes CHANGE frames are spread over."""
+        return len(self._lanes)
+
+    # -- background readers ---------------------------------------------------------------
+
+    async def _pump(self, index: int, link: Link) -> None:
+        async def deliver(payload: bytes | None) -> None:
+            if payload is None:
+                await self._inbox_send.send((index, None))
+                return
+            event = decode_frame(payload)
+            if isinstance(event, Credit) and self.role is Role.SOURCE:
+                self.conversation.receive_event(event)
+                self._credit += event.bytes
+                self._credit_event.set()
+                self._credit_event = anyio.Event()
+                return
+            await self._inbox_send.send((index, event))
+
+        try:
+            await link.records(deliver)
+        except (CtliveError, OSError) as exc:
+            if self._failed is None:
+                self._failed = exc
+            self._credit_event.set()  # wake a sender waiting for credit
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await self._inbox_send.send(exc)
+
+    def start(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start the control connection's reader."""
+        self._tg = tg
+        tg.start_soon(self._pump, 0, self._control)
+
+    def attach_lanes(self, links: list[Link]) -> None:
+        """Destination: the joined lanes (index 0 is the control connection)."""
+        self._lanes = links
+        self._ordered = LaneMerger(len(links))
+        for i, link in enumerate(links):
+            if link is not self._control:
+                self._tg.start_soon(self._pump, i, link)
+
+    # -- control ---------------------------------------------------------------------------
+
+    async def send(self, event: Event) -> None:
+        """Send one control frame (not CHANGE)."""
+        if self._closed:
+            raise ClosedChannelError("the session was closed")
+        frame = self.conversation.send(event)
+        await self._control.send(frame)
+
+    async def receive(self) -> Event:
+        """The next event from the peer: control frames, and on the destination the
+        CHANGE frames of each iteration between its BEGIN and END."""
+        while True:
+            if self._failed is not None:
+                raise self._failed
+            ready = self._ordered.pop()
+            if ready is not None:
+                return self.conversation.receive_event(ready)
+            item = await self._inbox.receive()
+            if isinstance(item, BaseException):
+                self._failed = self._failed or item
+                continue
+            index, event = item
+            if event is None:
+                self._failed = BrokenChannelError(
+                    "the peer closed the session" if index == 0 else f"lane {index} closed")
+                continue
+            if isinstance(event, Change):
+                # Lane 0 is the control connection: it carries changes too.
+                if self.role is Role.SOURCE:
+                    self._failed = RemoteProtocolError("CHANGE on a connection that carries none")
+                    continue
+                self._ordered.lanes[index].append(event)
+            else:
+                if index != 0:
+                    self._failed = RemoteProtocolError(f"control frame on lane {index}")
+                    continue
+                self._ordered.control.append(event)
+
+    # -- changes ---------------------------------------------------------------------------
+
+    async def send_change(self, iteration: int, data: bytes, *, lane: int | None = None) -> None:
+        """Send one CHANGE payload (at most MAX_CHANGE bytes) on the next lane, waiting
+        for credit if needed. Several tasks may call this at once to keep lanes busy."""
+        if len(data) > MAX_CHANGE:
+            raise LocalProtocolError(f"a CHANGE carries at most {MAX_CHANGE} bytes")
+        while self._credit < len(data) and self._credit < self.window:
+            if self._failed is not None:
+                raise self._failed
+            await self._credit_event.wait()
+        if self._failed is not None:
+            raise self._failed
+        self._credit -= len(data)
+        if lane is None:
+            lane = self._next_lane
+            self._next_lane = (lane + 1) % len(self._lanes)
+        elif not 0 <= lane < len(self._lanes):
+            raise LocalProtocolError(f"no lane {lane}")
+        counts = self._counts.setdefault(iteration, [0] * len(self._lanes))
+        seq = counts[lane]
+        counts[lane] += 1
+        self.conversation.send(Change(iteration, seq, b""))  # state check only
+        await self._lanes[lane].send(encode_frame(Change(iteration, seq, data)))
+
+    def lane_counts(self, iteration: int) -> tuple[int, ...]:
+        """How many CHANGE frames each lane carried in ``iteration``."""
+        return tuple(self._counts.get(iteration, [0] * len(self._lanes)))
+
+    async def grant(self, nbytes: int) -> None:
+        """Destination: hand back ``nbytes`` of credit once applied (batched)."""
+        self._granted_pending += nbytes
+        if self._granted_pending >= self.window // 4:
+            amount, self._granted_pending = self._granted_pending, 0
+            await self.send(Credit(amount))
+
+    async def send_error(self, code: str, message: str) -> None:
+        """Tell the peer why we stop (best effort)."""
+        with contextlib.suppress(CtliveError):
+            await self._control.send(self.conversation.send(Error(code, message)))
+
+    def statistics(self) -> ChannelStatistics:
+        """Traffic so far, as a frozen value."""
+        links = [self._control] + [ln for ln in self._lanes if ln is not self._control]
+        lanes = tuple(LaneStatistics(ln.sock.bytes_out, ln.sock.bytes_in, ln.tx.records,
+                                     ln.rx.records) for ln in links)
+        return ChannelStatistics(
+            bytes_sent=sum(x.bytes_sent for x in lanes),
+            bytes_received=sum(x.bytes_received for x in lanes),
+            records_sent=sum(x.records_sent for x in lanes),
+            records_received=sum(x.records_received for x in lanes),
+            lanes=lanes,
+        )
+
+    async def aclose(self) -> None:
+        """Send authenticated CLOSE records and close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self.closed_event.set()
+        links = [self._control] + [ln for ln in self._lanes if ln is not self._control]
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            for ln in links:
+                with contextlib.suppress(CtliveError):
+                    await ln.send_close()
+        for ln in links:
+            ln.sock.close()
+        self._inbox_send.close()
+
+
