@@ -16,65 +16,29 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import anyio
 
 from ctlive.identity import Identity
-from ctlive.protocol.frames import (
-    Change,
-    Commit,
-    CommitAck,
-    IterationBegin,
-    IterationEnd,
-    MigrationMeta,
-    Ready,
-)
+from ctlive.protocol.frames import Commit, IterationBegin, IterationEnd, MigrationMeta, Ready
 from ctlive.protocol.noise import CipherState
+from ctlive.testing.doubles import FakeDestination, FakeProvider, FakeVerifier
 from ctlive.transport.client import open_session
 from ctlive.transport.server import serve_sessions
-from ctlive.transport.session import Session
 
 CHUNK = 1 << 20
 SENDERS_PER_LANE = 1  # more oversubscribes 2 cores (measured slower)
 SRC, DST = Identity.generate(), Identity.generate()
 
 
-class _Provider:
-    def get_evidence(self, report_data: bytes) -> bytes:
-        return report_data
-
-
-class _Verifier:
-    def verify(self, evidence: bytes, report_data: bytes) -> Any:
-        from ctlive.protocol.evidence import AttestationResult
-
-        assert evidence == report_data
-        return AttestationResult("bench", b"")
-
-
-async def _sink(session: Session) -> None:
-    await session.receive()  # META
-    while True:
-        ev = await session.receive()
-        if isinstance(ev, Change):
-            await session.grant(len(ev.data))
-        elif isinstance(ev, IterationEnd):
-            break
-    await session.send(Ready({}))
-    c = await session.receive()
-    assert isinstance(c, Commit)
-    await session.send(CommitAck(c.migration_id))
-
-
 async def channel_run(data: list[bytes], lanes: int, cipher: str) -> tuple[float, float]:
     """(transfer seconds, handshake seconds)."""
     async with anyio.create_task_group() as tg:
         addr = await tg.start(lambda task_status: serve_sessions(
-            ("127.0.0.1", 0), identity=DST, provider=_Provider(), allow={SRC.public_key},
-            handler=_sink, task_status=task_status))
+            ("127.0.0.1", 0), identity=DST, provider=FakeProvider(), allow={SRC.public_key},
+            handler=FakeDestination(keep=False), task_status=task_status))
         t0 = time.perf_counter()
-        async with open_session(addr, identity=SRC, verifier=_Verifier(), lanes=lanes,
+        async with open_session(addr, identity=SRC, verifier=FakeVerifier(), lanes=lanes,
                                 cipher=cipher) as s:
             t_hs = time.perf_counter() - t0
             await s.send(MigrationMeta({}))

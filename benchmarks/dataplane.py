@@ -43,9 +43,9 @@ from ctlive.images.diff import diff
 from ctlive.images.rebuild import Rebuilder
 from ctlive.migration.destination import MigrationRecord, Receiver
 from ctlive.migration.iteration import send_iteration
-from ctlive.protocol.evidence import AttestationResult
 from ctlive.protocol.frames import Commit, CommitAck, MigrationMeta, Ready
 from ctlive.protocol.noise import CipherState
+from ctlive.testing.doubles import FakeProvider, FakeVerifier
 from ctlive.testing.workloads import start_sample_workload
 from ctlive.transport.client import open_session
 from ctlive.transport.server import serve_sessions
@@ -140,24 +140,11 @@ def plain_copy(corpus: list[pathlib.Path], out: pathlib.Path) -> float:
 # --- ctlive's pipeline ------------------------------------------------------------------
 
 
-class _Evidence:
-    """Trivial attestation: the data plane is measured without it."""
-
-    def get_evidence(self, report_data: bytes) -> bytes:
-        return report_data
-
-    def verify(self, evidence: bytes, report_data: bytes) -> AttestationResult:
-        if evidence != report_data:
-            raise ValueError("evidence mismatch")
-        return AttestationResult("bench", b"")
-
-
 async def pipeline(corpus: list[pathlib.Path], out: pathlib.Path, *, lanes: int = 1,
                    cipher: str = "AESGCM") -> tuple[float, list[int]]:
     """(seconds until the destination verified the last dump, wire bytes per iteration)."""
     src, dst = Identity.generate(), Identity.generate()
-    receiver = Receiver(out, commit_grace=60, fault=None)
-    ev = _Evidence()
+    receiver = Receiver(out, commit_grace=60)
 
     async def handler(session: Any) -> None:
         await session.receive()  # MIGRATION_META
@@ -171,9 +158,9 @@ async def pipeline(corpus: list[pathlib.Path], out: pathlib.Path, *, lanes: int 
     wires = []
     async with anyio.create_task_group() as tg:
         addr = await tg.start(lambda task_status: serve_sessions(
-            ("127.0.0.1", 0), identity=dst, provider=ev, allow={src.public_key},
+            ("127.0.0.1", 0), identity=dst, provider=FakeProvider(), allow={src.public_key},
             handler=handler, task_status=task_status))
-        async with open_session(addr, identity=src, verifier=ev, lanes=lanes,
+        async with open_session(addr, identity=src, verifier=FakeVerifier(), lanes=lanes,
                                 cipher=cipher) as s:
             await s.send(MigrationMeta({}))
             start = time.perf_counter()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import pathlib
 import subprocess
@@ -132,12 +131,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    # The suite lives in the repository (benchmarks/), not in the installed package.
-    checkout = pathlib.Path(__file__).resolve().parent.parent
+    # The suite lives in the repository (benchmarks/), not in the installed package: run
+    # it as ``python -m benchmarks`` in the checkout this package was loaded from.
+    checkout = pathlib.Path(__file__).resolve().parents[2]
     if not (checkout / "benchmarks" / "__main__.py").is_file():
         raise ConfigError("ctlive bench runs from a source checkout (benchmarks/ is not "
                           "installed with the package)")
-    sys.path.insert(0, str(checkout))
-    bench = importlib.import_module("benchmarks.__main__")
-    bench.main(list(args.bench_args))
-    return 0
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args.bench_args],
+                          cwd=checkout, check=False).returncode

@@ -19,7 +19,7 @@ import pathlib
 import shutil
 import time
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -54,10 +54,21 @@ from ctlive.transport.session import Session
 __all__ = [
     "MigrationRecord",
     "Receiver",
+    "ReceiverHooks",
     "serve",
 ]
 
 _MAX_ITEM = 512 << 20
+
+
+class ReceiverHooks(Protocol):
+    """Observes (or breaks) the receiver at named stages: ``on_stage(stage)`` runs at
+    "mid-iteration", "before-restore", "before-ready" and "before-resume", and what
+    it raises fails the migration there. For tests: ``ctlive.testing.hooks.
+    FaultHooks`` implements it and documents the stages."""
+
+    def on_stage(self, stage: str) -> None:
+        """The receiver reached ``stage``."""
 
 
 @attrs.define
@@ -81,7 +92,7 @@ class Receiver:
     """The state shared by all sessions of one ``serve()``."""
 
     def __init__(self, state_dir: pathlib.Path, commit_grace: float,
-                 fault: Callable[[str], Any] | None,
+                 hooks: ReceiverHooks | None = None,
                  external_map: dict[str, str] | None = None,
                  post_restore: Callable[[str, dict[str, Any], backends.Restored], Any]
                  | None = None,
@@ -95,12 +106,13 @@ class Receiver:
         self.commit_grace = commit_grace
         self.migrations: dict[str, MigrationRecord] = {}
         self._pending: dict[str, tuple[backends.Restored, pathlib.Path]] = {}
-        self._fault = fault
+        self.hooks = hooks
 
     def fault(self, stage: str) -> None:
-        """Test hook: lets a test break the receiver at a named stage."""
-        if self._fault is not None:
-            self._fault(stage)
+        """Tell ``hooks`` (if any) that the receiver reached ``stage``; what the hook
+        raises fails the migration at that point."""
+        if self.hooks is not None:
+            self.hooks.on_stage(stage)
 
     async def handle(self, session: Session) -> None:
         first = await session.receive()
@@ -302,7 +314,7 @@ async def serve(
     post_restore: Callable[[str, dict[str, Any], backends.Restored], Any] | None = None,
     post_resume: Callable[[str, dict[str, Any], backends.Restored], Any] | None = None,
     task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
-    _fault: Callable[[str], Any] | None = None,
+    hooks: ReceiverHooks | None = None,
 ) -> None:
     """Receive migrations until cancelled; reports ``(host, port)`` via ``task_status``.
 
@@ -313,11 +325,13 @@ async def serve(
     ``post_restore(kind, spec, restored)`` is awaited after each restore, while the
     workload is still stopped, for host-side network setup; ``post_resume`` (same
     arguments) right after COMMIT resumed it, to move traffic to it (not earlier: until
-    COMMIT the source may still resume its own copy).
+    COMMIT the source may still resume its own copy). ``hooks`` is told of each
+    stage the receiver reaches (``ReceiverHooks``; for tests, ``ctlive.testing.
+    hooks.FaultHooks`` breaks it there).
     """
     root = pathlib.Path(state_dir)
     root.mkdir(parents=True, exist_ok=True)
-    receiver = Receiver(root, commit_grace, _fault, external_map, post_restore, post_resume)
+    receiver = Receiver(root, commit_grace, hooks, external_map, post_restore, post_resume)
 
     async def handler(session: Session) -> None:
         try:

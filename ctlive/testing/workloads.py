@@ -1,16 +1,19 @@
-"""``ctlive demo``: a real migration on this machine, with nothing to configure.
+"""Sample workloads for real migrations on this machine (``ctlive demo``, the tests'
+and the benchmarks' CRIU runs).
 
-It starts a sample workload (a TCP counter service that keeps mutating 32 MiB, in
-its own PID, mount and network namespace behind a veth) with a live TCP client on
-this host, a receiver on loopback that attests with the *simulated* SNP platform
-(clearly insecure: there is no SEV hardware here), and migrates the service with
-real CRIU. It checks that the client's connection survived with no reset and no
-lost reply and that exactly one copy runs, prints the report, and cleans up.
+Both run ``scripts/sample_workload.py`` (package data; each workload its own copy,
+``install_script``), which keeps mutating a buffer of mixed content:
+``start_sample_workload`` writes a counter file, in its own PID and mount namespace;
+``SampleService`` is a TCP counter service in its own PID, mount and network
+namespace behind a veth, with a live TCP client (and UDP prober) on this host that
+checks every reply. ``script_pids`` finds a workload's processes, restored copies
+included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import itertools
 import os
 import pathlib
@@ -18,6 +21,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -28,91 +32,31 @@ from ctlive.errors import ConfigError
 
 __all__ = [
     "SampleService",
+    "install_script",
     "script_pids",
+    "script_text",
     "start_sample_workload",
 ]
 
-# Shared by both sample workloads: ``size`` bytes of mixed content (zero, text,
-# sparse and random pages, as real heaps hold) and a thread that keeps dirtying
-# ``dirty`` of its pages per second, ``touch`` bytes in each, walking the pages
-# with a stride so that each second's dirty pages are distinct.
-_MUTATOR = r"""
-import os, random, sys, threading, time
-try:
-    os.setsid()  # its own session inside the PID namespace, as CRIU requires
-except OSError:
-    pass  # already a session leader (a container's init)
-P = 4096
-size = int(sys.argv[1]) << 20
-dirty = float(sys.argv[3]) if len(sys.argv) > 3 else 0.3
-touch = max(1, min(P, int(sys.argv[4]) if len(sys.argv) > 4 else 16))
-buf = bytearray(size)
-r = random.Random(7)
-noise = r.randbytes(1 << 20)
-text = (b"GET /api/v1/items?id=%d HTTP/1.1 host: example.org user-agent: ctlive " * 2000)[:1 << 18]
-npages = size // P
-for i in range(npages):
-    kind, o = i % 8, r.randrange(1 << 17)
-    if kind in (2, 3):
-        buf[i * P:(i + 1) * P] = text[o:o + P]
-    elif kind in (4, 5):
-        buf[i * P:i * P + 128] = noise[o:o + 128]
-    elif kind == 6:
-        buf[i * P:(i + 1) * P] = noise[o:o + P]
-    elif kind == 7:
-        buf[i * P:(i + 1) * P] = bytes(range(256)) * 16
-
-def mutate():
-    rate = dirty * npages
-    stride = 7919 if npages % 7919 else 7907
-    page, q, done, t0 = 0, 0, 0, time.monotonic()
-    while True:
-        due = int((time.monotonic() - t0) * rate)
-        while done < due:
-            page = (page + stride) % npages
-            off = page * P + (r.randrange(P - touch + 1) if touch < P else 0)
-            q = (q + 4093) % ((1 << 20) - P)
-            buf[off:off + touch] = noise[q:q + touch]
-            done += 1
-        time.sleep(0.01)
-
-threading.Thread(target=mutate, daemon=True).start()
-"""
-
-_WORKLOAD = _MUTATOR + r"""
-counter = sys.argv[2]
-n = 0
-while True:
-    n += 1
-    with open(counter, "w") as f:
-        f.write(str(n))
-    time.sleep(0.02)
-"""
+_SCRIPT = "sample_workload.py"
+"""The sample workloads' program, in ``ctlive/testing/scripts/`` (package data)."""
 
 
-_SERVICE = _MUTATOR + r"""
-import socket
+def script_text() -> str:
+    """The source of the sample workloads' program (``scripts/sample_workload.py``:
+    ``MIB COUNTER|- [DIRTY [TOUCH]]``; a counter file, or with ``-`` the TCP service)."""
+    return (importlib.resources.files("ctlive.testing") / "scripts" / _SCRIPT).read_text()
 
-def udp_echo():  # the prober's port: downtime to 10 ms, free of TCP retransmission backoff
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    u.bind(("0.0.0.0", 7001))
-    while True:
-        d, a = u.recvfrom(64)
-        u.sendto(d, a)
 
-threading.Thread(target=udp_echo, daemon=True).start()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 7000))
-s.listen(1)
-n = 0
-while True:
-    c, _ = s.accept()
-    f = c.makefile("rwb", buffering=0)
-    for line in f:
-        n += 1
-        f.write(b"%d\n" % n)
-"""
+def install_script(path: pathlib.Path) -> pathlib.Path:
+    """Copy the sample workloads' program to ``path`` and return ``path``. Each workload
+    runs its own copy: its path (argv[1]) tells its processes apart (``script_pids``),
+    and the copy is reachable where the installed package is not (a container that
+    mounts only the work directory)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(script_text())
+    os.replace(tmp, path)
+    return path
 
 
 def script_pids(script: pathlib.Path, states: tuple[str, ...] = ("S", "R", "D")) -> list[int]:
@@ -152,13 +96,10 @@ class SampleService:
 
     def __init__(self, workdir: pathlib.Path, net: int, mib: int = 32, *,
                  dirty: float = 0.3, touch: int = 16) -> None:
-        import threading
-
         self.workdir, self.mib, self.dirty, self.touch = workdir, mib, dirty, touch
         self.outer, self.outer2 = f"vh{net}a", f"vh{net}b"
         self.host_ip, self.ip = f"10.77.{net}.1", f"10.77.{net}.2"
-        self.script = workdir / f"service-{os.getpid()}-{net}.py"
-        self.script.write_text(_SERVICE)
+        self.script = install_script(workdir / f"service-{os.getpid()}-{net}.py")
         self.pid = self.launch(self.command())
         # The namespace's network: a veth whose inner end lives with the workload.
         for cmd in (f"ip link add {self.outer} type veth peer name ceth0 netns {self.net_pid}",
@@ -341,8 +282,7 @@ def start_sample_workload(workdir: pathlib.Path, mib: int = 32, *, dirty: float 
                           touch: int = 16) -> tuple[int, pathlib.Path]:
     """Start the sample workload (``dirty`` of its pages per second get ``touch`` new
     bytes each); returns (pid, counter file)."""
-    script = workdir / "workload.py"
-    script.write_text(_WORKLOAD)
+    script = install_script(workdir / "workload.py")
     counter = workdir / "counter"
     cmd = (f"exec {sys.executable} {script} {mib} {counter} {dirty} {touch} "
            "</dev/null >/dev/null 2>&1")

@@ -53,7 +53,7 @@ async def receiver_factory(tmp_path: pathlib.Path, platform: SimulatedSnpPlatfor
     from ctlive.migration.destination import serve
 
     async with anyio.create_task_group() as tg:
-        async def start(fault: Any = None, allow: Any = None, **kw: Any) -> Receiver:
+        async def start(hooks: Any = None, allow: Any = None, **kw: Any) -> Receiver:
             errors: list[BaseException] = []
             scope = anyio.CancelScope()
 
@@ -63,7 +63,7 @@ async def receiver_factory(tmp_path: pathlib.Path, platform: SimulatedSnpPlatfor
                                 allow=allow if allow is not None else {SRC.public_key},
                                 state_dir=tmp_path / "dest-state", commit_grace=30,
                                 on_session_error=errors.append, task_status=task_status,
-                                _fault=fault, **kw)
+                                hooks=hooks, **kw)
 
             addr = await tg.start(run)
             return Receiver(addr, errors, scope)

@@ -19,6 +19,7 @@ from ctlive.backends.process import Process
 from ctlive.migration.convergence import Convergence
 from ctlive.migration.report import Decision
 from ctlive.migration.source import migrate
+from ctlive.testing.hooks import FaultHooks
 from tests.e2e.conftest import SRC
 
 pytestmark = pytest.mark.anyio
@@ -102,11 +103,7 @@ async def test_attestation_refused_sends_no_image_bytes(mutator: Mutator, receiv
 
 async def test_receiver_dies_mid_iteration(mutator: Mutator, receiver_factory: Any,
                                            verifier: Any) -> None:
-    def fault(stage: str) -> None:
-        if stage == "mid-iteration":
-            rx.scope.cancel()
-
-    rx = await receiver_factory(fault=fault)
+    rx = await receiver_factory(hooks=FaultHooks(mid_iteration=lambda: rx.scope.cancel()))
     with pytest.raises(errors.MigrationError) as info:
         await migrate(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier,
                       convergence=Convergence(max_iterations=4, max_downtime=0.0))
@@ -139,11 +136,10 @@ async def test_cancelled_migration_resumes_source(mutator: Mutator, receiver_fac
 
 async def test_cut_before_commit_resumes_source_only(mutator: Mutator, receiver_factory: Any,
                                                      verifier: Any) -> None:
-    def fault(stage: str) -> None:
-        if stage == "before-ready":
-            raise errors.BrokenChannelError("cut by the test before READY")
+    def cut() -> None:
+        raise errors.BrokenChannelError("cut by the test before READY")
 
-    rx = await receiver_factory(fault=fault)
+    rx = await receiver_factory(hooks=FaultHooks(before_ready=cut))
     with pytest.raises(errors.MigrationError) as info:
         await migrate(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier,
                       convergence=Convergence(max_iterations=2, max_downtime=0.0))

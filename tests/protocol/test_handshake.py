@@ -8,34 +8,8 @@ import pytest
 
 from ctlive.errors import AttestationError, HandshakeError, PeerNotAllowedError
 from ctlive.identity import Identity
-from ctlive.protocol.evidence import AttestationResult
 from ctlive.protocol.handshake import InitiatorHandshake, ResponderHandshake
-
-
-class FakeProvider:
-    """Evidence = b"EV" + report_data; records what it was asked for."""
-
-    def __init__(self) -> None:
-        self.asked: list[bytes] = []
-
-    def get_evidence(self, report_data: bytes) -> bytes:
-        self.asked.append(report_data)
-        return b"EV" + report_data
-
-
-class FakeVerifier:
-    def __init__(self, accept: bool = True) -> None:
-        self.accept = accept
-        self.seen: list[tuple[bytes, bytes]] = []
-
-    def verify(self, evidence: bytes, report_data: bytes) -> AttestationResult:
-        self.seen.append((evidence, report_data))
-        if not self.accept:
-            raise AttestationError("refused by test policy")
-        if evidence != b"EV" + report_data:
-            raise AttestationError("evidence does not bind this handshake")
-        return AttestationResult(platform="fake", measurement=b"m" * 48)
-
+from ctlive.testing.doubles import FakeProvider, FakeVerifier
 
 SRC, DST = Identity.generate(), Identity.generate()
 

@@ -13,9 +13,7 @@ from mitm import Mitm
 
 from ctlive import errors
 from ctlive.identity import Identity
-from ctlive.protocol.evidence import AttestationResult
 from ctlive.protocol.frames import (
-    Change,
     Commit,
     CommitAck,
     IterationBegin,
@@ -23,6 +21,7 @@ from ctlive.protocol.frames import (
     MigrationMeta,
     Ready,
 )
+from ctlive.testing.doubles import FakeDestination, FakeProvider, FakeVerifier
 from ctlive.transport.client import open_session
 from ctlive.transport.server import serve_sessions
 from ctlive.transport.session import Session
@@ -32,59 +31,10 @@ pytestmark = pytest.mark.anyio
 SRC, DST = Identity.generate(), Identity.generate()
 
 
-class Provider:
-    def get_evidence(self, report_data: bytes) -> bytes:
-        return b"EV" + report_data
-
-
-class Verifier:
-    def __init__(self, accept: bool = True) -> None:
-        self.accept = accept
-
-    def verify(self, evidence: bytes, report_data: bytes) -> AttestationResult:
-        if not self.accept:
-            raise errors.AttestationError("refused by test policy")
-        if evidence != b"EV" + report_data:
-            raise errors.ReportDataMismatchError("binding", field="report_data")
-        return AttestationResult(platform="fake", measurement=b"m" * 48)
-
-
-class Destination:
-    """A handler that plays the destination of a one-iteration migration."""
-
-    def __init__(self) -> None:
-        self.received: list[bytes] = []
-        self.errors: list[BaseException] = []
-        self.done = anyio.Event()
-
-    async def __call__(self, session: Session) -> None:
-        try:
-            meta = await session.receive()
-            assert isinstance(meta, MigrationMeta)
-            begin = await session.receive()
-            assert isinstance(begin, IterationBegin)
-            while True:
-                event = await session.receive()
-                if isinstance(event, IterationEnd):
-                    break
-                assert isinstance(event, Change)
-                self.received.append(event.data)
-                await session.grant(len(event.data))
-            await session.send(Ready({"ok": True}))
-            commit = await session.receive()
-            assert isinstance(commit, Commit)
-            await session.send(CommitAck(commit.migration_id))
-        except BaseException as exc:
-            self.errors.append(exc)
-            raise
-        finally:
-            self.done.set()
-
-
 async def _migrate(addr: tuple[str, int], payloads: list[bytes], lanes: int = 1,
                    cipher: str = "AESGCM", verifier: Any = None,
                    identity: Identity = SRC) -> Session:
-    async with open_session(addr, identity=identity, verifier=verifier or Verifier(),
+    async with open_session(addr, identity=identity, verifier=verifier or FakeVerifier(),
                             lanes=lanes, cipher=cipher, timeout=5) as s:
         await s.send(MigrationMeta({"id": "m1"}))
         await s.send(IterationBegin(0, final=True))
@@ -101,7 +51,7 @@ async def _migrate(addr: tuple[str, int], payloads: list[bytes], lanes: int = 1,
 
 async def _server(tg: anyio.abc.TaskGroup, handler: Any, allow: Any = None) -> tuple[str, int]:
     return await tg.start(lambda task_status: serve_sessions(
-        ("127.0.0.1", 0), identity=DST, provider=Provider(),
+        ("127.0.0.1", 0), identity=DST, provider=FakeProvider(),
         allow=allow if allow is not None else {SRC.public_key}, handler=handler,
         window=1 << 20, task_status=task_status))
 
@@ -110,7 +60,7 @@ async def _server(tg: anyio.abc.TaskGroup, handler: Any, allow: Any = None) -> t
 @pytest.mark.parametrize("cipher", ["AESGCM", "ChaChaPoly"])
 async def test_session_roundtrip(lanes: int, cipher: str) -> None:
     payloads = [os.urandom(n) for n in (10, 70_000, 300_000, 1, 500_000, 4096)] * 3
-    dest = Destination()
+    dest = FakeDestination()
     async with anyio.create_task_group() as tg:
         addr = await _server(tg, dest)
         s = await _migrate(addr, payloads, lanes=lanes, cipher=cipher)
@@ -125,13 +75,13 @@ async def test_session_roundtrip(lanes: int, cipher: str) -> None:
 
 
 async def test_attestation_refusal_sends_nothing_after_handshake() -> None:
-    dest = Destination()
+    dest = FakeDestination()
     async with anyio.create_task_group() as tg:
         addr = await _server(tg, dest)
         mitm = Mitm(addr)
         paddr = await tg.start(mitm.serve)
         with pytest.raises(errors.AttestationError):
-            await _migrate(paddr, [b"secret pages"], verifier=Verifier(accept=False))
+            await _migrate(paddr, [b"secret pages"], verifier=FakeVerifier(accept=False))
         await anyio.sleep(0.2)
         tg.cancel_scope.cancel()
     assert mitm.bytes_after_msg1 == 0
@@ -139,7 +89,7 @@ async def test_attestation_refusal_sends_nothing_after_handshake() -> None:
 
 
 async def test_unknown_source_refused_on_both_sides() -> None:
-    dest = Destination()
+    dest = FakeDestination()
     async with anyio.create_task_group() as tg:
         addr = await _server(tg, dest, allow={Identity.generate().public_key})
         with pytest.raises(errors.PeerNotAllowedError):
@@ -149,7 +99,7 @@ async def test_unknown_source_refused_on_both_sides() -> None:
 
 
 async def test_random_bytes_as_handshake_then_valid_session() -> None:
-    dest = Destination()
+    dest = FakeDestination()
     async with anyio.create_task_group() as tg:
         addr = await _server(tg, dest)
         for junk in (os.urandom(100), b"CTL1\x01\x01" + os.urandom(300), b"CTLL" + bytes(60)):
@@ -183,7 +133,7 @@ async def test_connect_errors() -> None:
     ],
 )
 async def test_tampering_is_detected(action: str, error: type[Exception]) -> None:
-    dest = Destination()
+    dest = FakeDestination()
     async with anyio.create_task_group() as tg:
         addr = await _server(tg, dest)
         mitm = Mitm(addr, action=action, at=2)
@@ -198,7 +148,7 @@ async def test_tampering_is_detected(action: str, error: type[Exception]) -> Non
 
 
 async def test_cancelled_connect_leaves_server_usable() -> None:
-    dest = Destination()
+    dest = FakeDestination()
 
     async def slow(session: Session) -> None:
         await anyio.sleep(30)
@@ -221,7 +171,7 @@ async def test_channel_with_simulated_snp_attestation() -> None:
     platform = SimulatedSnpPlatform()
     verifier = SnpVerifier(SnpPolicy(measurements=[platform.measurement]),
                            trusted_roots=[platform.trusted_root()])
-    dest = Destination()
+    dest = FakeDestination()
     async with anyio.create_task_group() as tg:
         addr = await tg.start(lambda task_status: serve_sessions(
             ("127.0.0.1", 0), identity=DST, provider=platform, allow={SRC.public_key},
