@@ -12,6 +12,8 @@ own classes inside its section.
 
 from __future__ import annotations
 
+import enum
+
 __all__ = [
     "AttestationError",
     "AuthenticationError",
@@ -49,6 +51,7 @@ __all__ = [
     "NativeError",
     "PageBufferError",
     "PeerNotAllowedError",
+    "Phase",
     "PolicyViolationError",
     "ProtocolError",
     "ProviderError",
@@ -74,20 +77,47 @@ __all__ = [
 ]
 
 
+class Phase(enum.StrEnum):
+    """The phases of a migration, in order: progress events announce each, and an
+    error raised inside a migration names the one it happened in. A ``StrEnum``:
+    members compare equal to their values (``Phase.FINAL_DUMP == "final-dump"``)."""
+
+    CONNECT = "connect"
+    """Connecting and running the handshake."""
+    ATTEST = "attest"
+    """The destination's evidence was verified; the migration is announced."""
+    ITERATE = "iterate"
+    """Pre-copy iterations while the workload runs."""
+    FINAL_DUMP = "final-dump"
+    """The final dump: the workload is stopped from here on."""
+    SEND = "send"
+    """The final iteration's changes go to the destination."""
+    RESTORE = "restore"
+    """The destination verifies and restores its copy, stopped, and says READY."""
+    COMMIT = "commit"
+    """The source copy is killed; COMMIT until the destination acknowledges."""
+    DONE = "done"
+    """The workload runs at the destination."""
+    FAILED = "failed"
+    """The migration failed; the source workload runs again."""
+    ABORT = "abort"
+    """Undoing a step on the way out of a failed migration (resuming the source,
+    discarding the destination's copy)."""
+
+
 class CtliveError(Exception):
     """Root of every ctlive exception.
 
-    ``phase`` names the migration phase (``"connect"``, ``"attest"``,
-    ``"iterate"``, ``"final-dump"``, ``"restore"``, ``"commit"`` …) when the
-    error happened inside a migration; ``cause`` is the original exception, if
-    any (it is also chained as ``__cause__``).
+    ``phase`` names the migration :class:`Phase` when the error happened inside a
+    migration; ``cause`` is the original exception, if any (it is also chained as
+    ``__cause__``).
     """
 
     def __init__(
         self,
         message: str,
         *,
-        phase: str | None = None,
+        phase: Phase | None = None,
         cause: BaseException | None = None,
     ) -> None:
         super().__init__(message)

@@ -28,14 +28,12 @@ import attrs
 from ctlive import backends
 from ctlive.errors import (
     CtliveError,
-    DeltaFormatError,
     ImageFormatError,
     RemoteProtocolError,
 )
 from ctlive.identity import Identity
 from ctlive.images.changes import decode_change
 from ctlive.images.rebuild import Rebuilder
-from ctlive.migration.iteration import FRAG_LAST, FRAG_MORE, FRAG_WHOLE
 from ctlive.protocol.evidence import EvidenceProvider
 from ctlive.protocol.frames import (
     Abort,
@@ -47,6 +45,7 @@ from ctlive.protocol.frames import (
     IterationEnd,
     MigrationMeta,
     Ready,
+    Reassembler,
 )
 from ctlive.transport.server import serve_sessions
 from ctlive.transport.session import Session
@@ -58,7 +57,6 @@ __all__ = [
     "serve",
 ]
 
-_MAX_ITEM = 512 << 20
 
 
 class ReceiverHooks(Protocol):
@@ -204,7 +202,7 @@ class Receiver:
             # The previous image is discarded: patch it in place, and re-hash only what
             # changed when verifying.
             rb = Rebuilder(prev, out, consume_old=True, old_hashes=hashes)
-            partial: dict[int, bytearray] = {}
+            frags = Reassembler()
             try:
                 while True:
                     ev = await session.receive()
@@ -213,14 +211,13 @@ class Receiver:
                     if not isinstance(ev, Change):
                         raise RemoteProtocolError(f"unexpected {type(ev).__name__} in iteration")
                     rec.bytes_received += len(ev.data)
-                    item = self._reassemble(partial, ev)
+                    item = frags.feed(ev.lane, ev.data)
                     if item is not None:
                         await anyio.to_thread.run_sync(rb.apply, decode_change(item))
                     await session.grant(len(ev.data))
                     if event.index == 1:
                         self.fault("mid-iteration")
-                if partial:
-                    raise DeltaFormatError("iteration ended inside a fragmented item")
+                frags.end_iteration()
                 t = time.monotonic()
                 await anyio.to_thread.run_sync(rb.finish)
                 if ev.final:
@@ -234,27 +231,6 @@ class Receiver:
             rec.iterations += 1
             if ev.final:
                 return out
-
-    @staticmethod
-    def _reassemble(partial: dict[int, bytearray], ev: Change) -> bytes | None:
-        if not ev.data:
-            raise DeltaFormatError("empty CHANGE payload")
-        flag, body = ev.data[0], ev.data[1:]
-        buf = partial.get(ev.lane)
-        if flag == FRAG_WHOLE:
-            if buf is not None:
-                raise DeltaFormatError("whole item inside a fragmented one")
-            return body
-        if flag not in (FRAG_MORE, FRAG_LAST):
-            raise DeltaFormatError(f"unknown fragment flag {flag}")
-        buf = partial.setdefault(ev.lane, bytearray())
-        buf += body
-        if len(buf) > _MAX_ITEM:
-            raise DeltaFormatError("fragmented item too large")
-        if flag == FRAG_LAST:
-            del partial[ev.lane]
-            return bytes(buf)
-        return None
 
     async def _resume_pending(self, session: Session, mid: str) -> None:
         entry = self._pending.pop(mid, None)

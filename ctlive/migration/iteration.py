@@ -16,34 +16,14 @@ from ctlive.images.diff import DiffStats, diff
 from ctlive.protocol.frames import (
     IterationBegin,
     IterationEnd,
+    fragment,
 )
-from ctlive.transport.session import MAX_CHANGE, Session
+from ctlive.transport.session import Session
 
-__all__ = [
-    "FRAG_LAST",
-    "FRAG_MORE",
-    "FRAG_WHOLE",
-    "fragments",
-    "next_item",
-    "send_iteration",
-]
-
-# First byte of every CHANGE payload: items larger than one frame travel as
-# fragments, all on one lane, in order.
-FRAG_WHOLE, FRAG_MORE, FRAG_LAST = 0, 1, 2
+__all__ = ["send_iteration"]
 
 
-def fragments(item: bytes) -> Iterator[bytes]:
-    room = MAX_CHANGE - 1
-    if len(item) <= room:
-        yield bytes([FRAG_WHOLE]) + item
-        return
-    for off in range(0, len(item), room):
-        last = off + room >= len(item)
-        yield bytes([FRAG_LAST if last else FRAG_MORE]) + item[off : off + room]
-
-
-async def next_item(gen: Iterator[ImageChange]) -> ImageChange | None:
+async def _next_item(gen: Iterator[ImageChange]) -> ImageChange | None:
     return await anyio.to_thread.run_sync(next, gen, None)
 
 
@@ -56,11 +36,11 @@ async def send_iteration(s: Session, k: int, final: bool, prev: pathlib.Path | N
     st = DiffStats()
     # The final dump is diffed while the workload is frozen: use every core.
     gen = diff(prev, d, stats=st, threads=min(os.cpu_count() or 1, 4) if final else 1)
-    while (item := await next_item(gen)) is not None:
+    while (item := await _next_item(gen)) is not None:
         blob = encode_change(item)
         lane = lane_rr % s.lane_count
         lane_rr += 1
-        for frag in fragments(blob):
+        for frag in fragment(blob):
             await s.send_change(k, frag, lane=lane)
     await s.send(IterationEnd(k, final, s.lane_counts(k), {
         "pages": st.pages_total, "changed": st.pages_changed}))

@@ -1,21 +1,19 @@
-"""The ctlive wire protocol: frames and the conversation's state machine, sans-I/O.
+"""The ctlive wire protocol's frame layer, sans-I/O: events, their codec, and the
+fragmentation of change items into CHANGE payloads.
 
 Design rules (h11-style):
 
 1. One frame per record. A frame is ``u8 version, u8 type, body``. Control bodies
-   are JSON objects; a CHANGE body is ``u32 iteration, u32 lane sequence`` then the
-   opaque bytes of one image-change item.
-2. Both peers run the same :class:`Conversation`, which tracks the whole exchange,
-   not one side of it. Every frame is checked against the transition table
-   before it is sent (a violation is our bug: LocalProtocolError) and when it is
-   received (the peer's: RemoteProtocolError).
-3. The control connection carries every frame but CHANGE. CHANGE frames travel on
-   lanes; ITERATION_END tells the receiver how many CHANGE frames each lane
-   carried for that iteration, so lanes need no ordering against the control
-   connection, only within themselves.
-4. ERROR may be sent by either side at any time and ends the conversation.
-   ABORT ends it from the source before COMMIT; after COMMIT there is no abort,
-   only a retried COMMIT (see the two-phase commit section of docs/protocol.md).
+   are JSON objects; a CHANGE body is ``u32 iteration, u32 lane sequence`` then a
+   payload of at most :data:`MAX_CHANGE` bytes.
+2. A CHANGE payload is ``u8 fragment flag`` then bytes of one image-change item:
+   WHOLE (0) carries a whole item; an item larger than one payload travels as MORE (1)
+   fragments and a final LAST (2), all on one lane and in order, so a lane's
+   fragments join without looking at other lanes. :class:`Reassembler` joins them
+   with a size cap; every fragment rule is checked there.
+3. Which frame may follow which, credit, and which connection may carry what are the
+   conversation's rules (:mod:`ctlive.protocol.conversation`); lane order is
+   :mod:`ctlive.protocol.lanes`'. This module only parses and builds.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -30,6 +29,8 @@ import attrs
 from ctlive.errors import RemoteProtocolError
 
 __all__ = [
+    "MAX_CHANGE",
+    "MAX_ITEM",
     "VERSION",
     "Abort",
     "Change",
@@ -38,18 +39,25 @@ __all__ = [
     "Credit",
     "Error",
     "Event",
+    "Fragment",
     "Hello",
     "IterationBegin",
     "IterationEnd",
     "MigrationMeta",
     "Ready",
+    "Reassembler",
     "Role",
     "decode_frame",
     "encode_frame",
+    "fragment",
 ]
 
 VERSION = 1
 MAX_CONTROL_BODY = 1 << 20
+MAX_CHANGE = 1 << 20
+"""Largest payload of one CHANGE frame, its fragment flag included."""
+MAX_ITEM = 512 << 20
+"""Default cap on one reassembled change item."""
 
 
 class Role(enum.Enum):
@@ -84,7 +92,8 @@ class IterationBegin:
 
 @attrs.frozen
 class Change:
-    """One image-change item (or a fragment of one) of an iteration, sent on a lane.
+    """One CHANGE payload (a fragment flag and an image-change item, or a fragment of
+    one) of an iteration, sent on a lane.
 
     ``lane`` is filled in by the receiver (it is not on the wire)."""
 
@@ -232,3 +241,79 @@ def nonneg(value: int) -> int:
     return value
 
 
+class Fragment(enum.IntEnum):
+    """The first byte of every CHANGE payload."""
+
+    WHOLE = 0
+    """The payload holds one whole item."""
+    MORE = 1
+    """A fragment of an item; more follow on the same lane."""
+    LAST = 2
+    """The item's last fragment."""
+
+
+def fragment(item: bytes, max_payload: int = MAX_CHANGE) -> Iterator[bytes]:
+    """The CHANGE payloads that carry ``item``, each at most ``max_payload`` bytes. The
+    caller sends them all on one lane, in order."""
+    room = max_payload - 1
+    if room < 1:
+        raise ValueError("a CHANGE payload needs room for its flag and one byte")
+    if len(item) <= room:
+        yield bytes([Fragment.WHOLE]) + item
+        return
+    view = memoryview(item)
+    for off in range(0, len(item), room):
+        flag = Fragment.LAST if off + room >= len(item) else Fragment.MORE
+        yield bytes([flag]) + view[off : off + room]
+
+
+class Reassembler:
+    """Joins each lane's fragments back into items (destination side).
+
+    Rules: an empty payload, an unknown flag, a WHOLE item inside a fragmented one, an
+    item larger than ``max_item`` bytes, and an iteration that ends with an item half
+    done are each a :class:`~ctlive.errors.RemoteProtocolError`. Memory held is the
+    unfinished items, at most ``max_item`` per lane.
+    """
+
+    def __init__(self, max_item: int = MAX_ITEM) -> None:
+        self.max_item = max_item
+        self._partial: dict[int, bytearray] = {}
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of unfinished items held."""
+        return sum(len(b) for b in self._partial.values())
+
+    def feed(self, lane: int, payload: bytes) -> bytes | None:
+        """Take one CHANGE payload from ``lane``; returns an item once it is whole."""
+        if not payload:
+            raise RemoteProtocolError("empty CHANGE payload")
+        flag, body = payload[0], payload[1:]
+        buf = self._partial.get(lane)
+        if flag == Fragment.WHOLE:
+            if buf is not None:
+                raise RemoteProtocolError(f"lane {lane}: a whole item inside a fragmented one")
+            if len(body) > self.max_item:
+                raise RemoteProtocolError(f"lane {lane}: item larger than {self.max_item} bytes")
+            return body
+        if flag not in (Fragment.MORE, Fragment.LAST):
+            raise RemoteProtocolError(f"lane {lane}: unknown fragment flag {flag}")
+        if buf is None:
+            buf = self._partial[lane] = bytearray()
+        if len(buf) + len(body) > self.max_item:
+            raise RemoteProtocolError(
+                f"lane {lane}: fragmented item larger than {self.max_item} bytes")
+        buf += body
+        if flag == Fragment.LAST:
+            del self._partial[lane]
+            return bytes(buf)
+        return None
+
+    def end_iteration(self) -> None:
+        """The iteration ended: no item may be left half done."""
+        if self._partial:
+            lanes = sorted(self._partial)
+            self._partial.clear()
+            raise RemoteProtocolError(
+                f"the iteration ended inside a fragmented item (lanes {lanes})")

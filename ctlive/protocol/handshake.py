@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 from nacl.encoding import RawEncoder
@@ -37,7 +37,9 @@ from ctlive.protocol.noise import CipherState, HandshakeState, KeyPair
 
 __all__ = [
     "BINDING_DOMAIN",
+    "CIPHERS",
     "PROLOGUE",
+    "Cipher",
     "HandshakeResult",
     "InitiatorHandshake",
     "ResponderHandshake",
@@ -47,10 +49,12 @@ __all__ = [
 
 PROLOGUE = b"ctlive migration protocol v1"
 BINDING_DOMAIN = b"ctlive attestation binding v1\x00"
-CIPHERS = ("AESGCM", "ChaChaPoly")
+Cipher = Literal["AESGCM", "ChaChaPoly"]
+"""The AEAD of a ctlive session (AESGCM is several times faster on x86 with AES-NI)."""
+CIPHERS: tuple[Cipher, ...] = ("AESGCM", "ChaChaPoly")
 
 
-def protocol_name(pattern: str, cipher: str) -> str:
+def protocol_name(pattern: str, cipher: Cipher) -> str:
     """The Noise protocol name for a ctlive session."""
     if pattern not in ("XX", "IK"):
         raise HandshakeError(f"ctlive uses the XX or IK pattern, not {pattern}")
@@ -73,7 +77,7 @@ class HandshakeResult:
     recv: CipherState
     handshake_hash: bytes
     remote_static: bytes
-    cipher: str
+    cipher: Cipher
     attestation: AttestationResult | None
     peer_hello: dict[str, Any]
     _chaining_key: bytes
@@ -102,7 +106,7 @@ def _decode_hello(data: bytes) -> dict[str, Any]:
     return value
 
 
-def _result(hs: HandshakeState, cipher: str, attestation: AttestationResult | None,
+def _result(hs: HandshakeState, cipher: Cipher, attestation: AttestationResult | None,
             hello: dict[str, Any]) -> HandshakeResult:
     assert hs.transport and hs.handshake_hash and hs.chaining_key and hs.rs
     send, recv = hs.transport
@@ -114,7 +118,7 @@ class InitiatorHandshake:
     """The source's side. ``verifier`` decides whether the destination may receive."""
 
     def __init__(self, identity: Identity, verifier: EvidenceVerifier | None, *,
-                 cipher: str = "AESGCM", pattern: str = "XX",
+                 cipher: Cipher = "AESGCM", pattern: str = "XX",
                  responder_static: bytes | None = None,
                  hello: dict[str, Any] | None = None) -> None:
         if pattern == "IK" and responder_static is None:
@@ -181,7 +185,7 @@ class ResponderHandshake:
 
     def __init__(self, identity: Identity, provider: EvidenceProvider | None,
                  allow: Collection[bytes] | Callable[[bytes], bool], *,
-                 cipher: str = "AESGCM", pattern: str = "XX",
+                 cipher: Cipher = "AESGCM", pattern: str = "XX",
                  hello: dict[str, Any] | None = None) -> None:
         self.cipher = cipher
         self.pattern = pattern

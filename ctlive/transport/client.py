@@ -15,28 +15,22 @@ from ctlive.errors import (
     ConnectTimeoutError,
     HandshakeError,
     PeerNotAllowedError,
+    Phase,
     RemoteProtocolError,
 )
 from ctlive.identity import Identity
+from ctlive.protocol.conversation import MAX_LANES
 from ctlive.protocol.evidence import EvidenceVerifier
 from ctlive.protocol.frames import (
     Error,
     Hello,
     Role,
 )
-from ctlive.protocol.handshake import InitiatorHandshake
-from ctlive.protocol.lanes import (
-    CIPHER_IDS,
-    CONTROL_MAGIC,
-    LANE_MAGIC,
-    PATTERN_IDS,
-    join_tag,
-    lane_keys,
-    session_id,
-)
+from ctlive.protocol.handshake import Cipher, InitiatorHandshake
+from ctlive.protocol.lanes import control_preamble, lane_keys, lane_preamble
 from ctlive.protocol.noise import CipherState
 from ctlive.transport.link import Link
-from ctlive.transport.session import DEFAULT_WINDOW, Session
+from ctlive.transport.session import Session
 from ctlive.transport.socket import (
     Socket,
     connect,
@@ -58,7 +52,7 @@ async def open_session(
     identity: Identity,
     verifier: EvidenceVerifier | None,
     lanes: int = 1,
-    cipher: str = "AESGCM",
+    cipher: Cipher = "AESGCM",
     timeout: float = 30.0,
     hello: dict[str, Any] | None = None,
 ) -> AsyncIterator[Session]:
@@ -68,8 +62,8 @@ async def open_session(
     :class:`~ctlive.errors.AttestationError` is raised and the connection is closed
     with no further byte written.
     """
-    if not 1 <= lanes <= 16:
-        raise ConnectError("lanes must be between 1 and 16")
+    if not 1 <= lanes <= MAX_LANES:
+        raise ConnectError(f"lanes must be between 1 and {MAX_LANES}")
     host, port = parse_address(address)
     socks: list[Socket] = []
     session: Session | None = None
@@ -80,13 +74,13 @@ async def open_session(
         async with anyio.create_task_group() as tg:
             try:
                 try:
-                    with anyio.fail_after(timeout), map_exceptions("connect"):
+                    with anyio.fail_after(timeout), map_exceptions(Phase.CONNECT):
                         session = await _client_setup(tg, socks, host, port, identity, verifier,
                                                       lanes, cipher, hello)
                 except TimeoutError as exc:
                     raise ConnectTimeoutError(
                         f"connecting to {host}:{port} timed out after {timeout}s",
-                        phase="connect", cause=exc) from exc
+                        phase=Phase.CONNECT, cause=exc) from exc
                 yield session
             except Exception as exc:
                 failure = exc
@@ -103,11 +97,11 @@ async def open_session(
 
 async def _client_setup(tg: anyio.abc.TaskGroup, socks: list[Socket], host: str, port: int,
                         identity: Identity, verifier: EvidenceVerifier | None, lanes: int,
-                        cipher: str, hello: dict[str, Any] | None) -> Session:
+                        cipher: Cipher, hello: dict[str, Any] | None) -> Session:
     sock = await connect(host, port)
     socks.append(sock)
     init = InitiatorHandshake(identity, verifier, cipher=cipher)
-    await sock.write_all(CONTROL_MAGIC + bytes([CIPHER_IDS[cipher], PATTERN_IDS["XX"]]))
+    await sock.write_all(control_preamble(cipher))
     await write_handshake_message(sock, init.start())
     try:
         msg2 = await read_handshake_message(sock)
@@ -119,7 +113,7 @@ async def _client_setup(tg: anyio.abc.TaskGroup, socks: list[Socket], host: str,
     hs = init.result()
     control = Link(sock, hs.send, hs.recv)
     links = [control]
-    session = Session(Role.SOURCE, hs, control, links, DEFAULT_WINDOW)
+    session = Session(Role.SOURCE, hs, control, links)
     session.start(tg)
     await session.send(Hello(capabilities={"lanes": lanes, "cipher": cipher, **(hello or {})}))
     reply = await session.receive()
@@ -127,13 +121,11 @@ async def _client_setup(tg: anyio.abc.TaskGroup, socks: list[Socket], host: str,
         if reply.code == "peer-not-allowed":
             raise PeerNotAllowedError(f"the destination refused us: {reply.message}")
         raise RemoteProtocolError(f"destination error {reply.code}: {reply.message}")
-    assert isinstance(reply, Hello)
-    session.window = session._credit = int(reply.capabilities.get("window", DEFAULT_WINDOW))
-    sid = session_id(hs)
+    assert isinstance(reply, Hello)  # its window is the conversation's credit now
     for lane in range(1, lanes):
         ls = await connect(host, port)
         socks.append(ls)
-        await ls.write_all(LANE_MAGIC + sid + bytes([lane]) + join_tag(hs, lane))
+        await ls.write_all(lane_preamble(hs, lane))
         send_k, recv_k = lane_keys(hs, lane, True)
         links.append(Link(ls, CipherState(cipher, send_k), CipherState(cipher, recv_k)))
     return session

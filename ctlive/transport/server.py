@@ -3,7 +3,6 @@ handshake, join lanes to their session."""
 
 from __future__ import annotations
 
-import hmac
 import socket
 from collections.abc import Callable, Collection
 from typing import Any
@@ -13,11 +12,11 @@ import anyio.abc
 
 from ctlive.errors import (
     CtliveError,
-    HandshakeError,
     PeerNotAllowedError,
     RemoteProtocolError,
 )
 from ctlive.identity import Identity
+from ctlive.protocol.conversation import DEFAULT_WINDOW
 from ctlive.protocol.evidence import EvidenceProvider
 from ctlive.protocol.frames import (
     Hello,
@@ -25,17 +24,19 @@ from ctlive.protocol.frames import (
 )
 from ctlive.protocol.handshake import ResponderHandshake
 from ctlive.protocol.lanes import (
-    CIPHER_IDS,
     CONTROL_MAGIC,
     LANE_MAGIC,
-    PATTERN_IDS,
-    join_tag,
+    LANE_PREAMBLE_SIZE,
+    PREAMBLE_PREFIX,
+    check_join,
     lane_keys,
+    parse_control_preamble,
+    parse_lane_preamble,
     session_id,
 )
 from ctlive.protocol.noise import CipherState
 from ctlive.transport.link import Link
-from ctlive.transport.session import DEFAULT_WINDOW, Session
+from ctlive.transport.session import Session
 from ctlive.transport.socket import (
     Socket,
     parse_address,
@@ -77,10 +78,7 @@ async def serve_sessions(
     task_status.started((bound[0], bound[1]))
 
     async def handle_control(sock: Socket, first: bytes) -> None:
-        ids = {v: k for k, v in CIPHER_IDS.items()}
-        if first[4] not in ids or first[5] != PATTERN_IDS["XX"]:
-            raise HandshakeError("unsupported cipher or pattern requested")
-        cipher = ids[first[4]]
+        cipher = parse_control_preamble(first)
         resp = ResponderHandshake(identity, provider, allow, cipher=cipher)
         with anyio.fail_after(handshake_timeout):
             msg2 = resp.receive(await read_handshake_message(sock))
@@ -92,21 +90,22 @@ async def serve_sessions(
         except PeerNotAllowedError as exc:
             refused, hs = exc, resp.result()
         control = Link(sock, hs.send, hs.recv)
-        session = Session(Role.DESTINATION, hs, control, [control], window)
+        session = Session(Role.DESTINATION, hs, control, [control])
         failure: Exception | None = None
         async with anyio.create_task_group() as tg:
             session.start(tg)
             try:
-                hello = await session.receive()
+                try:
+                    hello = await session.receive()  # the conversation checks its lanes
+                except RemoteProtocolError as exc:
+                    await session.send_error("bad-hello", str(exc))
+                    raise
                 if not isinstance(hello, Hello):
                     raise RemoteProtocolError("the source did not start with HELLO")
                 if refused is not None:
                     await session.send_error("peer-not-allowed", str(refused))
                     raise refused
-                lanes = hello.capabilities.get("lanes", 1)
-                if not isinstance(lanes, int) or not 1 <= lanes <= 16:
-                    await session.send_error("bad-hello", "lanes must be 1..16")
-                    raise RemoteProtocolError(f"bad lane count {lanes!r}")
+                lanes = session.conversation.lanes
                 await session.send(Hello(capabilities={"window": window, "lanes": lanes}))
                 if lanes > 1:
                     slots: list[Link | None] = [control] + [None] * (lanes - 1)
@@ -129,17 +128,14 @@ async def serve_sessions(
             raise failure
 
     async def handle_lane(sock: Socket, first: bytes) -> None:
-        rest = await sock.read_some_exact(16 + 1 + 32 - 2)
-        data = first[4:] + rest
-        sid, lane, tag = bytes(data[:16]), data[16], bytes(data[17:49])
+        rest = await sock.read_some_exact(LANE_PREAMBLE_SIZE - PREAMBLE_PREFIX)
+        sid, lane, tag = parse_lane_preamble(first + bytes(rest))
         entry = pending.get(sid)
         if entry is None:
             raise RemoteProtocolError("lane for an unknown session")
         session, slots, ready = entry
         hs = session.handshake
-        if not 1 <= lane < len(slots) or slots[lane] is not None or not hmac.compare_digest(
-                tag, join_tag(hs, lane)):
-            raise RemoteProtocolError("invalid lane join")
+        check_join(hs, lane, tag, len(slots), {i for i, s in enumerate(slots) if s is not None})
         send_k, recv_k = lane_keys(hs, lane, False)
         slots[lane] = Link(sock, CipherState(hs.cipher, send_k), CipherState(hs.cipher, recv_k))
         if all(s is not None for s in slots):
@@ -151,7 +147,7 @@ async def serve_sessions(
         sock = Socket(conn)
         try:
             with anyio.fail_after(handshake_timeout):
-                first = await sock.read_some_exact(6)
+                first = await sock.read_some_exact(PREAMBLE_PREFIX)
             if first[:4] == CONTROL_MAGIC:
                 await handle_control(sock, bytes(first))
             elif first[:4] == LANE_MAGIC:

@@ -1,21 +1,11 @@
-"""The secure channel over TCP: attested handshake, records, lanes and flow control.
+"""A migration session over its lanes: the I/O shell around
+:class:`~ctlive.protocol.conversation.Conversation`.
 
-This is the I/O shell around the sans-I/O cores (``handshake``, ``records``,
-``wire``). It runs unchanged under asyncio and trio (anyio), on non-blocking
-sockets driven with ``anyio.wait_readable``/``wait_writable`` so that records are
-read with ``recv_into`` straight into preallocated buffers.
-
-Connection setup::
-
-    control connection:  b"CTL1" cipher pattern | u16-framed handshake messages |
-                         records (HELLO, then the migration's control frames)
-    lane connection i:   b"CTLL" session-id lane-index join-tag | records (CHANGE)
-
-Lane keys and the join tag are derived from the handshake's chaining key, so a
-lane cannot be joined or read without the session. With ``lanes=1`` everything
-travels on the control connection. AEAD work for large records runs in worker
-threads (``cryptography`` and libsodium release the GIL), so lanes use both
-cores.
+Every rule is the conversation's (which frame when, credit, which connection carries
+what) or the lane merger's (order across lanes); this module moves frames between
+links and those pure objects, runs one reader task per connection, and wakes senders
+waiting for credit. AEAD work for large records runs in worker threads (see
+:mod:`ctlive.transport.link`), so lanes use both cores.
 """
 
 from __future__ import annotations
@@ -30,8 +20,6 @@ from ctlive.errors import (
     BrokenChannelError,
     ClosedChannelError,
     CtliveError,
-    LocalProtocolError,
-    RemoteProtocolError,
 )
 from ctlive.protocol.conversation import Conversation
 from ctlive.protocol.evidence import AttestationResult
@@ -42,22 +30,17 @@ from ctlive.protocol.frames import (
     Event,
     Role,
     decode_frame,
-    encode_frame,
 )
 from ctlive.protocol.handshake import HandshakeResult
 from ctlive.protocol.lanes import LaneMerger
 from ctlive.transport.link import Link
 
 __all__ = [
-    "MAX_CHANGE",
     "ChannelStatistics",
+    "LaneStatistics",
     "Session",
 ]
 
-DEFAULT_WINDOW = 64 << 20
-"""Bytes of CHANGE payload a sender may have outstanding before the receiver grants more."""
-MAX_CHANGE = 1 << 20
-"""Largest payload of one CHANGE frame."""
 
 
 @attrs.frozen
@@ -92,25 +75,26 @@ class Session:
     connection; a bad record on any of them fails the session.
     """
 
-    def __init__(self, role: Role, hs: HandshakeResult, control: Link, lanes: list[Link],
-                 window: int) -> None:
+    def __init__(self, role: Role, hs: HandshakeResult, control: Link,
+                 lanes: list[Link]) -> None:
         self.role = role
         self.handshake = hs
         self.conversation = Conversation(role)
         self._control = control
         self._lanes = lanes
-        self._credit = window
         self._credit_event = anyio.Event()
         self._granted_pending = 0
-        self.window = window
-        self._next_lane = 0
-        self._counts: dict[int, list[int]] = {}
         self._closed = False
         self.closed_event = anyio.Event()
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[
             tuple[int, Event | None] | BaseException](32)
         self._ordered = LaneMerger(len(lanes))
         self._failed: BaseException | None = None
+
+    @property
+    def window(self) -> int:
+        """Bytes of CHANGE payload that may be in flight (the destination's HELLO)."""
+        return self.conversation.credit.window
 
     @property
     def attestation(self) -> AttestationResult | None:
@@ -135,9 +119,9 @@ class Session:
                 await self._inbox_send.send((index, None))
                 return
             event = decode_frame(payload)
+            self.conversation.check_link(index, event)
             if isinstance(event, Credit) and self.role is Role.SOURCE:
                 self.conversation.receive_event(event)
-                self._credit += event.bytes
                 self._credit_event.set()
                 self._credit_event = anyio.Event()
                 return
@@ -192,46 +176,32 @@ class Session:
                 self._failed = BrokenChannelError(
                     "the peer closed the session" if index == 0 else f"lane {index} closed")
                 continue
+            # check_link() let CHANGE frames through only to the destination, and other
+            # frames only on the control connection.
             if isinstance(event, Change):
-                # Lane 0 is the control connection: it carries changes too.
-                if self.role is Role.SOURCE:
-                    self._failed = RemoteProtocolError("CHANGE on a connection that carries none")
-                    continue
                 self._ordered.lanes[index].append(event)
             else:
-                if index != 0:
-                    self._failed = RemoteProtocolError(f"control frame on lane {index}")
-                    continue
                 self._ordered.control.append(event)
 
     # -- changes ---------------------------------------------------------------------------
 
     async def send_change(self, iteration: int, data: bytes, *, lane: int | None = None) -> None:
-        """Send one CHANGE payload (at most MAX_CHANGE bytes) on the next lane, waiting
-        for credit if needed. Several tasks may call this at once to keep lanes busy."""
-        if len(data) > MAX_CHANGE:
-            raise LocalProtocolError(f"a CHANGE carries at most {MAX_CHANGE} bytes")
-        while self._credit < len(data) and self._credit < self.window:
+        """Send one CHANGE payload (at most MAX_CHANGE bytes) on ``lane`` or the next one,
+        waiting for credit if needed. Several tasks may call this at once to keep lanes
+        busy."""
+        credit = self.conversation.credit
+        while not credit.may_send(len(data)):
             if self._failed is not None:
                 raise self._failed
             await self._credit_event.wait()
         if self._failed is not None:
             raise self._failed
-        self._credit -= len(data)
-        if lane is None:
-            lane = self._next_lane
-            self._next_lane = (lane + 1) % len(self._lanes)
-        elif not 0 <= lane < len(self._lanes):
-            raise LocalProtocolError(f"no lane {lane}")
-        counts = self._counts.setdefault(iteration, [0] * len(self._lanes))
-        seq = counts[lane]
-        counts[lane] += 1
-        self.conversation.send(Change(iteration, seq, b""))  # state check only
-        await self._lanes[lane].send(encode_frame(Change(iteration, seq, data)))
+        index, frame = self.conversation.send_change(iteration, data, lane)
+        await self._lanes[index].send(frame)
 
     def lane_counts(self, iteration: int) -> tuple[int, ...]:
         """How many CHANGE frames each lane carried in ``iteration``."""
-        return tuple(self._counts.get(iteration, [0] * len(self._lanes)))
+        return self.conversation.lane_counts(iteration)
 
     async def grant(self, nbytes: int) -> None:
         """Destination: hand back ``nbytes`` of credit once applied (batched)."""

@@ -19,6 +19,7 @@ from ctlive.errors import (
     ClosedChannelError,
     ConnectError,
     CtliveError,
+    Phase,
 )
 
 __all__ = [
@@ -40,7 +41,7 @@ _SOCK_BUF = 4 << 20
 
 
 @contextlib.contextmanager
-def map_exceptions(phase: str | None = None) -> Iterator[None]:
+def map_exceptions(phase: Phase | None = None) -> Iterator[None]:
     """Translate OS and anyio errors at the I/O boundary into ctlive errors."""
     try:
         yield
