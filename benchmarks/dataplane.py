@@ -36,8 +36,7 @@ import zstandard
 
 from ctlive.backends.criu import find_criu
 from ctlive.identity import Identity
-from ctlive.images import diff as image_diff
-from ctlive.images import pagediff
+from ctlive.images import layout, pagediff
 from ctlive.images.changes import decode_change, encode_change
 from ctlive.images.diff import diff
 from ctlive.images.rebuild import Rebuilder
@@ -239,8 +238,8 @@ def stages(corpus: list[pathlib.Path], scratch: pathlib.Path,
 def wire_floor(old: pathlib.Path | None, new: pathlib.Path) -> int:
     """zstd-1 of the XOR of exactly the changed pages, plus zstd-1 of changed files."""
     zc = zstandard.ZstdCompressor(level=1)
-    new_maps = image_diff.pagemaps(new)
-    old_maps = image_diff.pagemaps(old) if old is not None else {}
+    new_maps = layout.pagemaps(new)
+    old_maps = layout.pagemaps(old) if old is not None else {}
     pages_of = {f"pages-{pm.pages_id}.img": name for name, pm in new_maps.items()}
     total = 0
     for p in files_of(new):
@@ -254,12 +253,12 @@ def wire_floor(old: pathlib.Path | None, new: pathlib.Path) -> int:
         cur = (new / pages_name).read_bytes()
         old_buf = (old / f"pages-{old_map.pages_id}.img").read_bytes() if (
             old is not None and old_map is not None) else b""
-        segs = image_diff.segments(old_map, new_map) if old_map is not None else []
+        segs = layout.segments(old_map, new_map) if old_map is not None else []
         xored = bytearray()
         npages = len(cur) // PAGE
         for start in range(0, npages, 4096):
             count = min(4096, npages - start)
-            base = image_diff.base_window(old_buf, segs, start, count) if old_buf else bytes(
+            base = layout.base_window(old_buf, segs, start, count) if old_buf else bytes(
                 count * PAGE)
             new_w = cur[start * PAGE : (start + count) * PAGE]
             for i in pagediff.changed_pages(bytes(base), new_w):

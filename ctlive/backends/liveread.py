@@ -36,7 +36,6 @@ __all__ = [
     "read_tree",
 ]
 
-PAGE = PAGE_SIZE
 _PM_PRESENT = 1 << 63
 _PM_SWAP = 1 << 62
 _PM_FILE = 1 << 61  # a page of the file (not yet written privately), or shared anon
@@ -61,12 +60,12 @@ def _zero_pfn() -> int | None:
     it); None where PFNs are hidden (not root)."""
     import ctypes
 
-    with mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as m:
+    with mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as m:
         _ = m[0]  # a read fault maps the zero page
         view = ctypes.c_char.from_buffer(m)
         addr = ctypes.addressof(view)
         with open("/proc/self/pagemap", "rb") as f:
-            f.seek(addr // PAGE * 8)
+            f.seek(addr // PAGE_SIZE * 8)
             (e,) = struct.unpack("<Q", f.read(8))
         del view  # the mapping cannot close while exported
     pfn = e & _PFN_MASK
@@ -108,9 +107,9 @@ def _runs(pagemap: int, start: int, end: int, zero_pfn: int | None
     swapped, written privately (not still the file's page), not the zero page."""
     run_start, run_len = 0, 0
     zero = zero_pfn.to_bytes(7, "little") if zero_pfn is not None else None
-    for base in range(start, end, _CHUNK_PAGES * PAGE):
-        n = min(_CHUNK_PAGES, (end - base) // PAGE)
-        raw = os.pread(pagemap, n * 8, base // PAGE * 8)
+    for base in range(start, end, _CHUNK_PAGES * PAGE_SIZE):
+        n = min(_CHUNK_PAGES, (end - base) // PAGE_SIZE)
+        raw = os.pread(pagemap, n * 8, base // PAGE_SIZE * 8)
         got = len(raw) // 8
         mask = bytearray(raw[7 : got * 8 : 8].translate(_KEEP))
         if zero is not None:
@@ -122,8 +121,8 @@ def _runs(pagemap: int, start: int, end: int, zero_pfn: int | None
                     mask[i] = 0
                 at = raw.find(zero[:6], at + 1)
         for m in _RUN.finditer(mask):
-            addr, count = base + m.start() * PAGE, m.end() - m.start()
-            if run_len and run_start + run_len * PAGE == addr:
+            addr, count = base + m.start() * PAGE_SIZE, m.end() - m.start()
+            if run_len and run_start + run_len * PAGE_SIZE == addr:
                 run_len += count  # continues the run that ended the previous chunk
                 continue
             if run_len:
@@ -151,12 +150,13 @@ def _read_process(pid: int, out: pathlib.Path, pages_id: int, zero_pfn: int | No
                     for at in range(0, n, _CHUNK_PAGES):
                         k = min(_CHUNK_PAGES, n - at)
                         try:
-                            data = os.pread(mem, k * PAGE, vaddr + at * PAGE)
+                            data = os.pread(mem, k * PAGE_SIZE, vaddr + at * PAGE_SIZE)
                         except OSError:
                             data = b""
-                        if len(data) < k * PAGE:
-                            unreadable += k - len(data) // PAGE
-                            data = data[: len(data) // PAGE * PAGE].ljust(k * PAGE, b"\0")
+                        if len(data) < k * PAGE_SIZE:
+                            whole = len(data) // PAGE_SIZE
+                            unreadable += k - whole
+                            data = data[: whole * PAGE_SIZE].ljust(k * PAGE_SIZE, b"\0")
                         f.write(data)
     finally:
         os.close(pm)

@@ -23,6 +23,7 @@ __all__ = [
     "IMG_SERVICE_MAGIC",
     "INVENTORY_MAGIC",
     "PAGEMAP_MAGIC",
+    "PAGE_SIZE",
     "PE_LAZY",
     "PE_PARENT",
     "PE_PRESENT",
@@ -46,6 +47,7 @@ INVENTORY_MAGIC = 0x58313116
 STATS_MAGIC = 0x57093306
 PE_PARENT, PE_LAZY, PE_PRESENT = 1, 2, 4
 PAGE_SIZE = 4096
+"""Size of a page in bytes, as CRIU's images count them (the one definition in ctlive)."""
 _MAX_ENTRY = 64 << 20
 
 

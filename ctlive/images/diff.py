@@ -1,5 +1,5 @@
-"""Diff two successive CRIU dumps into a stream of change items, and rebuild the new
-dump byte for byte from the old one and that stream.
+"""Diff two successive CRIU dumps into a stream of change items (``rebuild`` turns
+the old dump and that stream back into the new dump, byte for byte).
 
 One code path serves the first, full transfer (``old_dir=None``) and every later
 iteration. Pages are matched by (pagemap file, virtual address): for each window of
@@ -11,7 +11,8 @@ version (the old file is the dictionary), or as "unchanged". The last item is a
 manifest of the new dump; the rebuilder checks its result against it.
 
 Memory is bounded by the window size, independent of the image size. Functions
-hold no global state, so they run in worker threads.
+hold no global state but ``layout``'s thread-safe cache of parsed pagemaps, so they
+run in worker threads.
 """
 
 from __future__ import annotations
@@ -28,27 +29,10 @@ import attrs
 import zstandard
 
 from ctlive.errors import ImageFormatError
-from ctlive.images import pagediff
-from ctlive.images.changes import (
-    FILE_SAME,
-    FILE_WHOLE,
-    FILE_ZDELTA,
-    MANIFEST,
-    PAGES,
-    Change,
-    safe_name,
-)
-from ctlive.images.criu_format import Pagemap
-from ctlive.images.layout import (
-    DEFAULT_WINDOW_PAGES,
-    PAGE,
-    MappedFile,
-    base_window,
-    old_span,
-    pagemaps,
-    pages_files,
-    segments,
-)
+from ctlive.images import layout, pagediff
+from ctlive.images.changes import ChangeItem, ChangeKind, safe_name
+from ctlive.images.criu_format import PAGE_SIZE, Pagemap
+from ctlive.images.layout import MappedFile, Segment
 from ctlive.images.manifest import Manifest, bytes_digest, pages_digest
 
 __all__ = [
@@ -57,32 +41,36 @@ __all__ = [
 ]
 
 
-
 @attrs.define
 class DiffStats:
     """What a diff found and sent (for the migration report)."""
 
     files: int = 0
+    """Non-page files in the new dump (pagemaps among them)."""
     files_unchanged: int = 0
+    """Of those, the ones equal to their old version."""
     file_bytes_in: int = 0
+    """Bytes of non-page files read."""
     pages_total: int = 0
+    """Pages in the new dump's pages files."""
     pages_changed: int = 0
+    """Pages that differ from the receiver's base (their old version, else zeros):
+    zero + delta + raw."""
     pages_zero: int = 0
+    """Changed pages sent as zero markers."""
     pages_delta: int = 0
+    """Changed pages sent as XOR deltas against their old version."""
     pages_raw: int = 0
+    """Changed pages sent raw."""
     bytes_in: int = 0
+    """Bytes read from the new dump, files and pages."""
     bytes_out: int = 0
-
-
-# --- page matching ----------------------------------------------------------------------
-
-
-# --- diff ---------------------------------------------------------------------------------
+    """Compressed bytes sent in file and page items (headers and manifest aside)."""
 
 
 def diff(old_dir: str | os.PathLike[str] | None, new_dir: str | os.PathLike[str], *,
-         window_pages: int = DEFAULT_WINDOW_PAGES, level: int = 1,
-         stats: DiffStats | None = None, threads: int = 1) -> Iterator[Change]:
+         window_pages: int = layout.DEFAULT_WINDOW_PAGES, level: int = 1,
+         stats: DiffStats | None = None, threads: int = 1) -> Iterator[ChangeItem]:
     """Yield the change items that turn ``old_dir`` (None: nothing) into ``new_dir``.
 
     ``threads`` > 1 diffs that many windows at once (the native core and zstd release
@@ -90,69 +78,62 @@ def diff(old_dir: str | os.PathLike[str] | None, new_dir: str | os.PathLike[str]
     new = pathlib.Path(new_dir)
     old = pathlib.Path(old_dir) if old_dir is not None else None
     st = stats if stats is not None else DiffStats()
-    new_maps = pagemaps(new)
-    old_maps = pagemaps(old) if old is not None else {}
-    old_pages = pages_files(old_maps)
-    new_pages = pages_files(new_maps)
+    new_maps = layout.pagemaps(new)
+    old_maps = layout.pagemaps(old) if old is not None else {}
+    new_pages = layout.pages_files(new_maps)
     zc = zstandard.ZstdCompressor(level=level)
     names = sorted(p.name for p in new.iterdir() if p.is_file() and not p.name.endswith(".log"))
     # The manifest is built from what the diff reads anyway: no second pass.
     files: dict[str, dict[str, Any]] = {}
     # Non-page files first (pagemaps among them): the receiver needs them to lay out pages.
     for name in names:
-        if name in new_pages:
-            continue
-        safe_name(name)
-        data = (new / name).read_bytes()
-        files[name] = bytes_digest(data)
-        st.files += 1
-        st.file_bytes_in += len(data)
-        st.bytes_in += len(data)
-        prev = old / name if old is not None else None
-        if prev is not None and prev.is_file():
-            old_data = prev.read_bytes()
-            if old_data == data:
-                st.files_unchanged += 1
-                yield Change(FILE_SAME, name)
-                continue
-            whole = zc.compress(data)
-            if old_data:
-                dictionary = zstandard.ZstdCompressionDict(
-                    old_data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-                delta = zstandard.ZstdCompressor(level=level, dict_data=dictionary).compress(data)
-                if len(delta) < len(whole):
-                    st.bytes_out += len(delta)
-                    yield Change(FILE_ZDELTA, name, len(data), 0, delta)
-                    continue
-            st.bytes_out += len(whole)
-            yield Change(FILE_WHOLE, name, len(data), 0, whole)
-        else:
-            whole = zc.compress(data)
-            st.bytes_out += len(whole)
-            yield Change(FILE_WHOLE, name, len(data), 0, whole)
-    for name in names:
         if name not in new_pages:
-            continue
-        yield from _diff_pages(old, new, name, new_maps[new_pages[name]],
-                               old_maps.get(new_pages[name]), old_pages, window_pages, zc, st,
-                               files, level, threads)
-    yield Change(MANIFEST, "", data=Manifest(files).to_json())
+            yield _diff_file(old, new, safe_name(name), zc, level, st, files)
+    for name in names:
+        if name in new_pages:
+            yield from _diff_pages(old, new, name, new_maps[new_pages[name]],
+                                   old_maps.get(new_pages[name]), window_pages, zc, st, files,
+                                   level, threads)
+    yield ChangeItem(ChangeKind.MANIFEST, "", data=Manifest(files).to_json())
 
 
-def _diff_window(old_m: MappedFile | None, segs: list[tuple[int, int, int]], new_m: MappedFile,
+def _diff_file(old: pathlib.Path | None, new: pathlib.Path, name: str,
+               zc: zstandard.ZstdCompressor, level: int, st: DiffStats,
+               files: dict[str, dict[str, Any]]) -> ChangeItem:
+    """The item of one non-page file: unchanged, a zstd delta with its old version as
+    dictionary when that is smaller, or whole."""
+    data = (new / name).read_bytes()
+    files[name] = bytes_digest(data)
+    st.files += 1
+    st.file_bytes_in += len(data)
+    st.bytes_in += len(data)
+    prev = old / name if old is not None else None
+    old_data = prev.read_bytes() if prev is not None and prev.is_file() else None
+    if old_data == data:
+        st.files_unchanged += 1
+        return ChangeItem(ChangeKind.FILE_SAME, name)
+    kind, payload = ChangeKind.FILE_WHOLE, zc.compress(data)
+    if old_data:
+        dictionary = zstandard.ZstdCompressionDict(
+            old_data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        delta = zstandard.ZstdCompressor(level=level, dict_data=dictionary).compress(data)
+        if len(delta) < len(payload):
+            kind, payload = ChangeKind.FILE_ZDELTA, delta
+    st.bytes_out += len(payload)
+    return ChangeItem(kind, name, size=len(data), data=payload)
+
+
+def _diff_window(old_m: MappedFile | None, segs: list[Segment], new_m: MappedFile,
                  start: int, count: int, level: int) -> tuple[Any, bytes | None, bytes]:
     """(encode result, zstd payload or None when nothing changed, page hashes) of one
     window; touches nothing shared, so windows run in parallel threads."""
-    base = (base_window(old_m.buf, segs, start, count, readonly=True)
-            if old_m is not None else bytearray(count * PAGE))
-    cur = memoryview(new_m.buf)[start * PAGE : (start + count) * PAGE]
-    enc = pagediff.encode(base, cur)
+    cur = memoryview(new_m.buf)[start * PAGE_SIZE : (start + count) * PAGE_SIZE]
+    with layout.take_base_window(old_m, segs, start, count, readonly=True) as base:
+        enc = pagediff.encode(base, cur)
+        del base  # release the view before the mmap closes
     hashes = pagediff.page_hashes(cur).tobytes()  # while the window is hot
-    del base, cur  # release the views before the mmaps close
+    del cur
     new_m.drop(start, count)
-    if old_m is not None:
-        lo, hi = old_span(segs, start, count)
-        old_m.drop(lo, hi - lo)
     changed = enc.pages_zero + enc.pages_delta + enc.pages_raw
     payload = zstandard.ZstdCompressor(level=level).compress(enc.data) if changed else None
     return enc, payload, hashes
@@ -179,20 +160,22 @@ def _in_order(fn: Any, jobs: list[tuple[int, int]], threads: int) -> Iterator[An
 
 
 def _diff_pages(old: pathlib.Path | None, new: pathlib.Path, name: str, new_map: Pagemap,
-                old_map: Pagemap | None, old_pages: dict[str, str], window: int,
-                zc: zstandard.ZstdCompressor, st: DiffStats,
-                files: dict[str, dict[str, Any]], level: int, threads: int) -> Iterator[Change]:
+                old_map: Pagemap | None, window: int, zc: zstandard.ZstdCompressor,
+                st: DiffStats, files: dict[str, dict[str, Any]], level: int,
+                threads: int) -> Iterator[ChangeItem]:
+    """The items of pages file ``name`` (``old_map``: its pagemap in the old dump, if
+    any), window by window; its manifest entry goes to ``files``."""
     new_m = MappedFile(new / name)
-    old_name = f"pages-{old_map.pages_id}.img" if old_map is not None else None
-    old_m = (MappedFile(old / old_name) if old is not None and old_name in old_pages
-             and (old / old_name).is_file() else None)
+    old_path = (old / f"pages-{old_map.pages_id}.img"
+                if old is not None and old_map is not None else None)
+    old_m = MappedFile(old_path) if old_path is not None and old_path.is_file() else None
     try:
-        total = new_m.size // PAGE
-        if new_m.size % PAGE or total != new_map.present_pages:
+        total = new_m.size // PAGE_SIZE
+        if new_m.size % PAGE_SIZE or total != new_map.present_pages:
             raise ImageFormatError(
                 f"pages file holds {new_m.size} bytes, its pagemap says {new_map.present_pages} "
                 "pages", path=str(new / name))
-        segs = segments(old_map, new_map) if old_m is not None else []
+        segs = layout.segments(old_map, new_map) if old_m is not None else []
         st.pages_total += total
         hashes = bytearray()
         jobs = [(start, min(window, total - start)) for start in range(0, total, window)]
@@ -202,23 +185,19 @@ def _diff_pages(old: pathlib.Path | None, new: pathlib.Path, name: str, new_map:
 
         for start, count, enc, payload, h in _in_order(work, jobs, threads):
             hashes += h
-            st.bytes_in += count * PAGE
+            st.bytes_in += count * PAGE_SIZE
             st.pages_changed += enc.pages_zero + enc.pages_delta + enc.pages_raw
             st.pages_zero += enc.pages_zero
             st.pages_delta += enc.pages_delta
             st.pages_raw += enc.pages_raw
             if payload is not None:
                 st.bytes_out += len(payload)
-                yield Change(PAGES, name, start, count, payload)
+                yield ChangeItem(ChangeKind.PAGES, name, first_page=start, page_count=count,
+                                 data=payload)
         files[name] = pages_digest(new_m.size, bytes(hashes)) if total else bytes_digest(b"")
         if total == 0:
-            yield Change(FILE_WHOLE, name, 0, 0, zc.compress(b""))
+            yield ChangeItem(ChangeKind.FILE_WHOLE, name, data=zc.compress(b""))
     finally:
         new_m.close()
         if old_m is not None:
             old_m.close()
-
-
-# --- rebuild ------------------------------------------------------------------------------
-
-

@@ -12,7 +12,8 @@ from typing import Any
 import attrs
 
 from ctlive.images import pagediff
-from ctlive.images.layout import DEFAULT_WINDOW_PAGES, PAGE, MappedFile, pagemaps, pages_files
+from ctlive.images.criu_format import PAGE_SIZE
+from ctlive.images.layout import DEFAULT_WINDOW_PAGES, MappedFile, pagemaps, pages_files
 
 __all__ = [
     "Manifest",
@@ -39,11 +40,11 @@ def hash_file_pages(path: pathlib.Path) -> bytes:
     """Per-page XXH64 hashes of a pages file, window by window (bounded RSS)."""
     m = MappedFile(path)
     try:
-        total = m.size // PAGE
+        total = m.size // PAGE_SIZE
         out = bytearray()
         for start in range(0, total, DEFAULT_WINDOW_PAGES):
             count = min(DEFAULT_WINDOW_PAGES, total - start)
-            view = memoryview(m.buf)[start * PAGE : (start + count) * PAGE]
+            view = memoryview(m.buf)[start * PAGE_SIZE : (start + count) * PAGE_SIZE]
             out += pagediff.page_hashes(view).tobytes()
             view.release()
             m.drop(start, count)
@@ -53,17 +54,19 @@ def hash_file_pages(path: pathlib.Path) -> bytes:
 
 
 def pages_digest(size: int, hashes: bytes) -> dict[str, Any]:
+    """Manifest entry of a pages file of ``size`` bytes, from its per-page hashes."""
     return {"size": size, "page_hashes": hashlib.blake2b(hashes).hexdigest()}
 
 
 def bytes_digest(data: bytes) -> dict[str, Any]:
+    """Manifest entry of any other file, from its content."""
     return {"size": len(data), "blake2b": hashlib.blake2b(data).hexdigest()}
 
 
 def _file_digest(path: pathlib.Path, pages: bool,
                  hashes: dict[str, bytes] | None = None) -> dict[str, Any]:
     size = path.stat().st_size
-    if pages and size % PAGE == 0 and size:
+    if pages and size % PAGE_SIZE == 0 and size:
         h = hashes.get(path.name) if hashes is not None else None
         if h is None:
             h = hash_file_pages(path)

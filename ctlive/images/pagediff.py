@@ -24,10 +24,11 @@ from typing_extensions import Buffer
 
 from ctlive._native import ffi, lib
 from ctlive.errors import DeltaFormatError, PageBufferError
+from ctlive.images.criu_format import PAGE_SIZE
 
 __all__ = [
     "MAX_RECORD",
-    "PAGE_SIZE",
+    "PAGE_SIZE",  # re-exported: criu_format defines it
     "DecodeStats",
     "EncodeResult",
     "StreamCompressor",
@@ -42,8 +43,8 @@ __all__ = [
     "zero_pages",
 ]
 
-PAGE_SIZE: int = lib.CTL_PAGE_SIZE
-"""Size of a page in bytes (4096)."""
+if lib.CTL_PAGE_SIZE != PAGE_SIZE:  # the C kernels are built for CRIU's page size
+    raise ImportError(f"native core built for {lib.CTL_PAGE_SIZE}-byte pages, not {PAGE_SIZE}")
 
 # Output buffers are sized for the worst case but mostly left unused: skip the
 # zero fill, so untouched pages of a large allocation are never faulted in.

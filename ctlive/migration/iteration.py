@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import anyio
 import anyio.abc
 
-from ctlive.images.changes import Change as ImageChange
+from ctlive.images.changes import ChangeItem as ImageChange
 from ctlive.images.changes import encode_change
 from ctlive.images.diff import DiffStats, diff
 from ctlive.protocol.frames import (

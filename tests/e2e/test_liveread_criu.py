@@ -9,6 +9,7 @@ from criu_harness import Mutator, require_criu
 from ctlive.backends import liveread
 from ctlive.backends.liveread import process_tree
 from ctlive.images import diff as image_diff
+from ctlive.images import layout
 
 
 def test_read_matches_criu_dump(tmp_path: pathlib.Path) -> None:
@@ -22,10 +23,10 @@ def test_read_matches_criu_dump(tmp_path: pathlib.Path) -> None:
         m.dump(tmp_path / "dump", final=False)
     finally:
         m.kill()
-    read, dump = image_diff.pagemaps(tmp_path / "read"), image_diff.pagemaps(tmp_path / "dump")
+    read, dump = layout.pagemaps(tmp_path / "read"), layout.pagemaps(tmp_path / "dump")
     assert set(read) == set(dump) == {"pagemap-1.img"}  # the tree's own PID namespace
     new, old = dump["pagemap-1.img"], read["pagemap-1.img"]
-    matched = sum(n for _, _, n in image_diff.segments(old, new))
+    matched = sum(seg.pages for seg in layout.segments(old, new))
     assert matched >= 0.98 * new.present_pages
     against_read, from_scratch = image_diff.DiffStats(), image_diff.DiffStats()
     for _ in image_diff.diff(tmp_path / "read", tmp_path / "dump", stats=against_read):
