@@ -12,7 +12,7 @@ and, inside the guest, ``await ctlive.serve(...)`` (or ``ctlive serve``).
 from __future__ import annotations
 
 from ctlive.attest import SimulatedSnpPlatform, SnpPolicy, SnpVerifier
-from ctlive.backends import DumpResult, Restored, Workload
+from ctlive.backends import DumpMethod, DumpResult, Restored, Workload
 from ctlive.backends.podman import PodmanContainer
 from ctlive.backends.process import Process
 from ctlive.backends.runc import RuncContainer
@@ -32,6 +32,7 @@ __all__ = [
     "Convergence",
     "ConvergencePolicy",
     "Decision",
+    "DumpMethod",
     "DumpResult",
     "EvidenceProvider",
     "EvidenceVerifier",

@@ -12,7 +12,9 @@ own classes inside its section.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator
 
 __all__ = [
     "AttestationError",
@@ -43,12 +45,10 @@ __all__ = [
     "IdKeyDigestMismatchError",
     "ImageFormatError",
     "ImageIdMismatchError",
-    "InsecurePlatformError",
     "LocalProtocolError",
     "MeasurementMismatchError",
     "MigrateMaPolicyError",
     "MigrationError",
-    "NativeError",
     "PageBufferError",
     "PeerNotAllowedError",
     "Phase",
@@ -67,6 +67,7 @@ __all__ = [
     "SigningKeyPolicyError",
     "SingleSocketPolicyError",
     "SmtPolicyError",
+    "StorageError",
     "TamperedRecordError",
     "TcbTooLowError",
     "TransportError",
@@ -140,9 +141,6 @@ class ConfigError(CtliveError):
 # --- native page-diff core -------------------------------------------------
 
 
-class NativeError(CtliveError):
-    """The native core reported an error that is not about its input."""
-
 
 class PageBufferError(CtliveError):
     """A buffer handed to the page-diff core has the wrong size or is not writable."""
@@ -154,8 +152,9 @@ class DeltaFormatError(CtliveError):
     ``offset`` is the byte offset in the stream where decoding stopped.
     """
 
-    def __init__(self, message: str, *, offset: int | None = None, **kw: object) -> None:
-        super().__init__(message, **kw)  # type: ignore[arg-type]
+    def __init__(self, message: str, *, offset: int | None = None,
+                 phase: Phase | None = None, cause: BaseException | None = None) -> None:
+        super().__init__(message, phase=phase, cause=cause)
         self.offset = offset
 
 
@@ -168,16 +167,15 @@ class ImageFormatError(CtliveError):
     ``path`` names the file and ``offset`` the byte offset of the problem.
     """
 
-    def __init__(
-        self, message: str, *, path: str | None = None, offset: int | None = None, **kw: object
-    ) -> None:
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None,
+                 phase: Phase | None = None, cause: BaseException | None = None) -> None:
         where = ""
         if path is not None:
             where = f"{path}"
             if offset is not None:
                 where += f" at offset {offset}"
             where += ": "
-        super().__init__(where + message, **kw)  # type: ignore[arg-type]
+        super().__init__(where + message, phase=phase, cause=cause)
         self.path = path
         self.offset = offset
 
@@ -185,15 +183,40 @@ class ImageFormatError(CtliveError):
 class CriuError(CtliveError):
     """CRIU (or runc/podman driving it) failed. ``log_tail`` holds the end of its log."""
 
-    def __init__(self, message: str, *, log_tail: str = "", **kw: object) -> None:
+    def __init__(self, message: str, *, log_tail: str = "", phase: Phase | None = None,
+                 cause: BaseException | None = None) -> None:
         if log_tail:
             message = f"{message}\n--- log tail ---\n{log_tail}"
-        super().__init__(message, **kw)  # type: ignore[arg-type]
+        super().__init__(message, phase=phase, cause=cause)
         self.log_tail = log_tail
 
 
 class CriuNotFoundError(CriuError):
     """No usable CRIU (>= 4.2) was found. The message says what to run."""
+
+
+class StorageError(CtliveError):
+    """Reading or writing image files or state on disk failed (no space left, no
+    permission, a file that vanished). ``path`` names the file when known."""
+
+    def __init__(self, message: str, *, path: str | None = None,
+                 phase: Phase | None = None, cause: BaseException | None = None) -> None:
+        super().__init__(message, phase=phase, cause=cause)
+        self.path = path
+
+
+@contextlib.contextmanager
+def map_os_errors(error: type[CtliveError], what: str, *,
+                  phase: Phase | None = None) -> Iterator[None]:
+    """At the edge of a package that touches files or runs tools: an ``OSError``
+    raised inside becomes ``error`` (``what`` failed), so callers catch ctlive errors
+    only. ctlive errors pass through unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, ConnectionError):
+            raise
+        raise error(f"{what}: {exc}", phase=phase, cause=exc) from exc
 
 
 class CheckpointError(CtliveError):
@@ -336,12 +359,12 @@ class PolicyViolationError(AttestationError):
         field: str,
         expected: object = None,
         found: object = None,
-        **kw: object,
+        phase: Phase | None = None,
+        cause: BaseException | None = None,
     ) -> None:
         super().__init__(
             f"{message} (field {field}: expected {expected!r}, found {found!r})",
-            **kw,  # type: ignore[arg-type]
-        )
+            phase=phase, cause=cause)
         self.field = field
         self.expected = expected
         self.found = found
@@ -414,9 +437,6 @@ class ReportDataMismatchError(PolicyViolationError):
 class SigningKeyPolicyError(PolicyViolationError):
     """The report is signed by a key type (VCEK/VLEK) the policy does not accept."""
 
-
-class InsecurePlatformError(PolicyViolationError):
-    """The evidence comes from a simulated platform that was not explicitly trusted."""
 
 
 # --- migration -------------------------------------------------------------

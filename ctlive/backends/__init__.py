@@ -19,9 +19,10 @@ from ctlive.backends.podman import PodmanContainer
 from ctlive.backends.process import Process
 from ctlive.backends.restore import restore
 from ctlive.backends.runc import RuncContainer
-from ctlive.backends.workload import DumpResult, Restored, Workload
+from ctlive.backends.workload import DumpMethod, DumpResult, Restored, Workload
 
 __all__ = [
+    "DumpMethod",
     "DumpResult",
     "PodmanContainer",
     "Process",

@@ -17,7 +17,7 @@ import subprocess
 import anyio
 import attrs
 
-from ctlive.errors import CheckpointError, CriuError, CriuNotFoundError
+from ctlive.errors import CheckpointError, CriuError, CriuNotFoundError, Phase
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -89,7 +89,7 @@ def _log_tail(path: pathlib.Path, lines: int = 15) -> str:
     return "\n".join((errors or text)[-lines:])
 
 
-async def run_criu(args: list[str], *, workdir: pathlib.Path, log: str, phase: str) -> None:
+async def run_criu(args: list[str], *, workdir: pathlib.Path, log: str, phase: Phase) -> None:
     """Run ``criu ARGS -o LOG`` in ``workdir``; failures raise CriuError with the log tail."""
     criu = find_criu()
     cmd = [criu.path, *args, "-o", log, "-v4"]
@@ -102,7 +102,7 @@ async def run_criu(args: list[str], *, workdir: pathlib.Path, log: str, phase: s
                         log_tail=_log_tail(workdir / log))
 
 
-async def run_runtime(args: list[str], *, phase: str, root: str | None = None,
+async def run_runtime(args: list[str], *, phase: Phase, root: str | None = None,
                       tool: str = "runc") -> str:
     cmd = [tool] + (["--root", root] if root else []) + args
     env = dict(os.environ)

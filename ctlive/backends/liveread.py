@@ -26,8 +26,8 @@ from collections.abc import Iterable, Iterator
 import anyio
 import attrs
 
-from ctlive.backends.workload import DumpResult, process_tree
-from ctlive.errors import CheckpointError
+from ctlive.backends.workload import DumpMethod, DumpResult, process_tree
+from ctlive.errors import CheckpointError, Phase
 from ctlive.images.criu_format import PAGE_SIZE, PE_PRESENT, PagemapEntry, write_pagemap
 
 __all__ = [
@@ -185,11 +185,11 @@ def read_tree(pids: Iterable[int], out: str | os.PathLike[str]) -> ReadStats:
             (d / f"pages-{n}.img").unlink(missing_ok=True)
             if n == 1:
                 raise CheckpointError(f"the workload (pid {pid}) is gone: {exc}",
-                                      phase="iterate", cause=exc) from exc
+                                      phase=Phase.ITERATE, cause=exc) from exc
             continue
         except OSError as exc:
             raise CheckpointError(f"cannot read the memory of pid {pid}: {exc}",
-                                  phase="iterate", cause=exc) from exc
+                                  phase=Phase.ITERATE, cause=exc) from exc
         total += p
         unreadable += u
         done += 1
@@ -200,6 +200,6 @@ async def live_read_dump(pid: int, images_dir: pathlib.Path) -> DumpResult:
     """A pre-copy iteration that does not freeze the workload (this module)."""
     t = time.monotonic()
     await anyio.to_thread.run_sync(read_tree, process_tree(pid), images_dir)
-    return DumpResult(time.monotonic() - t, False, False, None, "read")
+    return DumpResult(time.monotonic() - t, False, False, None, DumpMethod.LIVE_READ)
 
 

@@ -12,8 +12,8 @@ import anyio
 
 from ctlive.backends.criu import run_runtime
 from ctlive.backends.liveread import live_read_dump
-from ctlive.backends.workload import DumpResult, Restored
-from ctlive.errors import CtliveError, RestoreError
+from ctlive.backends.workload import Backend, DumpMethod, DumpResult, Restored
+from ctlive.errors import CtliveError, Phase, RestoreError
 from ctlive.images.criu_format import read_stats
 
 __all__ = [
@@ -59,7 +59,7 @@ def _unflatten(flat: pathlib.Path, archive: pathlib.Path) -> None:
             tar.add(p, arcname=name)
 
 
-class PodmanContainer:
+class PodmanContainer(Backend):
     """A podman container, checkpointed with ``podman container checkpoint --export``.
 
     Iterations use ``--leave-running``. Podman cannot checkpoint a paused container,
@@ -78,10 +78,10 @@ class PodmanContainer:
         of ``podman container checkpoint --leave-running``."""
         self._final_archive: pathlib.Path | None = None
 
-    async def dump(self, images_dir: pathlib.Path, *, final: bool,
-                   parent: pathlib.Path | None = None) -> DumpResult:
+    async def _dump(self, images_dir: pathlib.Path, *, final: bool,
+                    parent: pathlib.Path | None) -> DumpResult:
         images_dir.mkdir(parents=True, exist_ok=True)
-        phase = "final-dump" if final else "iterate"
+        phase = Phase.FINAL_DUMP if final else Phase.ITERATE
         if not final and self.live_read:
             pid = await run_runtime(["container", "inspect", "--format", "{{.State.Pid}}",
                                      self.name], phase=phase, tool="podman")
@@ -101,17 +101,18 @@ class PodmanContainer:
         stats = None
         with contextlib.suppress(Exception):
             stats = read_stats(images_dir / "stats-dump")
-        return DumpResult(duration, False, final, stats, "final" if final else "dump")
+        return DumpResult(duration, False, final, stats,
+                          DumpMethod.FINAL if final else DumpMethod.DUMP)
 
-    async def resume(self) -> None:
+    async def _resume(self) -> None:
         if self._final_archive is None:
             return
-        await run_runtime(["rm", "--force", self.name], phase="abort", tool="podman")
+        await run_runtime(["rm", "--force", self.name], phase=Phase.ABORT, tool="podman")
         await run_runtime(["container", "restore", "--import", str(self._final_archive), "--name",
-                           self.name], phase="abort", tool="podman")
+                           self.name], phase=Phase.ABORT, tool="podman")
 
-    async def kill(self) -> None:
-        await run_runtime(["rm", "--force", "--time", "0", self.name], phase="commit",
+    async def _kill(self) -> None:
+        await run_runtime(["rm", "--force", "--time", "0", self.name], phase=Phase.COMMIT,
                           tool="podman")
 
     def restore_spec(self) -> dict[str, Any]:
@@ -121,25 +122,26 @@ class PodmanContainer:
 class _PodmanRestored(Restored):
     async def resume(self) -> None:
         assert self._id is not None
-        await run_runtime(["unpause", self._id], phase="commit", tool="podman")
+        await run_runtime(["unpause", self._id], phase=Phase.COMMIT, tool="podman")
 
     async def discard(self) -> None:
         with contextlib.suppress(CtliveError):
-            await run_runtime(["rm", "--force", "--time", "0", self._id or ""], phase="abort",
+            await run_runtime(["rm", "--force", "--time", "0", self._id or ""], phase=Phase.ABORT,
                               tool="podman")
 
 
-async def restore_podman(images_dir: pathlib.Path, spec: dict[str, Any]) -> Restored:
+async def restore_podman(images_dir: pathlib.Path, spec: dict[str, Any],
+                         external_map: dict[str, str]) -> Restored:
     name = spec.get("name")
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-        raise RestoreError("bad podman restore spec", phase="restore")
+        raise RestoreError("bad podman restore spec", phase=Phase.RESTORE)
     archive = images_dir.parent / "restore.tar"
     await anyio.to_thread.run_sync(_unflatten, images_dir, archive)
     new_name = f"{name}-{images_dir.parent.name[:8]}"
     await run_runtime(["container", "restore", "--import", str(archive), "--name", new_name],
-                      phase="restore", tool="podman")
+                      phase=Phase.RESTORE, tool="podman")
     # Not atomic: the container runs for the moment between restore and pause.
-    await run_runtime(["pause", new_name], phase="restore", tool="podman")
+    await run_runtime(["pause", new_name], phase=Phase.RESTORE, tool="podman")
     pid = int((await run_runtime(["inspect", new_name, "--format", "{{.State.Pid}}"],
-                                 phase="restore", tool="podman")).strip())
+                                 phase=Phase.RESTORE, tool="podman")).strip())
     return _PodmanRestored(pid, container_id=new_name)

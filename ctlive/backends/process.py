@@ -11,16 +11,17 @@ from typing import Any
 
 from ctlive.backends.criu import find_criu, run_criu
 from ctlive.backends.liveread import live_read_dump
-from ctlive.backends.workload import DumpResult, signal_tree
-from ctlive.errors import ConfigError
+from ctlive.backends.workload import Backend, DumpMethod, DumpResult, Restored, signal_tree
+from ctlive.errors import CheckpointError, ConfigError, Phase, RestoreError
 from ctlive.images.criu_format import read_stats
 
 __all__ = [
     "Process",
+    "restore_process",
 ]
 
 
-class Process:
+class Process(Backend):
     """A process tree, checkpointed by CRIU directly.
 
     The tree should live in its own PID namespace (``unshare --pid --fork setsid
@@ -57,8 +58,8 @@ class Process:
             args += ["--network-lock", self.network_lock]
         return args
 
-    async def dump(self, images_dir: pathlib.Path, *, final: bool,
-                   parent: pathlib.Path | None = None) -> DumpResult:
+    async def _dump(self, images_dir: pathlib.Path, *, final: bool,
+                    parent: pathlib.Path | None) -> DumpResult:
         images_dir.mkdir(parents=True, exist_ok=True)
         tracking = find_criu().dirty_tracking
         if not final and (self.live_read or (self.live_read is None and not tracking)):
@@ -73,19 +74,47 @@ class Process:
                     "--leave-stopped" if final else "--leave-running"]
         t = time.monotonic()
         await run_criu(args + self._common(), workdir=images_dir, log="dump.log",
-                       phase="final-dump" if final else "iterate")
+                       phase=Phase.FINAL_DUMP if final else Phase.ITERATE)
         stats = None
         with contextlib.suppress(Exception):
             stats = read_stats(images_dir / "stats-dump")
         return DumpResult(time.monotonic() - t, pre, final, stats,
-                          "final" if final else "pre-dump" if pre else "dump")
+                          DumpMethod.FINAL if final else DumpMethod.PRE_DUMP if pre
+                          else DumpMethod.DUMP)
 
-    async def resume(self) -> None:
+    async def _resume(self) -> None:
         signal_tree(self.pid, signal.SIGCONT)
 
-    async def kill(self) -> None:
+    async def _kill(self) -> None:
         signal_tree(self.pid, signal.SIGKILL)
 
     def restore_spec(self) -> dict[str, Any]:
         return {"tcp_established": self.tcp_established, "external": list(self.external),
                 "shell_job": self.shell_job}
+
+
+async def restore_process(images_dir: pathlib.Path, spec: dict[str, Any],
+                          external_map: dict[str, str]) -> Restored:
+    """Restore a process tree stopped (``criu restore --leave-stopped``)."""
+    args = ["restore", "-D", str(images_dir), "-d", "--leave-stopped", "--root", "/",
+            "--pidfile", str(images_dir / "restored.pid")]
+    if spec.get("tcp_established"):
+        args.append("--tcp-established")
+    for e in spec.get("external", []):
+        if not isinstance(e, str):
+            raise RestoreError("bad external resource in the restore spec")
+        args += ["--external", external_map.get(e, e)]
+    if spec.get("shell_job"):
+        args.append("--shell-job")
+    try:
+        await run_criu(args, workdir=images_dir, log="restore.log", phase=Phase.RESTORE)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise RestoreError(f"restore failed: {exc}", phase=Phase.RESTORE, cause=exc) from exc
+    try:
+        pid = int((images_dir / "restored.pid").read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise RestoreError("CRIU did not report the restored pid", phase=Phase.RESTORE,
+                           cause=exc) from exc
+    return Restored(pid)

@@ -11,8 +11,8 @@ from typing import Any
 
 from ctlive.backends.criu import run_runtime
 from ctlive.backends.liveread import live_read_dump
-from ctlive.backends.workload import DumpResult, Restored
-from ctlive.errors import CheckpointError, CtliveError, RestoreError
+from ctlive.backends.workload import Backend, DumpMethod, DumpResult, Restored
+from ctlive.errors import CheckpointError, CtliveError, Phase, RestoreError
 from ctlive.images.criu_format import read_stats
 
 __all__ = [
@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 
-class RuncContainer:
+class RuncContainer(Backend):
     """A runc container, checkpointed with ``runc checkpoint``.
 
     Iterations use ``--leave-running``. The final dump first pauses the container
@@ -40,15 +40,16 @@ class RuncContainer:
         of ``runc checkpoint --leave-running``."""
 
     async def _state(self) -> dict[str, Any]:
-        data = json.loads(await run_runtime(["state", self.id], phase="iterate", root=self.root))
+        data = json.loads(await run_runtime(["state", self.id], phase=Phase.ITERATE,
+                                            root=self.root))
         if not isinstance(data, dict):
             raise CheckpointError(f"runc state of {self.id} is not an object")
         return data
 
-    async def dump(self, images_dir: pathlib.Path, *, final: bool,
-                   parent: pathlib.Path | None = None) -> DumpResult:
+    async def _dump(self, images_dir: pathlib.Path, *, final: bool,
+                    parent: pathlib.Path | None) -> DumpResult:
         images_dir.mkdir(parents=True, exist_ok=True)
-        phase = "final-dump" if final else "iterate"
+        phase = Phase.FINAL_DUMP if final else Phase.ITERATE
         if not final and self.live_read:
             return await live_read_dump(int((await self._state())["pid"]), images_dir)
         t = time.monotonic()
@@ -61,13 +62,13 @@ class RuncContainer:
         with contextlib.suppress(Exception):
             stats = read_stats(images_dir / "stats-dump")
         return DumpResult(time.monotonic() - t, False, final, stats,
-                          "final" if final else "dump")
+                          DumpMethod.FINAL if final else DumpMethod.DUMP)
 
-    async def resume(self) -> None:
-        await run_runtime(["resume", self.id], phase="abort", root=self.root)
+    async def _resume(self) -> None:
+        await run_runtime(["resume", self.id], phase=Phase.ABORT, root=self.root)
 
-    async def kill(self) -> None:
-        await run_runtime(["delete", "--force", self.id], phase="commit", root=self.root)
+    async def _kill(self) -> None:
+        await run_runtime(["delete", "--force", self.id], phase=Phase.COMMIT, root=self.root)
 
     def restore_spec(self) -> dict[str, Any]:
         state = json.loads(subprocess.run(
@@ -91,16 +92,17 @@ class _RuncRestored(Restored):
     async def discard(self) -> None:
         await super().discard()
         with contextlib.suppress(CtliveError):
-            await run_runtime(["delete", "--force", self._id or ""], phase="abort",
+            await run_runtime(["delete", "--force", self._id or ""], phase=Phase.ABORT,
                               root=self._root)
 
 
 
-async def restore_runc(images_dir: pathlib.Path, spec: dict[str, Any]) -> Restored:
+async def restore_runc(images_dir: pathlib.Path, spec: dict[str, Any],
+                       external_map: dict[str, str]) -> Restored:
     cid, config, rootfs = spec.get("id"), spec.get("config"), spec.get("rootfs")
     if not (isinstance(cid, str) and cid.replace("-", "").replace("_", "").isalnum()
             and isinstance(config, dict) and isinstance(rootfs, str)):
-        raise RestoreError("bad runc restore spec", phase="restore")
+        raise RestoreError("bad runc restore spec", phase=Phase.RESTORE)
     # A bundle of our own: the container's config, its rootfs, and a CRIU config that
     # restores it stopped (runc has no --leave-stopped; CRIU reads this file).
     # Outside the per-migration directory, which is wiped after COMMIT; the container
@@ -119,6 +121,7 @@ async def restore_runc(images_dir: pathlib.Path, spec: dict[str, Any]) -> Restor
     (bundle / "config.json").write_text(json.dumps(config))
     root = str(state_dir / "runc")
     await run_runtime(["restore", "--detach", "--image-path", str(images_dir), "--work-path",
-                       str(images_dir), "--bundle", str(bundle), cid], phase="restore", root=root)
-    state = json.loads(await run_runtime(["state", cid], phase="restore", root=root))
+                       str(images_dir), "--bundle", str(bundle), cid], phase=Phase.RESTORE,
+                      root=root)
+    state = json.loads(await run_runtime(["state", cid], phase=Phase.RESTORE, root=root))
     return _RuncRestored(int(state["pid"]), root, cid)

@@ -5,6 +5,7 @@ helpers."""
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import pathlib
 import signal
@@ -12,9 +13,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
+from ctlive.errors import CheckpointError, Phase, map_os_errors
 from ctlive.images.criu_format import DumpStats
 
 __all__ = [
+    "Backend",
+    "DumpMethod",
     "DumpResult",
     "Restored",
     "Workload",
@@ -42,6 +46,19 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+class DumpMethod(enum.StrEnum):
+    """How an iteration's dump was taken (``IterationReport.method``)."""
+
+    PRE_DUMP = "pre-dump"
+    """CRIU ``pre-dump`` with soft-dirty tracking: a short freeze."""
+    DUMP = "dump"
+    """CRIU ``dump --leave-running``: frozen while all memory is written."""
+    LIVE_READ = "live-read"
+    """Memory read while the workload runs (:mod:`ctlive.backends.liveread`): no freeze."""
+    FINAL = "final"
+    """The final dump, which leaves the workload stopped."""
+
+
 @attrs.frozen
 class DumpResult:
     """One dump: how long it took and CRIU's own figures."""
@@ -50,10 +67,7 @@ class DumpResult:
     pre_dump: bool
     final: bool
     stats: DumpStats | None
-    method: str = ""
-    """``pre-dump`` (CRIU, soft-dirty: a short freeze), ``dump`` (CRIU ``--leave-running``:
-    frozen while all memory is written), ``read`` (memory read while the workload runs,
-    no freeze; see :mod:`ctlive.backends.liveread`) or ``final``."""
+    method: DumpMethod
 
 
 @runtime_checkable
@@ -78,6 +92,43 @@ class Workload(Protocol):
     def restore_spec(self) -> dict[str, Any]:
         """JSON-able facts the destination needs to restore."""
         ...
+
+
+class Backend:
+    """Shared by ctlive's backends: every ``OSError`` from dumping, resuming or killing
+    becomes a :class:`~ctlive.errors.CheckpointError` naming the phase. Subclasses
+    implement ``_dump``, ``_resume`` and ``_kill``."""
+
+    kind: str
+
+    async def dump(self, images_dir: pathlib.Path, *, final: bool,
+                   parent: pathlib.Path | None = None) -> DumpResult:
+        """Dump into ``images_dir``; ``final`` leaves the workload stopped."""
+        phase = Phase.FINAL_DUMP if final else Phase.ITERATE
+        with map_os_errors(CheckpointError, f"dumping the {self.kind} workload", phase=phase):
+            return await self._dump(images_dir, final=final, parent=parent)
+
+    async def resume(self) -> None:
+        """Continue a workload the final dump left stopped (the abort path)."""
+        with map_os_errors(CheckpointError, f"resuming the {self.kind} workload",
+                           phase=Phase.ABORT):
+            await self._resume()
+
+    async def kill(self) -> None:
+        """End the source copy (after the destination is ready)."""
+        with map_os_errors(CheckpointError, f"killing the {self.kind} workload",
+                           phase=Phase.COMMIT):
+            await self._kill()
+
+    async def _dump(self, images_dir: pathlib.Path, *, final: bool,
+                    parent: pathlib.Path | None) -> DumpResult:
+        raise NotImplementedError
+
+    async def _resume(self) -> None:
+        raise NotImplementedError
+
+    async def _kill(self) -> None:
+        raise NotImplementedError
 
 
 class Restored:

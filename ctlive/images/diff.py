@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 import zstandard
 
-from ctlive.errors import ImageFormatError
+from ctlive.errors import ImageFormatError, StorageError, map_os_errors
 from ctlive.images import layout, pagediff
 from ctlive.images.changes import ChangeItem, ChangeKind, safe_name
 from ctlive.images.criu_format import PAGE_SIZE, Pagemap
@@ -74,27 +74,29 @@ def diff(old_dir: str | os.PathLike[str] | None, new_dir: str | os.PathLike[str]
     """Yield the change items that turn ``old_dir`` (None: nothing) into ``new_dir``.
 
     ``threads`` > 1 diffs that many windows at once (the native core and zstd release
-    the GIL): worth it while the workload is frozen and the cores are otherwise idle."""
-    new = pathlib.Path(new_dir)
-    old = pathlib.Path(old_dir) if old_dir is not None else None
-    st = stats if stats is not None else DiffStats()
-    new_maps = layout.pagemaps(new)
-    old_maps = layout.pagemaps(old) if old is not None else {}
-    new_pages = layout.pages_files(new_maps)
-    zc = zstandard.ZstdCompressor(level=level)
-    names = sorted(p.name for p in new.iterdir() if p.is_file() and not p.name.endswith(".log"))
-    # The manifest is built from what the diff reads anyway: no second pass.
-    files: dict[str, dict[str, Any]] = {}
-    # Non-page files first (pagemaps among them): the receiver needs them to lay out pages.
-    for name in names:
-        if name not in new_pages:
-            yield _diff_file(old, new, safe_name(name), zc, level, st, files)
-    for name in names:
-        if name in new_pages:
-            yield from _diff_pages(old, new, name, new_maps[new_pages[name]],
-                                   old_maps.get(new_pages[name]), window_pages, zc, st, files,
-                                   level, threads)
-    yield ChangeItem(ChangeKind.MANIFEST, "", data=Manifest(files).to_json())
+    the GIL): worth it while the workload is frozen and the cores are otherwise idle.
+    A failing disk is a :class:`~ctlive.errors.StorageError`."""
+    with map_os_errors(StorageError, f"reading the dump {new_dir}"):
+        new = pathlib.Path(new_dir)
+        old = pathlib.Path(old_dir) if old_dir is not None else None
+        st = stats if stats is not None else DiffStats()
+        new_maps = layout.pagemaps(new)
+        old_maps = layout.pagemaps(old) if old is not None else {}
+        new_pages = layout.pages_files(new_maps)
+        zc = zstandard.ZstdCompressor(level=level)
+        names = sorted(p.name for p in new.iterdir() if p.is_file() and not p.name.endswith(".log"))
+        # The manifest is built from what the diff reads anyway: no second pass.
+        files: dict[str, dict[str, Any]] = {}
+        # Non-page files first (pagemaps among them): the receiver needs them to lay out pages.
+        for name in names:
+            if name not in new_pages:
+                yield _diff_file(old, new, safe_name(name), zc, level, st, files)
+        for name in names:
+            if name in new_pages:
+                yield from _diff_pages(old, new, name, new_maps[new_pages[name]],
+                                       old_maps.get(new_pages[name]), window_pages, zc, st, files,
+                                       level, threads)
+        yield ChangeItem(ChangeKind.MANIFEST, "", data=Manifest(files).to_json())
 
 
 def _diff_file(old: pathlib.Path | None, new: pathlib.Path, name: str,

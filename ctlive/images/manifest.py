@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 
+from ctlive.errors import StorageError, map_os_errors
 from ctlive.images import pagediff
 from ctlive.images.criu_format import PAGE_SIZE
 from ctlive.images.layout import DEFAULT_WINDOW_PAGES, MappedFile, pagemaps, pages_files
@@ -83,10 +84,11 @@ def _file_digest(path: pathlib.Path, pages: bool,
 def manifest(d: str | os.PathLike[str], hashes: dict[str, bytes] | None = None) -> Manifest:
     """The manifest of a dump directory. ``hashes`` (pages file -> per-page hashes)
     supplies hashes known to be current and receives the ones computed."""
-    root = pathlib.Path(d)
-    pages = pages_files(pagemaps(root))
-    files = {}
-    for p in sorted(root.iterdir()):
-        if p.is_file() and not p.name.endswith(".log"):
-            files[p.name] = _file_digest(p, p.name in pages, hashes)
-    return Manifest(files)
+    with map_os_errors(StorageError, f"reading {d}"):
+        root = pathlib.Path(d)
+        pages = pages_files(pagemaps(root))
+        files = {}
+        for p in sorted(root.iterdir()):
+            if p.is_file() and not p.name.endswith(".log"):
+                files[p.name] = _file_digest(p, p.name in pages, hashes)
+        return Manifest(files)

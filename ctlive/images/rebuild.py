@@ -13,7 +13,7 @@ from typing import BinaryIO
 import attrs
 import zstandard
 
-from ctlive.errors import DeltaFormatError, ImageFormatError
+from ctlive.errors import DeltaFormatError, ImageFormatError, StorageError, map_os_errors
 from ctlive.images import layout, pagediff
 from ctlive.images.changes import ChangeItem, ChangeKind, safe_name
 from ctlive.images.criu_format import PAGE_SIZE, Pagemap
@@ -156,7 +156,8 @@ class Rebuilder:
         ``old_hashes`` to the next iteration's rebuilder)."""
         self.old = pathlib.Path(old_dir) if old_dir is not None else None
         self.out = pathlib.Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        with map_os_errors(StorageError, f"creating {self.out}"):
+            self.out.mkdir(parents=True, exist_ok=True)
         self._old_maps: dict[str, Pagemap] | None = None
         self._pages: dict[str, _Written | _Patched] = {}
         self._manifest: Manifest | None = None
@@ -167,7 +168,11 @@ class Rebuilder:
     def apply(self, c: ChangeItem) -> None:
         """Apply one item. Items may arrive in any order (lanes interleave them): the
         manifest is kept for ``finish()``, and pages that arrive before their pagemap
-        wait for it."""
+        wait for it. A failing disk is a :class:`~ctlive.errors.StorageError`."""
+        with map_os_errors(StorageError, f"rebuilding {self.out}"):
+            self._apply(c)
+
+    def _apply(self, c: ChangeItem) -> None:
         if c.kind == ChangeKind.MANIFEST:
             if self._manifest is not None:
                 raise DeltaFormatError("a second manifest")
@@ -198,7 +203,7 @@ class Rebuilder:
         if self._deferred:  # a file arrived: it may be the pagemap some pages wait for
             waiting, self._deferred, self._deferred_bytes = self._deferred, [], 0
             for d in waiting:
-                self.apply(d)
+                self._apply(d)
 
     def _write_file(self, name: str, c: ChangeItem) -> None:
         if c.size > MAX_FILE:
@@ -294,6 +299,10 @@ class Rebuilder:
 
     def finish(self) -> Manifest:
         """Complete the pages files and verify the result against the manifest."""
+        with map_os_errors(StorageError, f"rebuilding {self.out}"):
+            return self._finish()
+
+    def _finish(self) -> Manifest:
         try:
             if self._manifest is None:
                 raise DeltaFormatError("the change stream ended without a manifest")

@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
+from ctlive.backends.workload import DumpMethod
 from ctlive.errors import ConfigError
 from ctlive.migration.report import Decision, IterationReport
 
@@ -99,7 +100,7 @@ class Convergence:
         elif k > 0 and predicted <= self.max_downtime:
             reason, final = (f"predicted downtime {predicted:.3f}s fits {self.max_downtime}s",
                              True)
-        elif k > 0 and last.method == "dump" and transfer < self.freeze_cost * frozen:
+        elif k > 0 and last.method == DumpMethod.DUMP and transfer < self.freeze_cost * frozen:
             # Another iteration can shorten the final phase by at most the transfer
             # time, and would freeze the workload for a whole dump to do so.
             reason, final = (f"another full-dump iteration would freeze {frozen:.3f}s to "

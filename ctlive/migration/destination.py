@@ -28,8 +28,10 @@ import attrs
 from ctlive import backends
 from ctlive.errors import (
     CtliveError,
-    ImageFormatError,
+    Phase,
     RemoteProtocolError,
+    StorageError,
+    map_os_errors,
 )
 from ctlive.identity import Identity
 from ctlive.images.changes import decode_change
@@ -128,7 +130,8 @@ class Receiver:
         rec = MigrationRecord(mid)
         self.migrations[mid] = rec
         workdir = self.state_dir / mid
-        workdir.mkdir(parents=True)
+        with map_os_errors(StorageError, f"creating {workdir}", phase=Phase.ITERATE):
+            workdir.mkdir(parents=True)
         restored: backends.Restored | None = None
         handed_over = False
         try:
@@ -306,13 +309,14 @@ async def serve(
     hooks.FaultHooks`` breaks it there).
     """
     root = pathlib.Path(state_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    with map_os_errors(StorageError, f"creating the state directory {root}"):
+        root.mkdir(parents=True, exist_ok=True)
     receiver = Receiver(root, commit_grace, hooks, external_map, post_restore, post_resume)
 
     async def handler(session: Session) -> None:
         try:
             await receiver.handle(session)
-        except (CtliveError, OSError, ImageFormatError) as exc:
+        except CtliveError as exc:  # images/ and backends/ map OSError to ctlive errors
             await session.send_error("receiver-failed", str(exc)[:500])
             if on_session_error is not None:
                 on_session_error(exc)

@@ -8,6 +8,9 @@ from typing import Any
 
 import attrs
 
+from ctlive.backends.workload import DumpMethod
+from ctlive.errors import Phase
+
 __all__ = [
     "Decision",
     "IterationReport",
@@ -20,8 +23,9 @@ __all__ = [
 class ProgressEvent:
     """A progress update from ``migrate()``."""
 
-    phase: str
-    """connect, attest, iterate, final-dump, transfer, restore, commit, done."""
+    phase: Phase
+    """The phase entered (or, for ``iterate``, the iteration finished): connect,
+    attest, iterate, final-dump, send, restore, commit, done, failed."""
     iteration: int
     bytes_done: int
     bytes_predicted: int
@@ -60,11 +64,12 @@ class IterationReport:
     wire_bytes: int
     frozen_time_us: int | None
     memdump_time_us: int | None
-    method: str = ""
+    method: DumpMethod | None = attrs.field(default=None,
+                                            converter=attrs.converters.optional(DumpMethod))
     """How the iteration was taken: ``pre-dump`` (CRIU with soft-dirty tracking: a short
     freeze), ``dump`` (CRIU ``dump --leave-running``: the workload is frozen while all
-    its memory is written), ``read`` (memory read while the workload runs: no freeze),
-    ``final``; empty when unknown."""
+    its memory is written), ``live-read`` (memory read while the workload runs: no
+    freeze), ``final``; None when unknown."""
 
 
 @attrs.frozen

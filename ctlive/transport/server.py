@@ -10,18 +10,11 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ctlive.errors import (
-    CtliveError,
-    PeerNotAllowedError,
-    RemoteProtocolError,
-)
+from ctlive.errors import CtliveError, PeerNotAllowedError, RemoteProtocolError
 from ctlive.identity import Identity
 from ctlive.protocol.conversation import DEFAULT_WINDOW
 from ctlive.protocol.evidence import EvidenceProvider
-from ctlive.protocol.frames import (
-    Hello,
-    Role,
-)
+from ctlive.protocol.frames import Hello, Role
 from ctlive.protocol.handshake import ResponderHandshake
 from ctlive.protocol.lanes import (
     CONTROL_MAGIC,
@@ -44,43 +37,74 @@ from ctlive.transport.socket import (
     write_handshake_message,
 )
 
-__all__ = [
-    "serve_sessions",
-]
+__all__ = ["SessionServer", "serve_sessions"]
+
+_Slots = list[Link | None]
 
 
-async def serve_sessions(
-    listen: str | tuple[str, int],
-    *,
-    identity: Identity,
-    provider: EvidenceProvider | None,
-    allow: Collection[bytes] | Callable[[bytes], bool],
-    handler: Callable[[Session], Any],
-    window: int = DEFAULT_WINDOW,
-    handshake_timeout: float = 30.0,
-    task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Accept sessions forever, running ``await handler(session)`` for each.
+class SessionServer:
+    """Accepts connections and turns them into attested sessions for ``handler``.
 
-    Reports the bound ``(host, port)`` through ``task_status`` (use with
-    ``nursery.start``). A failing session never stops the server.
+    A control connection runs the responder handshake and the HELLO exchange, then
+    waits for its lanes; a lane connection joins the session its preamble names. One
+    bad connection never stops the server.
     """
-    host, port = parse_address(listen)
-    infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    family, kind, proto, _, addr = infos[0]
-    lsock = socket.socket(family, kind, proto)
-    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind(addr)
-    lsock.listen(64)
-    lsock.setblocking(False)
-    pending: dict[bytes, tuple[Session, list[Link | None], anyio.Event]] = {}
-    bound = lsock.getsockname()[:2]
-    task_status.started((bound[0], bound[1]))
 
-    async def handle_control(sock: Socket, first: bytes) -> None:
+    def __init__(self, *, identity: Identity, provider: EvidenceProvider | None,
+                 allow: Collection[bytes] | Callable[[bytes], bool],
+                 handler: Callable[[Session], Any], window: int = DEFAULT_WINDOW,
+                 handshake_timeout: float = 30.0) -> None:
+        self.identity, self.provider, self.allow = identity, provider, allow
+        self.handler, self.window = handler, window
+        self.handshake_timeout = handshake_timeout
+        self._joining: dict[bytes, tuple[Session, _Slots, anyio.Event]] = {}
+
+    async def serve(self, listen: str | tuple[str, int], *,
+                    task_status: anyio.abc.TaskStatus[tuple[str, int]]
+                    = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen on ``listen`` until cancelled; reports the bound ``(host, port)``
+        through ``task_status`` (use with ``nursery.start``)."""
+        host, port = parse_address(listen)
+        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, addr = infos[0]
+        lsock = socket.socket(family, kind, proto)
+        try:
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lsock.bind(addr)
+            lsock.listen(64)
+            lsock.setblocking(False)
+            bound = lsock.getsockname()[:2]
+            task_status.started((bound[0], bound[1]))
+            async with anyio.create_task_group() as tg:
+                while True:
+                    await anyio.wait_readable(lsock)
+                    try:
+                        conn, _ = lsock.accept()
+                    except BlockingIOError:
+                        continue
+                    tg.start_soon(self._connection, conn)
+        finally:
+            anyio.notify_closing(lsock)
+            lsock.close()
+
+    async def _connection(self, conn: socket.socket) -> None:
+        sock = Socket(conn)
+        try:
+            with anyio.fail_after(self.handshake_timeout):
+                first = bytes(await sock.read_some_exact(PREAMBLE_PREFIX))
+            if first[:4] == CONTROL_MAGIC:
+                await self._control(sock, first)
+            elif first[:4] == LANE_MAGIC:
+                await self._lane(sock, first)
+        except (CtliveError, TimeoutError, OSError, anyio.EndOfStream, anyio.BrokenResourceError):
+            pass  # one bad connection never stops the server; the handler reports its own
+        finally:
+            sock.close()
+
+    async def _control(self, sock: Socket, first: bytes) -> None:
         cipher = parse_control_preamble(first)
-        resp = ResponderHandshake(identity, provider, allow, cipher=cipher)
-        with anyio.fail_after(handshake_timeout):
+        resp = ResponderHandshake(self.identity, self.provider, self.allow, cipher=cipher)
+        with anyio.fail_after(self.handshake_timeout):
             msg2 = resp.receive(await read_handshake_message(sock))
             await write_handshake_message(sock, msg2)
             msg3 = await read_handshake_message(sock)
@@ -95,30 +119,9 @@ async def serve_sessions(
         async with anyio.create_task_group() as tg:
             session.start(tg)
             try:
-                try:
-                    hello = await session.receive()  # the conversation checks its lanes
-                except RemoteProtocolError as exc:
-                    await session.send_error("bad-hello", str(exc))
-                    raise
-                if not isinstance(hello, Hello):
-                    raise RemoteProtocolError("the source did not start with HELLO")
-                if refused is not None:
-                    await session.send_error("peer-not-allowed", str(refused))
-                    raise refused
-                lanes = session.conversation.lanes
-                await session.send(Hello(capabilities={"window": window, "lanes": lanes}))
-                if lanes > 1:
-                    slots: list[Link | None] = [control] + [None] * (lanes - 1)
-                    ready = anyio.Event()
-                    sid = session_id(hs)
-                    pending[sid] = (session, slots, ready)
-                    try:
-                        with anyio.fail_after(handshake_timeout):
-                            await ready.wait()
-                    finally:
-                        pending.pop(sid, None)
-                    session.attach_lanes([s for s in slots if s is not None])
-                await handler(session)
+                await self._hello(session, refused)
+                await self._await_lanes(session, control)
+                await self.handler(session)
             except Exception as exc:
                 failure = exc
             finally:
@@ -127,10 +130,39 @@ async def serve_sessions(
         if failure is not None:
             raise failure
 
-    async def handle_lane(sock: Socket, first: bytes) -> None:
+    async def _hello(self, session: Session, refused: PeerNotAllowedError | None) -> None:
+        try:
+            hello = await session.receive()  # the conversation checks its lanes
+        except RemoteProtocolError as exc:
+            await session.send_error("bad-hello", str(exc))
+            raise
+        if not isinstance(hello, Hello):
+            raise RemoteProtocolError("the source did not start with HELLO")
+        if refused is not None:
+            await session.send_error("peer-not-allowed", str(refused))
+            raise refused
+        await session.send(Hello(capabilities={"window": self.window,
+                                               "lanes": session.conversation.lanes}))
+
+    async def _await_lanes(self, session: Session, control: Link) -> None:
+        lanes = session.conversation.lanes
+        if lanes == 1:
+            return
+        slots: _Slots = [control] + [None] * (lanes - 1)
+        ready = anyio.Event()
+        sid = session_id(session.handshake)
+        self._joining[sid] = (session, slots, ready)
+        try:
+            with anyio.fail_after(self.handshake_timeout):
+                await ready.wait()
+        finally:
+            self._joining.pop(sid, None)
+        session.attach_lanes([s for s in slots if s is not None])
+
+    async def _lane(self, sock: Socket, first: bytes) -> None:
         rest = await sock.read_some_exact(LANE_PREAMBLE_SIZE - PREAMBLE_PREFIX)
         sid, lane, tag = parse_lane_preamble(first + bytes(rest))
-        entry = pending.get(sid)
+        entry = self._joining.get(sid)
         if entry is None:
             raise RemoteProtocolError("lane for an unknown session")
         session, slots, ready = entry
@@ -143,29 +175,23 @@ async def serve_sessions(
         # The session owns the lane now; this task only keeps it open until the end.
         await session.closed_event.wait()
 
-    async def handle(conn: socket.socket) -> None:
-        sock = Socket(conn)
-        try:
-            with anyio.fail_after(handshake_timeout):
-                first = await sock.read_some_exact(PREAMBLE_PREFIX)
-            if first[:4] == CONTROL_MAGIC:
-                await handle_control(sock, bytes(first))
-            elif first[:4] == LANE_MAGIC:
-                await handle_lane(sock, bytes(first))
-        except (CtliveError, TimeoutError, OSError, anyio.EndOfStream, anyio.BrokenResourceError):
-            pass  # one bad connection never stops the server; the handler reports its own
-        finally:
-            sock.close()
 
-    try:
-        async with anyio.create_task_group() as tg:
-            while True:
-                await anyio.wait_readable(lsock)
-                try:
-                    conn, _ = lsock.accept()
-                except BlockingIOError:
-                    continue
-                tg.start_soon(handle, conn)
-    finally:
-        anyio.notify_closing(lsock)
-        lsock.close()
+async def serve_sessions(
+    listen: str | tuple[str, int],
+    *,
+    identity: Identity,
+    provider: EvidenceProvider | None,
+    allow: Collection[bytes] | Callable[[bytes], bool],
+    handler: Callable[[Session], Any],
+    window: int = DEFAULT_WINDOW,
+    handshake_timeout: float = 30.0,
+    task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept sessions forever, running ``await handler(session)`` for each (a
+    :class:`SessionServer`). Reports the bound ``(host, port)`` through
+    ``task_status``. A failing session never stops the server.
+    """
+    server = SessionServer(identity=identity, provider=provider, allow=allow,
+                           handler=handler, window=window,
+                           handshake_timeout=handshake_timeout)
+    await server.serve(listen, task_status=task_status)

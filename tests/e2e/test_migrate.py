@@ -16,8 +16,9 @@ from mitm import Mitm
 from ctlive import errors
 from ctlive.backends.criu import find_criu
 from ctlive.backends.process import Process
+from ctlive.errors import Phase
 from ctlive.migration.convergence import Convergence
-from ctlive.migration.report import Decision
+from ctlive.migration.report import Decision, ProgressEvent
 from ctlive.migration.source import migrate
 from ctlive.testing.hooks import FaultHooks
 from tests.e2e.conftest import SRC
@@ -36,9 +37,17 @@ async def test_mutating_process_three_iterations(mutator: Mutator, receiver_fact
                                                  verifier: Any) -> None:
     rx = await receiver_factory()
     before = mutator.count()
+    events: list[ProgressEvent] = []
     report = await migrate(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier,
-                           convergence=Convergence(max_iterations=3, max_downtime=0.0))
+                           convergence=Convergence(max_iterations=3, max_downtime=0.0),
+                           on_progress=events.append)
     assert len(report.iterations) >= 3
+    # Every phase of a migration that succeeds is announced, in order.
+    phases = [e.phase for e in events]
+    assert [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]] == [
+        Phase.CONNECT, Phase.ATTEST, Phase.ITERATE, Phase.FINAL_DUMP, Phase.SEND,
+        Phase.RESTORE, Phase.COMMIT, Phase.DONE]
+    assert phases.count(Phase.ITERATE) == len(report.iterations) - 1
     assert report.iterations[-1].final
     assert report.iterations[1].wire_bytes < report.iterations[0].wire_bytes
     assert report.attestation["insecure"] is True
@@ -62,7 +71,7 @@ async def test_mutating_process_three_iterations(mutator: Mutator, receiver_fact
     assert timings["restore"] <= ph["destination"]
     # Pre-copy froze nothing: CRIU pre-dumps with soft-dirty, else live memory reads.
     assert {i.method for i in report.iterations[:-1]} == {
-        "pre-dump" if find_criu().dirty_tracking else "read"}
+        "pre-dump" if find_criu().dirty_tracking else "live-read"}
     assert report.iterations[-1].method == "final"
     assert report.iterations[-1].wire_bytes < report.iterations[0].wire_bytes / 4
 
@@ -104,10 +113,13 @@ async def test_attestation_refused_sends_no_image_bytes(mutator: Mutator, receiv
 async def test_receiver_dies_mid_iteration(mutator: Mutator, receiver_factory: Any,
                                            verifier: Any) -> None:
     rx = await receiver_factory(hooks=FaultHooks(mid_iteration=lambda: rx.scope.cancel()))
+    events: list[ProgressEvent] = []
     with pytest.raises(errors.MigrationError) as info:
         await migrate(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier,
-                      convergence=Convergence(max_iterations=4, max_downtime=0.0))
-    assert info.value.phase in ("iterate", "final-dump", "restore")
+                      convergence=Convergence(max_iterations=4, max_downtime=0.0),
+                      on_progress=events.append)
+    assert info.value.phase in (Phase.ITERATE, Phase.FINAL_DUMP, Phase.SEND, Phase.RESTORE)
+    assert events[-1].phase is Phase.FAILED
     assert alive(mutator.pid)
     c = mutator.count()
     await anyio.sleep(0.4)
@@ -182,7 +194,7 @@ async def test_runc_container(receiver_factory: Any, verifier: Any, tmp_path: An
                                convergence=Convergence(max_iterations=3, max_downtime=0.0))
         assert report.workload == "runc" and len(report.iterations) == 3
         # Pre-copy read the running container's memory; only the final dump froze it.
-        assert [i.method for i in report.iterations] == ["read", "read", "final"]
+        assert [i.method for i in report.iterations] == ["live-read", "live-read", "final"]
         final = report.iterations[-1]
         # The read was its base: pages are found there by address (sent as deltas).
         assert final.pages_raw <= final.pages_total // 4
@@ -214,7 +226,7 @@ async def test_podman_container(receiver_factory: Any, verifier: Any, tmp_path: 
                                convergence=Convergence(max_iterations=3, max_downtime=0.0))
         assert report.workload == "podman" and len(report.iterations) == 3
         # Pre-copy read the running container's memory; only the final dump froze it.
-        assert [i.method for i in report.iterations] == ["read", "read", "final"]
+        assert [i.method for i in report.iterations] == ["live-read", "live-read", "final"]
         final = report.iterations[-1]
         # The read was its base: pages are found there by address (sent as deltas).
         assert final.pages_raw <= final.pages_total // 4

@@ -13,7 +13,7 @@ from ctlive.migration.report import IterationReport
 
 
 def it(k: int, changed: int, wire: int, *, dump: float = 0.2, transfer: float = 0.1,
-       total: int = 10000, method: str = "") -> IterationReport:
+       total: int = 10000, method: str | None = None) -> IterationReport:
     return IterationReport(k, False, dump, transfer, total, changed, 0, changed, 0,
                            total * 4096, wire, 50_000, 10_000, method)
 
@@ -57,7 +57,7 @@ def test_full_dumps_stop_when_a_freeze_costs_more_than_it_saves() -> None:
     assert d.inputs["predicted_transfer_seconds"] < 0.05
     # The same history from pre-dumps or live reads (short or no freezes) keeps
     # iterating ...
-    for method in ("pre-dump", "read"):
+    for method in ("pre-dump", "live-read"):
         pre = [attrs.evolve(h, method=method) for h in hist]
         assert not Convergence(max_downtime=0.01, max_iterations=10).decide(
             pre, [0.0, 1.0]).final_next
