@@ -5,7 +5,7 @@ The corpus: successive ``criu dump --leave-running`` images of the mutating work
 
 - **ctlive's pipeline**: read -> diff -> compress -> encrypt -> loopback -> decrypt ->
   decompress -> write (and verify), the real code: ``migrate.send_iteration`` into
-  ``Receiver.receive_iterations`` over a channel session, every dump as one
+  ``Destination.receive_iterations`` over a channel session, every dump as one
   iteration, timed until the destination has verified the last one;
 - **a plain loopback socket copy** of the same bytes (every file of every dump,
   ``sendfile`` into a socket, written out on the other side);
@@ -40,7 +40,7 @@ from ctlive.images import layout, pagediff
 from ctlive.images.changes import decode_change, encode_change
 from ctlive.images.diff import diff
 from ctlive.images.rebuild import Rebuilder
-from ctlive.migration.destination import MigrationRecord, Receiver
+from ctlive.migration.destination import Destination, MigrationRecord
 from ctlive.migration.iteration import send_iteration
 from ctlive.protocol.frames import Commit, CommitAck, MigrationMeta, Ready
 from ctlive.protocol.noise import CipherState
@@ -143,7 +143,7 @@ async def pipeline(corpus: list[pathlib.Path], out: pathlib.Path, *, lanes: int 
                    cipher: str = "AESGCM") -> tuple[float, list[int]]:
     """(seconds until the destination verified the last dump, wire bytes per iteration)."""
     src, dst = Identity.generate(), Identity.generate()
-    receiver = Receiver(out, commit_grace=60)
+    receiver = Destination(out, commit_grace=60)
 
     async def handler(session: Any) -> None:
         await session.receive()  # MIGRATION_META

@@ -6,7 +6,8 @@ from __future__ import annotations
 from ctlive.attest.certs import Evidence, TrustedRoot, amd_roots
 from ctlive.attest.policy import MinTcb, SnpPolicy
 from ctlive.attest.providers import ConfigfsTsmProvider, SevGuestProvider, auto_provider
-from ctlive.attest.report import (
+from ctlive.attest.simulated import INSECURE_BANNER, SimulatedSnpPlatform
+from ctlive.attest.snp_report import (
     AttestationReport,
     GuestPolicy,
     PlatformInfo,
@@ -15,7 +16,6 @@ from ctlive.attest.report import (
     TcbVersion,
     parse_report,
 )
-from ctlive.attest.simulated import INSECURE_BANNER, SimulatedSnpPlatform
 from ctlive.attest.verifier import SnpVerifier
 
 __all__ = [

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from ctlive.attest.report import AttestationReport, Product, TcbVersion
+from ctlive.attest.snp_report import AttestationReport, Product, TcbVersion
 from ctlive.errors import (
     CertificateBindingError,
     CertificateChainError,

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from ctlive.attest.report import AttestationReport, SigningKey, TcbVersion
+from ctlive.attest.snp_report import AttestationReport, SigningKey, TcbVersion
 from ctlive.errors import (
     AuthorKeyDigestMismatchError,
     ChipIdNotAllowedError,

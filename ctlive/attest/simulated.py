@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from ctlive.attest.certs import Evidence, TrustedRoot
-from ctlive.attest.report import REPORT_SIZE, SIGNED_SIZE, Product
+from ctlive.attest.snp_report import REPORT_SIZE, SIGNED_SIZE, Product
 
 __all__ = ["INSECURE_BANNER", "SimulatedSnpPlatform"]
 

@@ -26,7 +26,7 @@ from ctlive.attest.certs import (
     verify_report_signature,
 )
 from ctlive.attest.policy import SnpPolicy
-from ctlive.attest.report import AttestationReport, SigningKey, parse_report
+from ctlive.attest.snp_report import AttestationReport, SigningKey, parse_report
 from ctlive.errors import (
     CertificateChainError,
     ReportDataMismatchError,

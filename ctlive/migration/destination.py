@@ -53,15 +53,15 @@ from ctlive.transport.server import serve_sessions
 from ctlive.transport.session import Session
 
 __all__ = [
+    "Destination",
+    "DestinationHooks",
     "MigrationRecord",
-    "Receiver",
-    "ReceiverHooks",
     "serve",
 ]
 
 
 
-class ReceiverHooks(Protocol):
+class DestinationHooks(Protocol):
     """Observes (or breaks) the receiver at named stages: ``on_stage(stage)`` runs at
     "mid-iteration", "before-restore", "before-ready" and "before-resume", and what
     it raises fails the migration there. For tests: ``ctlive.testing.hooks.
@@ -73,7 +73,7 @@ class ReceiverHooks(Protocol):
 
 @attrs.define
 class MigrationRecord:
-    """What the receiver knows about one migration (``Receiver.migrations``)."""
+    """What the receiver knows about one migration (``Destination.migrations``)."""
 
     migration_id: str
     state: str = "receiving"
@@ -88,11 +88,13 @@ class MigrationRecord:
     ``post_resume``."""
 
 
-class Receiver:
-    """The state shared by all sessions of one ``serve()``."""
+class Destination:
+    """The receiver behind one ``serve()``: the state its sessions share (migrations,
+    copies waiting for COMMIT) and the handling of each session (rebuild, verify,
+    restore stopped, resume on COMMIT)."""
 
     def __init__(self, state_dir: pathlib.Path, commit_grace: float,
-                 hooks: ReceiverHooks | None = None,
+                 hooks: DestinationHooks | None = None,
                  external_map: dict[str, str] | None = None,
                  post_restore: Callable[[str, dict[str, Any], backends.Restored], Any]
                  | None = None,
@@ -293,7 +295,7 @@ async def serve(
     post_restore: Callable[[str, dict[str, Any], backends.Restored], Any] | None = None,
     post_resume: Callable[[str, dict[str, Any], backends.Restored], Any] | None = None,
     task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
-    hooks: ReceiverHooks | None = None,
+    hooks: DestinationHooks | None = None,
 ) -> None:
     """Receive migrations until cancelled; reports ``(host, port)`` via ``task_status``.
 
@@ -305,13 +307,13 @@ async def serve(
     workload is still stopped, for host-side network setup; ``post_resume`` (same
     arguments) right after COMMIT resumed it, to move traffic to it (not earlier: until
     COMMIT the source may still resume its own copy). ``hooks`` is told of each
-    stage the receiver reaches (``ReceiverHooks``; for tests, ``ctlive.testing.
+    stage the receiver reaches (``DestinationHooks``; for tests, ``ctlive.testing.
     hooks.FaultHooks`` breaks it there).
     """
     root = pathlib.Path(state_dir)
     with map_os_errors(StorageError, f"creating the state directory {root}"):
         root.mkdir(parents=True, exist_ok=True)
-    receiver = Receiver(root, commit_grace, hooks, external_map, post_restore, post_resume)
+    receiver = Destination(root, commit_grace, hooks, external_map, post_restore, post_resume)
 
     async def handler(session: Session) -> None:
         try:

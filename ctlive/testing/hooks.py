@@ -35,7 +35,7 @@ STAGES = ("mid-iteration", "before-restore", "before-ready", "before-resume")
 
 
 class FaultHooks:
-    """A ``ctlive.migration.destination.ReceiverHooks`` that calls the function given
+    """A ``ctlive.migration.destination.DestinationHooks`` that calls the function given
     for a stage (by keyword: ``mid_iteration``, ``before_restore``, ``before_ready``,
     ``before_resume``) each time the receiver reaches it, and records every stage
     reached in ``reached``.
