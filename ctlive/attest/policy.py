@@ -5,14 +5,22 @@ no provisional firmware, and the measurement must be pinned (or explicitly left
 open with ``allow_any_measurement``). Each refusal raises its own
 :class:`~ctlive.errors.PolicyViolationError` subclass naming the field, what was
 expected and what was found.
+
+The policy itself fails closed too: every field is type-checked when a policy is
+built, from Python or from a file. A wrong type, a hex value of the wrong length or an
+unknown key raises :class:`~ctlive.errors.ConfigError` naming the field (and the
+file), what was expected and what was found, e.g.
+``policy.toml: [snp] debug_allowed: expected true or false, found "false" (a string)``.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import pathlib
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -41,63 +49,172 @@ from ctlive.errors import (
 
 __all__ = ["MinTcb", "SnpPolicy"]
 
+# --- checking configuration values ------------------------------------------------------
+#
+# A check takes a value and its label (where it came from and its name, e.g.
+# "policy.toml: [snp] min_tcb.snp" or "SnpPolicy.debug_allowed"), and returns the value
+# normalised (hex strings as bytes, arrays as frozensets) or raises ConfigError.
 
-def _to_bytes(v: Any) -> bytes:
-    return bytes.fromhex(v) if isinstance(v, str) else bytes(v)
+_Check = Callable[[Any, str], Any]
 
-
-def _hexset(value: Any, size: int) -> frozenset[bytes] | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes | str):
-        value = [value]
-    out = set()
-    for v in value:
-        b = _to_bytes(v)
-        if len(b) != size:
-            raise ConfigError(f"expected {size} bytes, got {len(b)}: {b.hex()}")
-        out.add(b)
-    return frozenset(out)
+_KINDS: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"),
+    ((bytes, bytearray), "bytes"), ((list, tuple), "an array"), (Mapping, "a table"))
 
 
-def _hexbytes(value: Any, size: int) -> bytes | None:
-    if value is None:
-        return None
-    b = _to_bytes(value)
-    if len(b) != size:
-        raise ConfigError(f"expected {size} bytes, got {len(b)}")
-    return b
+def _found(value: Any) -> str:
+    """``"false" (a string)``: the value as TOML would show it, and its kind."""
+    kind = next((k for t, k in _KINDS if isinstance(value, t)), f"a {type(value).__name__}")
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value)
+    else:
+        text = repr(value)
+    if len(text) > 40:
+        text = text[:36] + "…" + text[-1]
+    return f"{text} ({kind})"
 
 
-def _measurements(v: Any) -> frozenset[bytes] | None:
-    return _hexset(v, 48)
+def _bad(label: str, expected: str, value: Any, note: str = "") -> ConfigError:
+    found = _found(value)
+    if note:
+        found = f"{found[:-1]}, {note})"
+    return ConfigError(f"{label}: expected {expected}, found {found}")
 
 
-def _chip_ids(v: Any) -> frozenset[bytes] | None:
-    return _hexset(v, 64)
+def _boolean(value: Any, label: str) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(label, "true or false", value)
+    return value
 
 
-def _b16(v: Any) -> bytes | None:
-    return _hexbytes(v, 16)
+def _integer(low: int, high: int) -> _Check:
+    def check(value: Any, label: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _bad(label, f"an integer from {low} to {high}", value)
+        return value
+    return check
 
 
-def _b32(v: Any) -> bytes | None:
-    return _hexbytes(v, 32)
+def _items(value: Any) -> Iterable[Any]:
+    """A single string or bytes value stands for an array of one."""
+    return [value] if isinstance(value, str | bytes | bytearray) else value
 
 
-def _b48(v: Any) -> bytes | None:
-    return _hexbytes(v, 48)
+def _unhex(value: str | bytes | bytearray) -> bytes:
+    return bytes.fromhex(value) if isinstance(value, str) else bytes(value)
+
+
+def _hex(size: int) -> _Check:
+    expected = f"{size} bytes as {2 * size} hex digits"
+
+    def check(value: Any, label: str) -> bytes:
+        if not isinstance(value, str | bytes | bytearray):
+            raise _bad(label, expected, value)
+        try:
+            raw = _unhex(value)
+        except ValueError:
+            raise _bad(label, expected, value, "not hex") from None
+        if len(raw) != size:
+            raise _bad(label, expected, value, f"{len(raw)} byte" + "s" * (len(raw) != 1))
+        return raw
+    return check
+
+
+def _array(item: _Check, what: str, *, single: bool = False) -> _Check:
+    """An array (any iterable but a string or a table, from Python) of values passing
+    ``item``. ``single``: a lone string or bytes value stands for an array of one."""
+    def check(value: Any, label: str) -> frozenset[Any]:
+        items = _items(value) if single else value
+        if isinstance(items, str | bytes | bytearray | Mapping) or not isinstance(items, Iterable):
+            raise _bad(label, f"an array of {what}", value)
+        return frozenset(item(v, f"{label}[{i}]") for i, v in enumerate(items))
+    return check
+
+
+def _optional(check: _Check) -> _Check:
+    def optional(value: Any, label: str) -> Any:
+        return None if value is None else check(value, label)
+    return optional
+
+
+def _one_of(names: Iterable[str]) -> _Check:
+    allowed = sorted(names)
+    expected = " or ".join(json.dumps(n) for n in allowed)
+
+    def check(value: Any, label: str) -> str:
+        if not isinstance(value, str) or value not in allowed:
+            raise _bad(label, expected, value)
+        return value
+    return check
+
+
+def _table(checks: Mapping[str, _Check], data: Any, where: str) -> dict[str, Any]:
+    """Check every key of ``data`` (``where`` prefixes its labels); unknown keys are errors."""
+    if not isinstance(data, Mapping):
+        raise _bad(where.rstrip(". ") or "policy", "a table", data)
+    out = {}
+    for key, value in data.items():
+        check = checks.get(key) if isinstance(key, str) else None
+        if check is None:
+            close = difflib.get_close_matches(str(key), checks, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}?" if close else "known: " + ", ".join(checks)
+            raise ConfigError(f"{where}{key}: unknown key ({hint})")
+        out[key] = check(value, f"{where}{key}")
+    return out
+
+
+def _check_args(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any],
+                checks: Mapping[str, _Check], positional: int = 0) -> None:
+    """Check the arguments of ``cls(...)`` before attrs' ``__init__`` sees them: what
+    would be a TypeError there (an unknown or repeated keyword, too many positional
+    values) is a ConfigError too, like a wrong type. The first ``positional`` names of
+    ``checks`` may be given by position, in that order."""
+    if len(args) > positional:
+        raise ConfigError(f"{cls.__name__}: expected at most {positional} values by "
+                          f"position (name the fields), found {len(args)}")
+    given = dict(zip(checks, args, strict=False))
+    twice = sorted(kwargs.keys() & given.keys())
+    if twice:
+        raise ConfigError(f"{cls.__name__}.{twice[0]}: given twice")
+    _table(checks, {**given, **kwargs}, f"{cls.__name__}.")
+
+
+# --- converters: values that passed their check, normalised -----------------------------
+
+
+def _byteset(v: str | bytes | Iterable[str | bytes] | None) -> frozenset[bytes] | None:
+    return None if v is None else frozenset(_unhex(x) for x in _items(v))
+
+
+def _bytes(v: str | bytes | None) -> bytes | None:
+    return None if v is None else _unhex(v)
+
+
+def _min_tcb(v: MinTcb | Mapping[str, int]) -> MinTcb:
+    return v if isinstance(v, MinTcb) else MinTcb(**v)
+
+
+_SVN8 = _integer(0, 0xFF)
+_TCB_CHECKS: dict[str, _Check] = dict.fromkeys(
+    ("bootloader", "tee", "snp", "microcode", "fmc"), _SVN8)
 
 
 @attrs.frozen
 class MinTcb:
-    """Minimum SVN per TCB component (applied to reported_tcb, and current_tcb)."""
+    """Minimum SVN per TCB component (applied to reported_tcb, and current_tcb).
+    Each is an integer from 0 to 255; anything else raises ConfigError."""
 
     bootloader: int = 0
     tee: int = 0
     snp: int = 0
     microcode: int = 0
     fmc: int = 0
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> MinTcb:
+        _check_args(cls, args, kwargs, _TCB_CHECKS, positional=len(_TCB_CHECKS))
+        return super().__new__(cls)
 
     def check(self, tcb: TcbVersion, which: str) -> None:
         """Raise TcbTooLowError for the first component below its minimum."""
@@ -109,22 +226,45 @@ class MinTcb:
                     field=f"{which}.{name}", expected=f">= {want}", found=found)
 
 
-def _min_tcb(value: Any) -> MinTcb:
+def _min_tcb_check(value: Any, label: str) -> MinTcb:
     if isinstance(value, MinTcb):
         return value
-    if isinstance(value, Mapping):
-        try:
-            return MinTcb(**value)
-        except TypeError as exc:
-            raise ConfigError(f"bad min_tcb: {exc}") from exc
-    raise ConfigError("min_tcb must be a table of bootloader/tee/snp/microcode/fmc")
+    if not isinstance(value, Mapping):
+        raise _bad(label, "a table of " + ", ".join(_TCB_CHECKS), value)
+    return MinTcb(**_table(_TCB_CHECKS, value, f"{label}."))
+
+
+_SNP_CHECKS: dict[str, _Check] = {
+    "measurements": _optional(_array(_hex(48), "48-byte hex strings", single=True)),
+    "allow_any_measurement": _boolean,
+    "debug_allowed": _boolean,
+    "migrate_ma_allowed": _boolean,
+    "smt_allowed": _boolean,
+    "single_socket_required": _boolean,
+    "min_tcb": _min_tcb_check,
+    "min_guest_svn": _integer(0, 0xFFFF_FFFF),
+    "vmpls": _array(_integer(0, 3), "VMPLs (integers from 0 to 3)"),
+    "host_data": _optional(_hex(32)),
+    "family_id": _optional(_hex(16)),
+    "image_id": _optional(_hex(16)),
+    "id_key_digest": _optional(_hex(48)),
+    "author_key_digest": _optional(_hex(48)),
+    "chip_ids": _optional(_array(_hex(64), "64-byte hex strings", single=True)),
+    "allow_provisional_firmware": _boolean,
+    "signing_keys": _array(_one_of(k.name for k in SigningKey if k is not SigningKey.NONE),
+                           '"VCEK" or "VLEK"'),
+}
 
 
 @attrs.frozen(kw_only=True)
 class SnpPolicy:
-    """The checks a report must pass besides signature and chain."""
+    """The checks a report must pass besides signature and chain.
 
-    measurements: frozenset[bytes] | None = attrs.field(default=None, converter=_measurements)
+    Every field is checked when the policy is built (see the module's docstring): a
+    bool must be ``True`` or ``False``, an int an ``int`` in range, bytes the right
+    length (hex strings are accepted for them), arrays arrays."""
+
+    measurements: frozenset[bytes] | None = attrs.field(default=None, converter=_byteset)
     """Allowed launch measurements (48 bytes each). None refuses every report unless
     ``allow_any_measurement`` is set."""
     allow_any_measurement: bool = False
@@ -138,38 +278,47 @@ class SnpPolicy:
     min_guest_svn: int = 0
     vmpls: frozenset[int] = attrs.field(default=frozenset({0}), converter=frozenset)
     """VMPLs the report may come from (0 = the most privileged guest layer)."""
-    host_data: bytes | None = attrs.field(default=None, converter=_b32)
-    family_id: bytes | None = attrs.field(default=None, converter=_b16)
-    image_id: bytes | None = attrs.field(default=None, converter=_b16)
-    id_key_digest: bytes | None = attrs.field(default=None, converter=_b48)
-    author_key_digest: bytes | None = attrs.field(default=None, converter=_b48)
-    chip_ids: frozenset[bytes] | None = attrs.field(default=None, converter=_chip_ids)
+    host_data: bytes | None = attrs.field(default=None, converter=_bytes)
+    family_id: bytes | None = attrs.field(default=None, converter=_bytes)
+    image_id: bytes | None = attrs.field(default=None, converter=_bytes)
+    id_key_digest: bytes | None = attrs.field(default=None, converter=_bytes)
+    author_key_digest: bytes | None = attrs.field(default=None, converter=_bytes)
+    chip_ids: frozenset[bytes] | None = attrs.field(default=None, converter=_byteset)
     """Allowed CHIP_IDs; None allows any chip."""
     allow_provisional_firmware: bool = False
     signing_keys: frozenset[str] = attrs.field(
         default=frozenset({"VCEK", "VLEK"}), converter=frozenset)
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> SnpPolicy:
+        _check_args(cls, args, kwargs, _SNP_CHECKS)
+        return super().__new__(cls)
+
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SnpPolicy:
-        """Build from a mapping (hex strings for byte fields); unknown keys are errors."""
-        known = {f.name for f in attrs.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown policy fields: {', '.join(sorted(unknown))}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"invalid policy: {exc}", cause=exc) from exc
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "") -> SnpPolicy:
+        """Build from a mapping (hex strings for byte fields, arrays for sets); unknown
+        keys and wrong types are ConfigErrors. ``where`` prefixes the field names in
+        error messages, e.g. ``"policy.toml: [snp] "``."""
+        return cls(**_table(_SNP_CHECKS, data, where))
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> SnpPolicy:
-        """Load a policy file; its ``[snp]`` table, or the top level."""
+        """Load a policy file: its ``[snp]`` table, or policy keys at the top level.
+        Errors name the file and the field."""
         p = pathlib.Path(path)
         try:
-            data = tomllib.loads(p.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            with p.open("rb") as f:
+                data = tomllib.load(f)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot load policy {p}: {exc}", cause=exc) from exc
-        return cls.from_dict(data.get("snp", data))
+        if "snp" not in data:
+            return cls.from_dict(data, where=f"{p}: ")
+        others = sorted(set(data) - {"snp"})
+        if others:
+            raise ConfigError(f"{p}: {others[0]}: unknown key (the policy goes in the [snp] "
+                              "table; nothing else belongs in the file)")
+        if not isinstance(data["snp"], dict):
+            raise _bad(f"{p}: snp", "a table [snp]", data["snp"])
+        return cls.from_dict(data["snp"], where=f"{p}: [snp] ")
 
     @classmethod
     def inspection(cls) -> SnpPolicy:
