@@ -143,7 +143,7 @@ async def pipeline(corpus: list[pathlib.Path], out: pathlib.Path, *, lanes: int 
                    cipher: str = "AESGCM") -> tuple[float, list[int]]:
     """(seconds until the destination verified the last dump, wire bytes per iteration)."""
     src, dst = Identity.generate(), Identity.generate()
-    receiver = Destination(out, commit_grace=60)
+    receiver = Destination(out)
 
     async def handler(session: Any) -> None:
         await session.receive()  # MIGRATION_META

@@ -45,6 +45,7 @@ __all__ = [
     "IdKeyDigestMismatchError",
     "ImageFormatError",
     "ImageIdMismatchError",
+    "InDoubtError",
     "LocalProtocolError",
     "MeasurementMismatchError",
     "MigrateMaPolicyError",
@@ -444,3 +445,15 @@ class SigningKeyPolicyError(PolicyViolationError):
 
 class MigrationError(CtliveError):
     """A migration failed. ``phase`` says where; the source workload was kept."""
+
+
+class InDoubtError(MigrationError):
+    """The migration's outcome could not be settled: the destination may hold a copy
+    that is ready, so the source workload stays stopped (it is never both resumed and
+    possibly committed). Run ``ctlive recover`` once the destination is reachable;
+    ``migration_id`` names the journal entry."""
+
+    def __init__(self, message: str, *, migration_id: str, phase: Phase | None = None,
+                 cause: BaseException | None = None) -> None:
+        super().__init__(message, phase=phase, cause=cause)
+        self.migration_id = migration_id

@@ -24,3 +24,12 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def source_state_dir(tmp_path_factory: pytest.TempPathFactory,
+                     monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """Each test's migrations keep their source journal in a directory of their own."""
+    d = tmp_path_factory.mktemp("source-state")
+    monkeypatch.setenv("CTLIVE_STATE_DIR", str(d))
+    return d

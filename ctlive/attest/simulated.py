@@ -13,6 +13,7 @@ import datetime
 import functools
 import hashlib
 import os
+import pathlib
 import struct
 
 import attrs
@@ -73,9 +74,41 @@ class SimulatedSnpPlatform:
     """Platforms with the same tag share the (slow to make) RSA keys."""
     not_before: datetime.datetime = attrs.field(
         factory=lambda: datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC))
+    key_file: pathlib.Path | None = attrs.field(default=None, converter=attrs.converters.optional(
+        pathlib.Path))
+    """Keep the platform's keys, certificates and chip id in this file (0600): a receiver
+    that restarts then presents the same chain, so sources that trusted it still do."""
     _keys: dict[str, object] = attrs.field(factory=dict, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
+        if self.key_file is not None and self.key_file.is_file():
+            self._load(self.key_file)
+            return
+        self._generate()
+        if self.key_file is not None:
+            self._save(self.key_file)
+
+    def _save(self, path: pathlib.Path) -> None:
+        pem, raw = serialization.Encoding.PEM, serialization.NoEncryption()
+        parts = [self._cert(n).public_bytes(pem) for n in ("ark", "ask", "vcek")]
+        key = self._keys["vcek_key"]
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        parts.append(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, raw))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join(parts) + b"chip-id " + self.chip_id.hex().encode() + b"\n")
+
+    def _load(self, path: pathlib.Path) -> None:
+        data = path.read_bytes()
+        certs = x509.load_pem_x509_certificates(data)
+        key = serialization.load_pem_private_key(
+            data[data.index(b"-----BEGIN PRIVATE KEY-----"):], password=None)
+        if len(certs) != 3 or not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{path} is not a simulated platform's key file")
+        self.chip_id = bytes.fromhex(data.rsplit(b"chip-id ", 1)[1].decode().strip())
+        self._keys.update(ark=certs[0], ask=certs[1], vcek=certs[2], vcek_key=key)
+
+    def _generate(self) -> None:
         ark_key = _rsa_key("ark-" + self.key_tag)
         ask_key = _rsa_key("ask-" + self.key_tag)
         vcek_key = ec.generate_private_key(ec.SECP384R1())

@@ -11,13 +11,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ctlive.cli import attest, demo, image, migrate, serve
+from ctlive.cli import attest, demo, image, migrate, recover, serve
 from ctlive.errors import CtliveError
 
 __all__ = ["main"]
 
 # Subcommand modules, in the order of ``ctlive --help``.
-_MODULES = (image, attest, migrate, serve, demo)
+_MODULES = (image, attest, migrate, recover, serve, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ import anyio
 
 from ctlive.attest import INSECURE_BANNER, SimulatedSnpPlatform, SnpPolicy, SnpVerifier
 from ctlive.backends.criu import find_criu
-from ctlive.errors import ConfigError
+from ctlive.errors import ConfigError, Phase
 from ctlive.identity import Identity
 from ctlive.migration.convergence import Convergence
 from ctlive.migration.destination import serve
@@ -74,7 +74,10 @@ async def run_demo(*, lanes: int = 1, mib: int = 32, json_out: bool = False) -> 
             console.print(f"receiver (simulated SNP guest) listening on {addr[0]}:{addr[1]}")
 
             def show(ev: ProgressEvent) -> None:
-                console.print(f"  {ev.phase:<8} iteration {ev.iteration}: "
+                if ev.phase is not Phase.ITERATE:
+                    console.print(f"  {ev.phase:<10} {ev.bytes_done / 1e6:7.2f} MB sent")
+                    return
+                console.print(f"  {ev.phase:<10} iteration {ev.iteration}: "
                               f"{ev.bytes_done / 1e6:7.2f} MB sent, dirty "
                               f"{ev.dirty_rate / 1e6:6.1f} MB/s, predicted downtime "
                               f"{ev.predicted_downtime * 1000:6.0f} ms")

@@ -1,19 +1,29 @@
 """``await ctlive.serve(...)``: the destination receiver, inside the guest.
 
 For each authenticated session it rebuilds every iteration's image in its state
-directory (tmpfs: encrypted guest memory inside an SEV-SNP VM), verifies the
-final image end to end against the source's manifest, restores the workload
-*stopped*, answers READY, and on COMMIT resumes it and answers COMMIT_ACK.
+directory (tmpfs: encrypted guest memory inside an SEV-SNP VM), verifies the final image
+end to end against the source's manifest, restores the workload *stopped*, answers
+READY, and on COMMIT resumes it and answers COMMIT_ACK.
 
-Until COMMIT, the restored copy never runs. ABORT, an error, or a session that
-breaks before READY discards everything. A session that breaks *after* READY
-leaves the copy stopped and pending for ``commit_grace`` seconds, so that a
-source that killed its copy can reconnect and repeat COMMIT; a source that
-resumed its copy instead sends ABORT or lets the grace period expire.
+Every decision goes to the journal (``state_dir/journal.sqlite``) before it is acted on:
+``receiving`` when a migration starts, ``ready`` before READY is sent, ``committed``
+before the copy is resumed, ``discarded`` before it is killed. The rules:
+
+- until COMMIT the restored copy never runs; a failure before READY discards it;
+- a READY copy is discarded only on ABORT, on a RESOLVE with action ``abort``, or on an
+  operator's ``ctlive discard``: never because a session broke or a timer ran out (after
+  ``ready_alert_after`` seconds from READY the receiver only raises an alert);
+- no failure after COMMIT discards the copy: it keeps running and the failure is
+  reported;
+- a restarted receiver adopts its READY copies (still stopped) from the journal,
+  resumes copies whose COMMIT was recorded, and discards migrations that never reached
+  READY.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pathlib
 import shutil
@@ -26,39 +36,23 @@ import anyio.abc
 import attrs
 
 from ctlive import backends
-from ctlive.errors import (
-    CtliveError,
-    Phase,
-    RemoteProtocolError,
-    StorageError,
-    map_os_errors,
-)
+from ctlive.backends.podman import _PodmanRestored
+from ctlive.backends.runc import _RuncRestored
+from ctlive.errors import CtliveError, Phase, RemoteProtocolError, StorageError, map_os_errors
+from ctlive.fs import private_dir
 from ctlive.identity import Identity
-from ctlive.images.changes import decode_change
-from ctlive.images.rebuild import Rebuilder
+from ctlive.migration.journal import DestinationState as DS
+from ctlive.migration.journal import Entry, Journal, arecord
+from ctlive.migration.receiving import MigrationRecord, receive_iterations
 from ctlive.protocol.evidence import EvidenceProvider
-from ctlive.protocol.frames import (
-    Abort,
-    Change,
-    Commit,
-    CommitAck,
-    Error,
-    IterationBegin,
-    IterationEnd,
-    MigrationMeta,
-    Ready,
-    Reassembler,
-)
+from ctlive.protocol.frames import Abort, Commit, CommitAck, MigrationMeta, Outcome, Ready, Resolve
 from ctlive.transport.server import serve_sessions
 from ctlive.transport.session import Session
 
-__all__ = [
-    "Destination",
-    "DestinationHooks",
-    "MigrationRecord",
-    "serve",
-]
+__all__ = ["Destination", "DestinationHooks", "MigrationRecord", "serve"]
 
+log = logging.getLogger("ctlive.destination")
+Hook = Callable[[str, dict[str, Any], backends.Restored], Any]
 
 
 class DestinationHooks(Protocol):
@@ -71,43 +65,67 @@ class DestinationHooks(Protocol):
         """The receiver reached ``stage``."""
 
 
-@attrs.define
-class MigrationRecord:
-    """What the receiver knows about one migration (``Destination.migrations``)."""
+def _start_time(pid: int) -> int | None:
+    try:
+        return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
-    migration_id: str
-    state: str = "receiving"
-    iterations: int = 0
-    bytes_received: int = 0
-    started: float = attrs.field(factory=time.monotonic)
-    restored_pid: int | None = None
-    error: str | None = None
-    timings: dict[str, float] = attrs.field(factory=dict)
-    """Seconds spent in the final phase: ``verify`` (completing and checking the last
-    image once its last item arrived), ``restore``, ``post_restore``, ``resume``,
-    ``post_resume``."""
+
+def _handle(restored: backends.Restored) -> dict[str, Any]:
+    """What a restarted receiver needs to drive ``restored`` again."""
+    return {"pid": restored.pid, "start": _start_time(restored.pid),
+            "container_id": restored._id, "runc_root": getattr(restored, "_root", None)}
+
+
+def _adopt(kind: str, h: dict[str, Any]) -> backends.Restored | None:
+    """The restored copy a journal handle names, if it is still there (its pid not
+    reused: the start time matches)."""
+    pid = int(h["pid"])
+    if _start_time(pid) is None or (h.get("start") is not None and _start_time(pid) != h["start"]):
+        return None
+    if kind == "runc":
+        return _RuncRestored(pid, h["runc_root"], h["container_id"])
+    if kind == "podman":
+        return _PodmanRestored(pid, container_id=h["container_id"])
+    return backends.Restored(pid)
+
+
+@attrs.define
+class _Pending:
+    """A READY copy waiting for COMMIT or ABORT."""
+
+    restored: backends.Restored
+    kind: str
+    spec: dict[str, Any]
+    workdir: pathlib.Path
+    since: float = attrs.field(factory=time.monotonic)
+    alerted: bool = False
 
 
 class Destination:
-    """The receiver behind one ``serve()``: the state its sessions share (migrations,
-    copies waiting for COMMIT) and the handling of each session (rebuild, verify,
-    restore stopped, resume on COMMIT)."""
+    """The receiver behind one ``serve()``: its journal, the copies waiting for COMMIT,
+    and the handling of each session (a migration, a COMMIT or an outcome query)."""
 
-    def __init__(self, state_dir: pathlib.Path, commit_grace: float,
-                 hooks: DestinationHooks | None = None,
+    def __init__(self, state_dir: pathlib.Path, *, hooks: DestinationHooks | None = None,
                  external_map: dict[str, str] | None = None,
-                 post_restore: Callable[[str, dict[str, Any], backends.Restored], Any]
-                 | None = None,
-                 post_resume: Callable[[str, dict[str, Any], backends.Restored], Any]
-                 | None = None) -> None:
-        self.state_dir = state_dir
+                 post_restore: Hook | None = None, post_resume: Hook | None = None,
+                 ready_alert_after: float = 600.0,
+                 discard_ready_after: float | None = None) -> None:
+        self.state_dir = private_dir(state_dir)
+        self.journal = Journal(self.state_dir, "destination")
         self.external_map = external_map
-        self.post_restore = post_restore
-        self.post_resume = post_resume
-        self._specs: dict[str, tuple[str, dict[str, Any]]] = {}
-        self.commit_grace = commit_grace
+        self.post_restore, self.post_resume = post_restore, post_resume
+        self.ready_alert_after = ready_alert_after
+        """Seconds after READY with no COMMIT or ABORT before an alert is raised (the
+        copy is kept)."""
+        self.discard_ready_after = discard_ready_after
+        """If set, an operator's choice to discard READY copies that long after READY
+        (None, the default: never)."""
         self.migrations: dict[str, MigrationRecord] = {}
-        self._pending: dict[str, tuple[backends.Restored, pathlib.Path]] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._aborted: set[str] = set()
+        self._locks: dict[str, anyio.Lock] = {}
         self.hooks = hooks
 
     def fault(self, stage: str) -> None:
@@ -116,27 +134,49 @@ class Destination:
         if self.hooks is not None:
             self.hooks.on_stage(stage)
 
+    def _lock(self, mid: str) -> anyio.Lock:
+        return self._locks.setdefault(mid, anyio.Lock())
+
+    async def _record(self, mid: str, state: DS, **data: Any) -> Entry:
+        return await arecord(self.journal, mid, state, **data)
+
+    # -- sessions --------------------------------------------------------------------------
+
     async def handle(self, session: Session) -> None:
+        """One authenticated session, whatever it carries."""
         first = await session.receive()
         if isinstance(first, Commit):
-            await self._resume_pending(session, first.migration_id)
-            return
-        if not isinstance(first, MigrationMeta):
-            raise RemoteProtocolError("expected MIGRATION_META")
-        mid = str(first.data.get("id", ""))
-        kind = str(first.data.get("kind", ""))
-        spec = first.data.get("spec", {})
-        if not mid.isalnum() or len(mid) > 64 or mid in self.migrations:
+            await self.commit(session, first.migration_id)
+        elif isinstance(first, Resolve):
+            state = await self.resolve(first.migration_id, first.action)
+            await session.send(Outcome(first.migration_id, state))
+        elif isinstance(first, MigrationMeta):
+            await self.receive_migration(session, first)
+        else:
+            raise RemoteProtocolError("expected MIGRATION_META, COMMIT or RESOLVE")
+
+    async def receive_iterations(self, session: Session, rec: MigrationRecord,
+                                 workdir: pathlib.Path) -> pathlib.Path:
+        """Rebuild the migration's images until the final one is verified (also the
+        data-plane benchmark's destination side)."""
+        return await receive_iterations(session, rec, workdir, self.fault)
+
+    async def receive_migration(self, session: Session, meta: MigrationMeta) -> None:
+        """A migration from META to READY, then COMMIT or ABORT on the same session."""
+        mid = str(meta.data.get("id", ""))
+        kind = str(meta.data.get("kind", ""))
+        spec = meta.data.get("spec", {})
+        if (not mid.isalnum() or len(mid) > 64 or mid in self.migrations
+                or self.journal.get(mid) is not None or not isinstance(spec, dict)):
             await session.send_error("bad-meta", "missing, malformed or duplicate migration id")
             raise RemoteProtocolError(f"bad migration id {mid!r}")
-        rec = MigrationRecord(mid)
-        self.migrations[mid] = rec
+        rec = self.migrations[mid] = MigrationRecord(mid)
         workdir = self.state_dir / mid
-        with map_os_errors(StorageError, f"creating {workdir}", phase=Phase.ITERATE):
-            workdir.mkdir(parents=True)
+        await self._record(mid, DS.RECEIVING, kind=kind, workdir=str(workdir))
         restored: backends.Restored | None = None
-        handed_over = False
         try:
+            with map_os_errors(StorageError, f"creating {workdir}", phase=Phase.ITERATE):
+                private_dir(workdir)
             final_dir = await self.receive_iterations(session, rec, workdir)
             rec.state = "restoring"
             self.fault("before-restore")
@@ -151,134 +191,171 @@ class Destination:
                 await self.post_restore(kind, spec, restored)
                 rec.timings["post_restore"] = time.monotonic() - t
             self.fault("before-ready")
-            await session.send(Ready({"restored_pid": restored.pid,
-                                      "iterations": rec.iterations,
-                                      "timings": dict(rec.timings)}))
-            rec.state = "ready"
-            try:
-                event = await session.receive()
-            except CtliveError:
-                # The source may have killed its copy: keep ours stopped for a while.
-                self._pending[mid] = (restored, workdir)
-                self._specs[mid] = (kind, spec)
-                handed_over = True
-                rec.state = "commit-pending"
-                raise
-            if isinstance(event, Commit):
-                self.fault("before-resume")
-                await self._resume(kind, spec, restored, rec.timings)
-                handed_over = True
-                rec.state = "committed"
-                await session.send(CommitAck(mid, {"restored_pid": restored.pid,
-                                                   "timings": dict(rec.timings)}))
-                shutil.rmtree(workdir, ignore_errors=True)
-                return
-            if isinstance(event, Abort):
-                rec.state = "aborted"
-                return
-            raise RemoteProtocolError(f"expected COMMIT or ABORT, got {type(event).__name__}")
+            async with self._lock(mid):
+                if mid in self._aborted:
+                    raise RemoteProtocolError("the source resolved the migration as aborted")
+                # Written before READY goes out: from here the copy is kept until COMMIT,
+                # ABORT, an abort by RESOLVE, or an operator's discard.
+                await self._record(mid, DS.READY, kind=kind, spec=spec,
+                                   restored=_handle(restored))
+                self._pending[mid] = _Pending(restored, kind, spec, workdir)
         except BaseException as exc:
-            if rec.state not in ("committed", "commit-pending"):
-                rec.state = "failed" if rec.state != "aborted" else "aborted"
-                rec.error = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            if not handed_over:
-                with anyio.CancelScope(shield=True):
-                    if restored is not None:
+            rec.state, rec.error = "failed", f"{type(exc).__name__}: {exc}"
+            with anyio.CancelScope(shield=True):
+                await self._record(mid, DS.DISCARDED, error=rec.error[:500])
+                if restored is not None:
+                    with contextlib.suppress(CtliveError):
                         await restored.discard()
-                    shutil.rmtree(workdir, ignore_errors=True)
-
-    async def receive_iterations(self, session: Session, rec: MigrationRecord,
-                                 workdir: pathlib.Path) -> pathlib.Path:
-        """Rebuild each iteration's image under ``workdir`` until the final one, which
-        is verified against its manifest; returns its directory."""
-        prev: pathlib.Path | None = None
-        hashes: dict[str, bytes] = {}
-        while True:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        rec.state = "ready"
+        await session.send(Ready({"restored_pid": restored.pid, "iterations": rec.iterations,
+                                  "timings": dict(rec.timings)}))
+        try:
             event = await session.receive()
-            if isinstance(event, Abort):
-                raise RemoteProtocolError(f"the source aborted: {event.reason}")
-            if isinstance(event, Error):
-                raise RemoteProtocolError(f"the source failed: {event.message}")
-            if not isinstance(event, IterationBegin):
-                raise RemoteProtocolError(f"expected ITERATION_BEGIN, got {event!r}")
-            out = workdir / f"img-{event.index}"
-            # The previous image is discarded: patch it in place, and re-hash only what
-            # changed when verifying.
-            rb = Rebuilder(prev, out, consume_old=True, old_hashes=hashes)
-            frags = Reassembler()
-            try:
-                while True:
-                    ev = await session.receive()
-                    if isinstance(ev, IterationEnd):
-                        break
-                    if not isinstance(ev, Change):
-                        raise RemoteProtocolError(f"unexpected {type(ev).__name__} in iteration")
-                    rec.bytes_received += len(ev.data)
-                    item = frags.feed(ev.lane, ev.data)
-                    if item is not None:
-                        await anyio.to_thread.run_sync(rb.apply, decode_change(item))
-                    await session.grant(len(ev.data))
-                    if event.index == 1:
-                        self.fault("mid-iteration")
-                frags.end_iteration()
-                t = time.monotonic()
-                await anyio.to_thread.run_sync(rb.finish)
-                if ev.final:
-                    rec.timings["verify"] = time.monotonic() - t
-                hashes = rb.page_hashes
-            finally:
-                rb.close()
-            if prev is not None:
-                shutil.rmtree(prev, ignore_errors=True)
-            prev = out
-            rec.iterations += 1
-            if ev.final:
-                return out
+        except CtliveError:
+            log.warning("migration %s: the session broke after READY; its copy stays stopped "
+                        "until COMMIT, ABORT or `ctlive discard`", mid)
+            raise
+        if isinstance(event, Commit):
+            await self.commit(session, mid)
+        elif isinstance(event, Abort):
+            await self.discard(mid, f"the source aborted: {event.reason}")
+        else:
+            raise RemoteProtocolError(f"expected COMMIT or ABORT, got {type(event).__name__}")
 
-    async def _resume_pending(self, session: Session, mid: str) -> None:
-        entry = self._pending.pop(mid, None)
-        rec = self.migrations.get(mid)
-        if entry is None or rec is None:
-            if rec is not None and rec.state == "committed":
-                await session.send(CommitAck(mid, {"restored_pid": rec.restored_pid}))
+    # -- decisions -------------------------------------------------------------------------
+
+    async def commit(self, session: Session, mid: str) -> None:
+        """COMMIT for ``mid`` (on its own session or a fresh one): resume the READY copy
+        and acknowledge; idempotent. A failure to resume keeps the copy and is reported
+        to the source as an error."""
+        async with self._lock(mid):
+            entry = self.journal.get(mid)
+            pending = self._pending.get(mid)
+            if entry is None or entry.state not in (DS.READY, DS.COMMITTED) or (
+                    entry.state == DS.READY and pending is None):
+                await session.send_error("unknown-migration",
+                                         f"no migration {mid} is waiting for COMMIT here")
                 return
-            await session.send_error("unknown-migration",
-                                     f"no migration {mid} is waiting for COMMIT here")
-            return
-        restored, workdir = entry
-        kind, spec = self._specs.pop(mid, ("", {}))
-        await self._resume(kind, spec, restored, rec.timings)
-        rec.state = "committed"
-        await session.send(CommitAck(mid, {"restored_pid": restored.pid,
-                                           "timings": dict(rec.timings)}))
-        shutil.rmtree(workdir, ignore_errors=True)
+            rec = self.migrations.setdefault(mid, MigrationRecord(mid, state="ready"))
+            if not entry.data.get("resumed"):
+                if pending is None:  # committed before a restart, resumed at adoption
+                    await session.send_error("resume-failed", f"the copy of {mid} is gone")
+                    return
+                self.fault("before-resume")
+                await self._record(mid, DS.COMMITTED)  # decided: from here never discarded
+                try:
+                    await self._resume(pending, rec.timings)
+                except CtliveError as exc:
+                    log.error("migration %s: COMMIT received but the resume failed: %s; the "
+                              "copy is kept", mid, exc)
+                    await self._record(mid, DS.COMMITTED, resume_error=str(exc)[:500])
+                    await session.send_error("resume-failed", str(exc)[:500])
+                    return
+                await self._record(mid, DS.COMMITTED, resumed=True)
+                self._pending.pop(mid, None)
+                shutil.rmtree(pending.workdir, ignore_errors=True)
+            rec.state = "committed"
+            pid = entry.data.get("restored", {}).get("pid")
+            await session.send(CommitAck(mid, {"restored_pid": pid, "timings": dict(rec.timings)}))
 
-    async def _resume(self, kind: str, spec: dict[str, Any], restored: backends.Restored,
-                      timings: dict[str, float]) -> None:
+    async def _resume(self, p: _Pending, timings: dict[str, float]) -> None:
         t = time.monotonic()
-        await restored.resume()
+        await p.restored.resume()
         timings["resume"] = time.monotonic() - t
         if self.post_resume is not None:
             # Traffic may move to this copy now (the source's copy is gone).
             t = time.monotonic()
-            await self.post_resume(kind, spec, restored)
+            await self.post_resume(p.kind, p.spec, p.restored)
             timings["post_resume"] = time.monotonic() - t
 
-    async def expire_pending(self) -> None:
-        """Discard READY copies whose COMMIT never came, after the grace period."""
+    async def discard(self, mid: str, reason: str) -> bool:
+        """Discard ``mid``'s copy unless it was committed; returns whether it is (now)
+        discarded."""
+        async with self._lock(mid):
+            entry = self.journal.get(mid)
+            if entry is not None and entry.state == DS.COMMITTED:
+                return False
+            self._aborted.add(mid)
+            if entry is None or entry.state == DS.DISCARDED:
+                return True
+            if entry.state == DS.RECEIVING:
+                return True  # its session ends it (it checks _aborted before READY)
+            with anyio.CancelScope(shield=True):
+                await self._record(mid, DS.DISCARDED, reason=reason[:500])
+                p = self._pending.pop(mid, None)
+                if p is not None:
+                    with contextlib.suppress(CtliveError):
+                        await p.restored.discard()
+                shutil.rmtree(self.state_dir / mid, ignore_errors=True)
+            log.info("migration %s discarded: %s", mid, reason)
+            return True
+
+    async def resolve(self, mid: str, action: str) -> str:
+        """The answer to a RESOLVE: the migration's state here after ``action``."""
+        if action == "abort" and await self.discard(mid, "aborted by the source (resolve)"):
+            return "discarded"
+        entry = self.journal.get(mid)
+        return "unknown" if entry is None else entry.state
+
+    # -- startup and watch -----------------------------------------------------------------
+
+    async def adopt(self) -> list[tuple[str, str]]:
+        """After a restart: settle every unfinished journal entry; returns (migration id,
+        what was done)."""
+        done = []
+        for e in self.journal.unfinished():
+            mid, kind = e.migration_id, str(e.data.get("kind", ""))
+            restored = _adopt(kind, e.data["restored"]) if "restored" in e.data else None
+            workdir = self.state_dir / mid
+            if e.state == DS.READY and restored is not None:
+                self._pending[mid] = _Pending(restored, kind, dict(e.data.get("spec", {})),
+                                              workdir)
+                done.append((mid, "adopted its READY copy (stopped)"))
+            elif e.state == DS.COMMITTED and restored is not None:
+                p = _Pending(restored, kind, dict(e.data.get("spec", {})), workdir)
+                await self._resume(p, {})
+                await self._record(mid, DS.COMMITTED, resumed=True)
+                shutil.rmtree(workdir, ignore_errors=True)
+                done.append((mid, "resumed its committed copy"))
+            elif e.state == DS.COMMITTED:
+                log.error("migration %s was committed but its copy is gone", mid)
+                await self._record(mid, DS.COMMITTED, resumed=True, lost=True)
+                done.append((mid, "committed, but the copy is gone"))
+            else:
+                if restored is not None:
+                    with contextlib.suppress(CtliveError):
+                        await restored.discard()
+                await self._record(mid, DS.DISCARDED, reason=f"found {e.state} at startup")
+                shutil.rmtree(workdir, ignore_errors=True)
+                done.append((mid, f"discarded (was {e.state})"))
+        keep = {m for m in self._pending}
+        for d in self.state_dir.iterdir():  # stale directories of finished migrations
+            if d.is_dir() and d.name not in keep and d.name.isalnum():
+                shutil.rmtree(d, ignore_errors=True)
+        for mid, what in done:
+            log.info("migration %s: %s", mid, what)
+        return done
+
+    async def watch(self) -> None:
+        """Alert on READY copies left waiting, and carry out operators' discards."""
         while True:
             await anyio.sleep(1)
             now = time.monotonic()
-            for mid in list(self._pending):
-                rec = self.migrations[mid]
-                if now - rec.started > self.commit_grace:
-                    restored, workdir = self._pending.pop(mid)
-                    self._specs.pop(mid, None)
-                    await restored.discard()
-                    shutil.rmtree(workdir, ignore_errors=True)
-                    rec.state = "expired"
+            for e in self.journal.entries():
+                if e.state == DS.DISCARD_REQUESTED:
+                    await self.discard(e.migration_id, "discarded by the operator")
+            for mid, p in list(self._pending.items()):
+                waited = now - p.since
+                if self.discard_ready_after is not None and waited > self.discard_ready_after:
+                    await self.discard(mid, f"no COMMIT {waited:.0f} s after READY "
+                                            "(discard_ready_after)")
+                elif waited > self.ready_alert_after and not p.alerted:
+                    p.alerted = True
+                    log.warning("ALERT migration %s: READY for %.0f s with no COMMIT or ABORT; "
+                                "the copy stays stopped (resolve with `ctlive recover` on the "
+                                "source, or `ctlive discard`)", mid, waited)
 
 
 async def serve(
@@ -289,11 +366,12 @@ async def serve(
     allow: Collection[bytes] | Callable[[bytes], bool],
     state_dir: str | os.PathLike[str] = "/run/ctlive",
     window: int = 64 << 20,
-    commit_grace: float = 600.0,
+    ready_alert_after: float = 600.0,
+    discard_ready_after: float | None = None,
     on_session_error: Callable[[BaseException], Any] | None = None,
     external_map: dict[str, str] | None = None,
-    post_restore: Callable[[str, dict[str, Any], backends.Restored], Any] | None = None,
-    post_resume: Callable[[str, dict[str, Any], backends.Restored], Any] | None = None,
+    post_restore: Hook | None = None,
+    post_resume: Hook | None = None,
     task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
     hooks: DestinationHooks | None = None,
 ) -> None:
@@ -301,7 +379,10 @@ async def serve(
 
     ``provider`` produces this guest's attestation evidence (``ctlive.attest.
     auto_provider()`` in a real guest). ``allow`` lists the source public keys
-    accepted. Memory per migration is bounded by ``window`` (bytes in flight).
+    accepted. Memory per migration is bounded by ``window`` (bytes in flight). At start
+    the receiver settles its journal (``state_dir/journal.sqlite``): READY copies are
+    adopted, still stopped. ``ready_alert_after`` (seconds from READY) raises an alert
+    for a copy still waiting; ``discard_ready_after`` (default None: never) discards it.
     ``external_map`` renames external resources (veth outer ends) for this host, and
     ``post_restore(kind, spec, restored)`` is awaited after each restore, while the
     workload is still stopped, for host-side network setup; ``post_resume`` (same
@@ -310,22 +391,27 @@ async def serve(
     stage the receiver reaches (``DestinationHooks``; for tests, ``ctlive.testing.
     hooks.FaultHooks`` breaks it there).
     """
-    root = pathlib.Path(state_dir)
-    with map_os_errors(StorageError, f"creating the state directory {root}"):
-        root.mkdir(parents=True, exist_ok=True)
-    receiver = Destination(root, commit_grace, hooks, external_map, post_restore, post_resume)
+    with map_os_errors(StorageError, f"creating the state directory {state_dir}"):
+        receiver = Destination(pathlib.Path(state_dir), hooks=hooks,
+                               external_map=external_map, post_restore=post_restore,
+                               post_resume=post_resume, ready_alert_after=ready_alert_after,
+                               discard_ready_after=discard_ready_after)
+    try:
+        await receiver.adopt()
 
-    async def handler(session: Session) -> None:
-        try:
-            await receiver.handle(session)
-        except CtliveError as exc:  # images/ and backends/ map OSError to ctlive errors
-            await session.send_error("receiver-failed", str(exc)[:500])
-            if on_session_error is not None:
-                on_session_error(exc)
+        async def handler(session: Session) -> None:
+            try:
+                await receiver.handle(session)
+            except CtliveError as exc:  # images/ and backends/ map OSError to ctlive errors
+                await session.send_error("receiver-failed", str(exc)[:500])
+                if on_session_error is not None:
+                    on_session_error(exc)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(receiver.expire_pending)
-        addr: tuple[str, int] = await tg.start(lambda task_status: serve_sessions(
-            listen, identity=identity, provider=provider, allow=allow, handler=handler,
-            window=window, task_status=task_status))
-        task_status.started(addr)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receiver.watch)
+            addr: tuple[str, int] = await tg.start(lambda task_status: serve_sessions(
+                listen, identity=identity, provider=provider, allow=allow, handler=handler,
+                window=window, task_status=task_status))
+            task_status.started(addr)
+    finally:
+        receiver.journal.close()

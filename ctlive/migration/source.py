@@ -22,7 +22,6 @@ import contextlib
 import os
 import pathlib
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -36,16 +35,28 @@ from ctlive.backends import Workload
 from ctlive.errors import (
     AttestationError,
     CtliveError,
+    InDoubtError,
     MigrationError,
     Phase,
     RemoteProtocolError,
 )
+from ctlive.fs import private_dir, private_tempdir
 from ctlive.identity import Identity
+from ctlive.images.diff import DiffStats
 from ctlive.migration.convergence import Convergence, ConvergencePolicy
 from ctlive.migration.iteration import send_iteration
+from ctlive.migration.journal import Journal, SourceState, arecord
+from ctlive.migration.recovery import (
+    DEFAULT_SOURCE_STATE,
+    GONE,
+    commit_on_new_sessions,
+    commit_until_acked,
+    confirm_abort,
+    workload_handle,
+)
 from ctlive.migration.report import Decision, IterationReport, MigrationReport, ProgressEvent
 from ctlive.protocol.evidence import EvidenceVerifier
-from ctlive.protocol.frames import Abort, Commit, CommitAck, Error, MigrationMeta, Ready
+from ctlive.protocol.frames import Abort, Error, MigrationMeta, Ready
 from ctlive.protocol.handshake import Cipher
 from ctlive.transport.client import open_session
 from ctlive.transport.session import Session
@@ -53,12 +64,11 @@ from ctlive.transport.session import Session
 __all__ = ["migrate"]
 
 
-def _work_dir() -> pathlib.Path:
+def _work_base() -> str | None:
     # Not /dev/shm or another tmpfs: CRIU archives the tmpfs mounts a workload can see,
     # so dumps kept there would end up inside the next dump (and in the restored
     # workload). The page cache keeps a disk directory fast.
-    base = "/var/tmp" if os.path.isdir("/var/tmp") else None
-    return pathlib.Path(tempfile.mkdtemp(prefix="ctlive-src-", dir=base))
+    return "/var/tmp" if os.path.isdir("/var/tmp") else None
 
 
 class _Migration:
@@ -70,16 +80,21 @@ class _Migration:
                  on_progress: Callable[[ProgressEvent], Any] | None,
                  progress_channel: anyio.abc.ObjectSendStream[ProgressEvent] | None,
                  workdir: str | os.PathLike[str] | None, connect_timeout: float,
-                 ready_timeout: float, commit_timeout: float) -> None:
+                 ready_timeout: float, commit_timeout: float, abort_timeout: float,
+                 progress_timeout: float, journal: Journal) -> None:
         self.source, self.destination = source, destination
         self.identity, self.verifier, self.policy = identity, verifier, policy
         self.lanes, self.cipher = lanes, cipher
         self.on_progress, self.progress_channel = on_progress, progress_channel
         self.connect_timeout = connect_timeout
         self.ready_timeout, self.commit_timeout = ready_timeout, commit_timeout
+        self.abort_timeout, self.progress_timeout = abort_timeout, progress_timeout
+        self.journal = journal
+        self.state = SourceState.STARTED
         self.mid = uuid.uuid4().hex
         self.own_dir = workdir is None
-        self.root = _work_dir() if workdir is None else pathlib.Path(workdir)
+        self.root = private_tempdir("ctlive-src-", _work_base()) if workdir is None else \
+            private_dir(workdir)
         self.phase = Phase.CONNECT
         self.stopped = self.killed = False
         self.iterations: list[IterationReport] = []
@@ -90,6 +105,49 @@ class _Migration:
         self.downtime_phases: dict[str, float] = {}
         self.wire_total = 0
         self.t_start = self.t_freeze = time.monotonic()
+
+    async def _send_watched(self, s: Session, k: int, final: bool,
+                            prev: pathlib.Path | None, d: pathlib.Path,
+                            lane_rr: int) -> tuple[DiffStats, int]:
+        """``send_iteration``, failed when no byte moved for ``progress_timeout`` seconds
+        (a stalled or partitioned network would otherwise hold the migration forever)."""
+        result: tuple[DiffStats, int] | None = None
+        failure: BaseException | None = None
+        stalled = False
+        async with anyio.create_task_group() as tg:
+            async def watch() -> None:
+                nonlocal stalled
+                last, since = s.statistics().bytes_sent, time.monotonic()
+                while True:
+                    await anyio.sleep(min(1.0, self.progress_timeout / 4))
+                    now = s.statistics().bytes_sent
+                    if now != last:
+                        last, since = now, time.monotonic()
+                    elif time.monotonic() - since > self.progress_timeout:
+                        stalled = True
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch)
+            try:
+                result = await send_iteration(s, k, final, prev, d, lane_rr)
+            except Exception as exc:  # re-raised below, outside the task group
+                failure = exc
+            tg.cancel_scope.cancel()
+        if stalled:
+            raise MigrationError(f"no progress for {self.progress_timeout:.0f} s: the network "
+                                 "to the destination is stalled", phase=self.phase)
+        if failure is not None:
+            raise failure
+        assert result is not None
+        return result
+
+    # -- the journal -----------------------------------------------------------------------
+
+    async def record(self, state: SourceState, **data: Any) -> None:
+        """Write ``state`` down (durably) before acting on it."""
+        self.state = state
+        await arecord(self.journal, self.mid, state, **data)
 
     # -- progress --------------------------------------------------------------------------
 
@@ -113,7 +171,11 @@ class _Migration:
     async def run(self) -> MigrationReport:
         """The whole migration; on failure the source workload runs again (or, after it
         was killed, COMMIT was confirmed) before the exception leaves."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        await self.record(SourceState.STARTED, destination=_address(self.destination),
+                          cipher=self.cipher, kind=self.source.kind,
+                          workload=workload_handle(self.source), workdir=str(self.root),
+                          own_workdir=self.own_dir)
+        keep_dir = False
         try:
             await self.progress(Phase.CONNECT)
             async with open_session(self.destination, identity=self.identity,
@@ -132,14 +194,15 @@ class _Migration:
                         await self._tell_abort(s, exc)
                     raise
         except BaseException as exc:
-            if not self.killed:
-                await self._abandon(exc)
+            if self.state is not SourceState.DECIDED_COMMIT:
+                # In doubt, the final checkpoint stays: `ctlive recover` may resume from it.
+                keep_dir = not await self._abandon(exc)
                 raise
             await self._finish_commit(exc)
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 raise  # the move is complete, but the caller was cancelled
         finally:
-            if self.own_dir:
+            if self.own_dir and not keep_dir:
                 shutil.rmtree(self.root, ignore_errors=True)
         t_done = time.monotonic()
         await self.progress(Phase.DONE, self.wire_total)
@@ -149,6 +212,7 @@ class _Migration:
         """The verifier accepted the destination inside the handshake: record what it
         established, then say what is migrated."""
         await self.progress(Phase.ATTEST)
+        await self.record(SourceState.ATTESTED)
         att = s.attestation
         if att is not None:
             self.attest_summary = {"platform": att.platform, "insecure": att.insecure,
@@ -159,6 +223,7 @@ class _Migration:
     async def iterate(self, s: Session) -> None:
         """Pre-copy iterations until the policy says the next dump is final, then the
         final dump and its send."""
+        await self.record(SourceState.ITERATING)
         prev: pathlib.Path | None = None
         last_dump_at = 0.0
         k = 0
@@ -172,6 +237,9 @@ class _Migration:
             last_dump_at = now
             if final:
                 await self.progress(Phase.FINAL_DUMP, s.statistics().bytes_sent)
+                # Written before the dump that stops the workload: a crash from here on
+                # leaves it stopped, and the journal says how to resume it.
+                await self.record(SourceState.FROZEN, final_dump=str(d))
                 self.t_freeze = time.monotonic()
                 self.stopped = True  # from here on, failure means resume
             else:
@@ -180,8 +248,11 @@ class _Migration:
             t_send = time.monotonic()
             if final:
                 await self.progress(Phase.SEND, s.statistics().bytes_sent)
+                # From here the destination may reach READY: resume only after it
+                # confirmed the abort. (The podman backend's final archive is known now.)
+                await self.record(SourceState.FINAL_SENT, workload=workload_handle(self.source))
             wire_before = s.statistics().bytes_sent
-            st, lane_rr = await send_iteration(s, k, final, prev, d, lane_rr)
+            st, lane_rr = await self._send_watched(s, k, final, prev, d, lane_rr)
             transfer = time.monotonic() - t_send
             if final:
                 self.downtime_phases.update(dump=t_send - self.t_freeze, send=transfer)
@@ -226,13 +297,16 @@ class _Migration:
         workload with no running copy)."""
         await self.progress(Phase.COMMIT, s.statistics().bytes_sent)
         with anyio.CancelScope(shield=True):
+            # The decision is on disk before the source copy goes.
+            await self.record(SourceState.DECIDED_COMMIT)
             t_kill = time.monotonic()
             await self.source.kill()
             self.killed = True
             t_commit = time.monotonic()
-            ack = await _commit(s, self.mid, self.commit_timeout)
+            ack = await commit_until_acked(s, self.mid, self.commit_timeout)
             self.downtime_phases.update(kill=t_commit - t_kill,
                                         commit=time.monotonic() - t_commit)
+            await self.record(SourceState.COMMITTED)
         self.dest_summary.update(ack.summary)
 
     # -- failure ---------------------------------------------------------------------------
@@ -248,29 +322,51 @@ class _Migration:
         """The source copy is gone: only COMMIT can complete this, so retry it on new
         sessions (never resume, never guess); MigrationError if it cannot be confirmed."""
         with anyio.CancelScope(shield=True):
-            ack = await _commit_reconnect(
+            if not self.killed:  # decided, then failed before the kill: finish the kill
+                await self.source.kill()
+                self.killed = True
+            ack = await commit_on_new_sessions(
                 self.destination, self.identity, self.verifier, self.cipher, self.mid,
                 self.commit_timeout, self.connect_timeout, exc)
+            await self.record(SourceState.COMMITTED)
         self.dest_summary.update(ack.summary)
 
-    async def _abandon(self, exc: BaseException) -> None:
-        """Before the kill: resume the workload (if the final dump stopped it), then
-        raise the error the caller sees, or return for a cancellation, which the caller
-        re-raises as it is."""
+    async def _abandon(self, exc: BaseException) -> bool:
+        """Before the decision to commit: make the workload run again, then raise the
+        error the caller sees (or return, for a cancellation, which the caller re-raises
+        as it is). Once the final iteration went out, the destination may be READY, so
+        the workload resumes only after it confirmed the abort; if it cannot be
+        reached, the workload stays stopped and InDoubtError says so. Returns whether
+        the migration is settled."""
         phase = self.phase
+        settled = True
         with anyio.CancelScope(shield=True):
-            if self.stopped:
-                await self.source.resume()
+            if self.state is SourceState.FINAL_SENT:
+                outcome = await confirm_abort(self.destination, self.identity, self.verifier,
+                                              self.cipher, self.mid, self.abort_timeout)
+                settled = outcome in GONE
+            if settled:
+                if self.stopped:
+                    await self.source.resume()
+                await self.record(SourceState.ABORTED, error=f"{type(exc).__name__}: {exc}"[:500])
             with anyio.move_on_after(1), contextlib.suppress(Exception):
                 await self.progress(Phase.FAILED)
+        if not settled:
+            raise InDoubtError(
+                f"migration {self.mid} failed during {phase} ({exc}) after its final "
+                "iteration was sent, and the destination could not confirm the abort: the "
+                "workload stays stopped so that two copies never run; run `ctlive recover` "
+                "once the destination is reachable", migration_id=self.mid, phase=phase,
+                cause=exc) from exc
         if isinstance(exc, MigrationError):
-            return
+            return True
         if isinstance(exc, AttestationError):
             raise MigrationError(f"attestation refused: {exc}", phase=Phase.ATTEST,
                                  cause=exc) from exc
         if isinstance(exc, CtliveError | OSError | TimeoutError):
             raise MigrationError(f"migration failed during {phase}: {exc}", phase=phase,
                                  cause=exc) from exc
+        return True
 
     def report(self, t_done: float) -> MigrationReport:
         """The frozen report of a migration that succeeded."""
@@ -294,45 +390,6 @@ class _Migration:
         )
 
 
-async def _commit(s: Session, mid: str, timeout: float) -> CommitAck:
-    """Send COMMIT and wait for its ACK on the current session, repeating COMMIT."""
-    with anyio.fail_after(timeout):
-        await s.send(Commit(mid))
-        while True:
-            with anyio.move_on_after(5):
-                reply = await s.receive()
-                if isinstance(reply, CommitAck):
-                    return reply
-                if isinstance(reply, Error):
-                    raise MigrationError(f"destination refused COMMIT: {reply.message}",
-                                         phase=Phase.COMMIT)
-                continue
-            await s.send(Commit(mid))
-
-
-async def _commit_reconnect(destination: str | tuple[str, int], identity: Identity,
-                            verifier: EvidenceVerifier, cipher: Cipher, mid: str,
-                            timeout: float, connect_timeout: float,
-                            first: BaseException) -> CommitAck:
-    deadline = time.monotonic() + timeout
-    last: BaseException = first
-    while time.monotonic() < deadline:
-        try:
-            async with open_session(destination, identity=identity, verifier=verifier,
-                                    cipher=cipher, timeout=connect_timeout,
-                                    hello={"migration_id": mid, "commit": True}) as s:
-                return await _commit(s, mid, max(deadline - time.monotonic(), 1))
-        except MigrationError:
-            raise
-        except (CtliveError, OSError, TimeoutError) as exc:
-            last = exc
-            await anyio.sleep(1)
-    raise MigrationError(
-        f"the source workload was stopped and handed over, but COMMIT could not be "
-        f"confirmed within {timeout}s ({last}); the destination keeps the workload stopped "
-        f"until it receives COMMIT for migration {mid}", phase=Phase.COMMIT, cause=last)
-
-
 async def migrate(
     source: Workload,
     destination: str | tuple[str, int],
@@ -348,19 +405,45 @@ async def migrate(
     connect_timeout: float = 30.0,
     ready_timeout: float = 300.0,
     commit_timeout: float = 120.0,
+    abort_timeout: float = 30.0,
+    progress_timeout: float = 150.0,
+    state_dir: str | os.PathLike[str] | None = None,
 ) -> MigrationReport:
     """Live-migrate ``source`` to the ctlive receiver at ``destination``.
 
     ``attestation`` is an :class:`~ctlive.attest.SnpPolicy` (verified against AMD's
     roots) or any ``EvidenceVerifier``. Returns a :class:`MigrationReport`; raises
     :class:`~ctlive.errors.MigrationError` (with ``phase``) on failure, after making
-    sure the source workload runs again. Cancellation is re-raised as the event loop's
-    own cancellation, after the same cleanup.
+    sure the source workload runs again, or :class:`~ctlive.errors.InDoubtError` when
+    that could not be made safe (run :func:`~ctlive.migration.recovery.recover`).
+    Cancellation is re-raised as the event loop's own cancellation, after the same
+    cleanup.
+
+    Every state change is written to the journal in ``state_dir`` (default
+    ``$CTLIVE_STATE_DIR``, else ``/var/lib/ctlive``) before it is acted on, so that
+    ``ctlive recover`` can finish or undo a migration whose process died.
+    ``abort_timeout`` bounds how long a failure after the final iteration waits for
+    the destination to confirm the abort before leaving the workload stopped;
+    ``progress_timeout`` fails an iteration's send when no byte moved that long.
     """
     verifier = SnpVerifier(attestation) if isinstance(attestation, SnpPolicy) else attestation
-    return await _Migration(
-        source, destination, identity=identity, verifier=verifier,
-        policy=convergence or Convergence(), lanes=lanes, cipher=cipher,
-        on_progress=on_progress, progress_channel=progress_channel, workdir=workdir,
-        connect_timeout=connect_timeout, ready_timeout=ready_timeout,
-        commit_timeout=commit_timeout).run()
+    journal = await anyio.to_thread.run_sync(
+        Journal, state_dir if state_dir is not None else
+        os.environ.get("CTLIVE_STATE_DIR", DEFAULT_SOURCE_STATE), "source")
+    try:
+        return await _Migration(
+            source, destination, identity=identity, verifier=verifier,
+            policy=convergence or Convergence(), lanes=lanes, cipher=cipher,
+            on_progress=on_progress, progress_channel=progress_channel, workdir=workdir,
+            connect_timeout=connect_timeout, ready_timeout=ready_timeout,
+            commit_timeout=commit_timeout, abort_timeout=abort_timeout,
+            progress_timeout=progress_timeout, journal=journal).run()
+    finally:
+        journal.close()
+
+
+def _address(destination: str | tuple[str, int]) -> str:
+    if isinstance(destination, tuple):
+        host, port = destination
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return destination

@@ -46,7 +46,9 @@ from ctlive.protocol.frames import (
     IterationBegin,
     IterationEnd,
     MigrationMeta,
+    Outcome,
     Ready,
+    Resolve,
     Role,
     decode_frame,
     encode_frame,
@@ -79,6 +81,7 @@ class State(enum.Enum):
     READY = "ready"
     COMMITTING = "committing"
     DONE = "done"
+    RESOLVING = "resolving"
     ABORTED = "aborted"
     FAILED = "failed"
 
@@ -105,6 +108,10 @@ _TABLE: dict[tuple[State, Role, type[Any]], State] = {
     (State.COMMITTING, D, Error): State.FAILED,
     (State.DONE, S, Commit): State.DONE,  # retry after a lost ACK
     (State.DONE, D, CommitAck): State.DONE,
+    # In-doubt resolution on a fresh session: what became of a migration (and, with
+    # action "abort", discard it unless committed).
+    (State.AWAIT_META, S, Resolve): State.RESOLVING,
+    (State.RESOLVING, D, Outcome): State.DONE,
 }
 for _st in _FLOW:
     _TABLE[(_st, D, Credit)] = _st

@@ -44,8 +44,10 @@ __all__ = [
     "IterationBegin",
     "IterationEnd",
     "MigrationMeta",
+    "Outcome",
     "Ready",
     "Reassembler",
+    "Resolve",
     "Role",
     "decode_frame",
     "encode_frame",
@@ -157,12 +159,31 @@ class Error:
     message: str
 
 
+@attrs.frozen
+class Resolve:
+    """Source to destination, on a fresh session straight after HELLO: what became of
+    ``migration_id``? With ``action`` "abort", discard it unless it was committed."""
+
+    migration_id: str
+    action: str = "query"
+    """``query`` or ``abort``."""
+
+
+@attrs.frozen
+class Outcome:
+    """Destination's answer to RESOLVE: its journal's state of the migration
+    (``unknown`` when it never heard of it), after carrying out an abort."""
+
+    migration_id: str
+    state: str
+
+
 Event = (Hello | MigrationMeta | IterationBegin | Change | IterationEnd | Credit | Ready
-         | Commit | CommitAck | Abort | Error)
+         | Commit | CommitAck | Abort | Error | Resolve | Outcome)
 
 _TYPES: dict[type[Any], int] = {
     Hello: 1, MigrationMeta: 2, IterationBegin: 3, Change: 4, IterationEnd: 5, Credit: 6,
-    Ready: 7, Commit: 8, CommitAck: 9, Abort: 10, Error: 11,
+    Ready: 7, Commit: 8, CommitAck: 9, Abort: 10, Error: 11, Resolve: 12, Outcome: 13,
 }
 _BY_CODE = {v: k for k, v in _TYPES.items()}
 _CHANGE_HDR = struct.Struct(">II")
@@ -231,6 +252,13 @@ def decode_frame(frame: bytes) -> Event:
         return CommitAck(_field(body, "migration_id", str), _field(body, "summary", dict))
     if cls is Abort:
         return Abort(_field(body, "reason", str))
+    if cls is Resolve:
+        action = _field(body, "action", str)
+        if action not in ("query", "abort"):
+            raise RemoteProtocolError(f"unknown RESOLVE action {action!r}")
+        return Resolve(_field(body, "migration_id", str), action)
+    if cls is Outcome:
+        return Outcome(_field(body, "migration_id", str), _field(body, "state", str))
     return Error(_field(body, "code", str), _field(body, "message", str))
 
 
