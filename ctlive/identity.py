@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import stat
+import tempfile
 
 import attrs
 from nacl.public import PrivateKey
@@ -16,6 +19,7 @@ __all__ = [
 ]
 
 _HEADER = "ctlive-x25519-private-key"
+_KEY_MODE = 0o600
 
 
 @attrs.frozen(repr=False)
@@ -44,12 +48,22 @@ class Identity:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Identity:
-        """Read a key file written by :meth:`save` (``~`` is expanded)."""
+        """Read a key file written by :meth:`save` (``~`` is expanded).
+
+        The file must not be readable, writable or executable by anyone but its owner
+        (mode 0600 or narrower), or ConfigError says the mode found and the fix."""
         p = pathlib.Path(path).expanduser()
         try:
-            text = p.read_text().split()
+            with p.open("rb") as f:
+                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+                if mode & ~_KEY_MODE:
+                    raise ConfigError(
+                        f"{p} has mode {mode:04o}: a private key file must be readable and "
+                        f"writable by its owner only (0600 or narrower); fix: chmod 600 {p}")
+                raw = f.read(4096)
         except OSError as exc:
             raise ConfigError(f"cannot read identity file {p}: {exc}", cause=exc) from exc
+        text = raw.decode("ascii", errors="replace").split()
         if len(text) != 2 or text[0] != _HEADER:
             raise ConfigError(f"{p} is not a ctlive key file (expected '{_HEADER} <hex>')")
         try:
@@ -58,14 +72,66 @@ class Identity:
             raise ConfigError(f"{p}: key is not hex", cause=exc) from exc
         return cls(key)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the private key to ``path`` with mode 0600, and the public key beside it (.pub)."""
+    def save(self, path: str | os.PathLike[str], *, force: bool = False) -> None:
+        """Write the private key to ``path`` (mode 0600) and the public key beside it
+        (``path.pub``, mode 0644), each atomically: a temporary file in the same
+        directory, flushed to disk, then renamed over the name, so a crash leaves the
+        old file or the new one, never half of one. A missing directory is created 0700.
+
+        An existing key file is never overwritten unless ``force`` is true
+        (ConfigError)."""
         p = pathlib.Path(path).expanduser()
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if not force and os.path.lexists(p):
+            raise ConfigError(_exists(p))
+        try:
+            p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            written = _write_atomically(p, f"{_HEADER} {self.private_key.hex()}\n",
+                                        _KEY_MODE, replace=force)
+            if written:
+                _write_atomically(p.with_name(p.name + ".pub"), self.public_key.hex() + "\n",
+                                  0o644, replace=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot write identity file {p}: {exc}", cause=exc) from exc
+        if not written:  # it appeared meanwhile
+            raise ConfigError(_exists(p))
+
+
+def _exists(p: pathlib.Path) -> str:
+    return f"{p} already exists; not overwriting a private key (pass force=True to replace it)"
+
+
+def _write_atomically(p: pathlib.Path, text: str, mode: int, *, replace: bool) -> bool:
+    """Write ``text`` to a temporary file beside ``p`` with ``mode``, sync it, and move it
+    to ``p``: over an existing file if ``replace``, else not if ``p`` exists (a hard link
+    never overwrites; where links are not supported, a check then a rename). Returns
+    whether ``p`` was written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
         with os.fdopen(fd, "w") as f:
-            f.write(f"{_HEADER} {self.private_key.hex()}\n")
-        p.with_name(p.name + ".pub").write_text(self.public_key.hex() + "\n")
+            os.fchmod(f.fileno(), mode)  # mkstemp made it 0600 minus the umask
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, p)
+        else:
+            try:
+                os.link(tmp, p)
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links on this file system
+                if os.path.lexists(p):
+                    return False
+                os.rename(tmp, p)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    dfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return True
 
 
 def load_public_keys(path: str | os.PathLike[str]) -> frozenset[bytes]:

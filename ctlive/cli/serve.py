@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 
@@ -16,8 +17,12 @@ __all__ = ["register"]
 def _keygen(args: argparse.Namespace) -> int:
     from ctlive.identity import Identity
 
+    out: pathlib.Path = args.output.expanduser()
+    if not args.force and os.path.lexists(out):
+        raise ConfigError(f"{out} already exists; not overwriting a private key "
+                          "(ctlive keygen --force replaces it)")
     ident = Identity.generate()
-    ident.save(args.output)
+    ident.save(out, force=args.force)
     print(ident.public_key.hex())
     return 0
 
@@ -25,7 +30,10 @@ def _keygen(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``ctlive serve`` and ``ctlive keygen``."""
     k = sub.add_parser("keygen", help="make an X25519 identity (writes KEY and KEY.pub)")
-    k.add_argument("-o", "--output", type=pathlib.Path, required=True)
+    k.add_argument("-o", "--output", type=pathlib.Path, required=True,
+                   help="the private key file (mode 0600); KEY.pub gets the public key")
+    k.add_argument("--force", action="store_true",
+                   help="replace an existing key file (the old key is lost)")
     k.set_defaults(func=_keygen)
 
     s = sub.add_parser("serve", help="receive migrations (run inside the SEV-SNP guest)")
