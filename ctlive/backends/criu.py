@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -26,6 +27,7 @@ __all__ = [
     "find_criu",
     "run_criu",
     "run_runtime",
+    "summarize_log",
 ]
 
 DEFAULT_PREFIX = pathlib.Path(os.environ.get("CTLIVE_CRIU_PREFIX", "/opt/ctlive/criu"))
@@ -80,17 +82,58 @@ def find_criu() -> Criu:
     raise CriuNotFoundError(f"no CRIU >= 4.2 ({detail}); {_FIX}")
 
 
-def _log_tail(path: pathlib.Path, lines: int = 15) -> str:
+# CRIU marks log lines "Error (file.c:line): ..." and "Warn  (file.c:line): ...", after
+# a timestamp and, from the restorer, "pie: PID: ".
+_MARKED = re.compile(r"\b(Error|Warn) +\([^()\s]+:\d+\): ")
+_TIMESTAMP = re.compile(r"^\(\s*[\d.:]+\)\s*")
+# Lines CRIU marks as errors but that do not make it fail.
+_NON_FATAL = (
+    # CRIU tries to raise its own open-file limit to fs.nr_open and carries on without.
+    "rlimit: Can't setup RLIMIT_NOFILE",
+)
+_TAIL_LINES = 15
+
+
+def _is_error(line: str) -> bool:
+    m = _MARKED.search(line)
+    return m is not None and m[1] == "Error" and not any(s in line for s in _NON_FATAL)
+
+
+def summarize_log(text: str) -> str:
+    """The line of a CRIU log that says what went wrong, without its timestamp: the first
+    line marked as an error ("Error (file.c:line): ...") that is not one CRIU logs and
+    carries on from (the rlimit line that leads nearly every log), preferring a specific
+    error to CRIU's closing "Dumping FAILED." (or "Restoring FAILED.") line. Empty if no
+    line is marked as an error."""
+    errors = [_TIMESTAMP.sub("", ln).strip() for ln in text.splitlines() if _is_error(ln)]
+    specific = [ln for ln in errors if not ln.endswith("FAILED.")]
+    return (specific or errors or [""])[0]
+
+
+def _tail(text: str, lines: int = _TAIL_LINES) -> str:
+    """The end of a CRIU log: its last marked lines (errors and warnings, all of them),
+    or its last lines if none is marked."""
+    all_lines = text.splitlines()
+    marked = [ln for ln in all_lines if _MARKED.search(ln)]
+    return "\n".join((marked or all_lines)[-lines:])
+
+
+def _log_error(message: str, log: pathlib.Path, *, phase: Phase, stderr: bytes = b"") -> CriuError:
+    """A CriuError whose first line says what CRIU's log ``log`` says went wrong, with
+    the log's tail attached (or CRIU's ``stderr``, if it wrote no log)."""
     try:
-        text = path.read_text(errors="replace").splitlines()
+        text = log.read_text(errors="replace")
     except OSError:
-        return ""
-    errors = [ln for ln in text if "Error" in ln]
-    return "\n".join((errors or text)[-lines:])
+        return CriuError(f"{message} (no log at {log})", phase=phase,
+                         log_tail=_tail(stderr.decode(errors="replace")))
+    summary = summarize_log(text)
+    return CriuError(f"{message}: {summary or 'no error line in the log'} (log: {log})",
+                     phase=phase, log_tail=_tail(text))
 
 
 async def run_criu(args: list[str], *, workdir: pathlib.Path, log: str, phase: Phase) -> None:
-    """Run ``criu ARGS -o LOG`` in ``workdir``; failures raise CriuError with the log tail."""
+    """Run ``criu ARGS -o LOG`` in ``workdir``; failures raise CriuError whose message
+    leads with the log's first real error line, then the log tail."""
     criu = find_criu()
     cmd = [criu.path, *args, "-o", log, "-v4"]
     try:
@@ -98,8 +141,8 @@ async def run_criu(args: list[str], *, workdir: pathlib.Path, log: str, phase: P
     except OSError as exc:
         raise CriuError(f"cannot run CRIU: {exc}", phase=phase, cause=exc) from exc
     if proc.returncode != 0:
-        raise CriuError(f"criu {args[0]} failed (exit {proc.returncode})", phase=phase,
-                        log_tail=_log_tail(workdir / log))
+        raise _log_error(f"criu {args[0]} failed (exit {proc.returncode})", workdir / log,
+                         phase=phase, stderr=proc.stderr)
 
 
 async def run_runtime(args: list[str], *, phase: Phase, root: str | None = None,
