@@ -12,6 +12,7 @@ import attrs
 from ctlive.errors import DeltaFormatError
 
 __all__ = [
+    "MAX_ZDELTA_BASE",
     "ChangeItem",
     "ChangeKind",
     "decode_change",
@@ -36,6 +37,11 @@ class ChangeKind(enum.IntEnum):
 
 
 _SIZED = (ChangeKind.FILE_WHOLE, ChangeKind.FILE_ZDELTA)
+
+MAX_ZDELTA_BASE = 8 << 20
+"""Largest old file a FILE_ZDELTA may use as its dictionary, bytes: the receiver holds
+the dictionary in memory, so the diff sends larger files whole and the rebuilder
+refuses a delta against a larger old file."""
 
 
 # kind, name length, size or first page, page count, data length

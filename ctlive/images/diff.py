@@ -30,7 +30,7 @@ import zstandard
 
 from ctlive.errors import ImageFormatError, StorageError, map_os_errors
 from ctlive.images import layout, pagediff
-from ctlive.images.changes import ChangeItem, ChangeKind, safe_name
+from ctlive.images.changes import MAX_ZDELTA_BASE, ChangeItem, ChangeKind, safe_name
 from ctlive.images.criu_format import PAGE_SIZE, Pagemap
 from ctlive.images.layout import MappedFile, Segment
 from ctlive.images.manifest import Manifest, bytes_digest, pages_digest
@@ -103,7 +103,8 @@ def _diff_file(old: pathlib.Path | None, new: pathlib.Path, name: str,
                zc: zstandard.ZstdCompressor, level: int, st: DiffStats,
                files: dict[str, dict[str, Any]]) -> ChangeItem:
     """The item of one non-page file: unchanged, a zstd delta with its old version as
-    dictionary when that is smaller, or whole."""
+    dictionary when that is smaller (and the old version no larger than
+    ``MAX_ZDELTA_BASE``, which the receiver holds in memory), or whole."""
     data = (new / name).read_bytes()
     files[name] = bytes_digest(data)
     st.files += 1
@@ -115,7 +116,7 @@ def _diff_file(old: pathlib.Path | None, new: pathlib.Path, name: str,
         st.files_unchanged += 1
         return ChangeItem(ChangeKind.FILE_SAME, name)
     kind, payload = ChangeKind.FILE_WHOLE, zc.compress(data)
-    if old_data:
+    if old_data and len(old_data) <= MAX_ZDELTA_BASE:
         dictionary = zstandard.ZstdCompressionDict(
             old_data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         delta = zstandard.ZstdCompressor(level=level, dict_data=dictionary).compress(data)

@@ -1,5 +1,10 @@
 """Rebuild a dump byte for byte from the previous one and a change stream, and verify
-the result against the stream's manifest."""
+the result against the stream's manifest.
+
+Memory is bounded whatever sizes the stream declares: whole-file items are decompressed
+to disk in ``CHUNK`` pieces (never more than their declared size), a zdelta's
+dictionary is an old file of at most ``MAX_ZDELTA_BASE`` bytes, and zstd frames may not
+ask for a window above ``MAX_WINDOW``. Every file written is private (0600)."""
 
 from __future__ import annotations
 
@@ -15,14 +20,16 @@ import zstandard
 
 from ctlive.errors import DeltaFormatError, ImageFormatError, StorageError, map_os_errors
 from ctlive.images import layout, pagediff
-from ctlive.images.changes import ChangeItem, ChangeKind, safe_name
+from ctlive.images.changes import MAX_ZDELTA_BASE, ChangeItem, ChangeKind, safe_name
 from ctlive.images.criu_format import PAGE_SIZE, Pagemap
 from ctlive.images.layout import MappedFile, Segment
 from ctlive.images.manifest import Manifest, manifest
 
 __all__ = [
+    "CHUNK",
     "MAX_DEFERRED",
     "MAX_FILE",
+    "MAX_WINDOW",
     "Rebuilder",
 ]
 
@@ -31,6 +38,34 @@ MAX_FILE = 1 << 30
 
 MAX_DEFERRED = 256 << 20
 """Compressed pages held while their pagemap is still on its way, bytes."""
+
+CHUNK = 1 << 20
+"""Whole-file items are decompressed and written this many bytes at a time."""
+
+MAX_WINDOW = 1 << 23
+"""Largest zstd window a whole-file item may need, bytes (what zstd levels up to 19
+use; ctlive's diff uses level 1, 512 KiB)."""
+
+_PRIVATE = 0o600
+
+
+def _create(path: pathlib.Path) -> BinaryIO:
+    """Create (or truncate) ``path`` for writing, mode 0600 whatever the umask, never
+    through a symlink."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 _PRIVATE)
+    try:
+        os.fchmod(fd, _PRIVATE)  # the umask may have taken bits; an old file kept its mode
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """Copy ``src`` to a private ``dst`` (the kernel's copy: no buffer of ours)."""
+    _create(dst).close()
+    shutil.copyfile(src, dst)  # truncates and writes dst; its mode stays 0600
 
 
 @attrs.define(eq=False)
@@ -161,7 +196,7 @@ class Rebuilder:
         self._old_maps: dict[str, Pagemap] | None = None
         self._pages: dict[str, _Written | _Patched] = {}
         self._manifest: Manifest | None = None
-        self._zd = zstandard.ZstdDecompressor()
+        self._zd = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
         self._deferred: list[ChangeItem] = []
         self._deferred_bytes = 0
 
@@ -188,7 +223,7 @@ class Rebuilder:
         if c.kind == ChangeKind.FILE_SAME:
             if self.old is None or not (self.old / name).is_file():
                 raise DeltaFormatError(f"{name} marked unchanged but there is no old copy")
-            shutil.copyfile(self.old / name, self.out / name)
+            _copy(self.old / name, self.out / name)
         elif c.kind in (ChangeKind.FILE_WHOLE, ChangeKind.FILE_ZDELTA):
             self._write_file(name, c)
         elif name not in self._pages and not self._has_pagemap(name):
@@ -206,23 +241,46 @@ class Rebuilder:
                 self._apply(d)
 
     def _write_file(self, name: str, c: ChangeItem) -> None:
+        """Decompress a whole-file item to disk, ``CHUNK`` bytes at a time: never more
+        than its declared ``size`` (more is refused as soon as it appears), nor less."""
         if c.size > MAX_FILE:
             raise DeltaFormatError(f"{name}: declared size {c.size} too large")
-        if c.kind == ChangeKind.FILE_ZDELTA:
-            if self.old is None or not (self.old / name).is_file():
-                raise DeltaFormatError(f"{name}: delta against a file we do not have")
-            dictionary = zstandard.ZstdCompressionDict(
-                (self.old / name).read_bytes(), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-            zd = zstandard.ZstdDecompressor(dict_data=dictionary)
-        else:
-            zd = self._zd
+        zd = self._delta_decompressor(name) if c.kind == ChangeKind.FILE_ZDELTA else self._zd
+        target = self.out / name
+        written = 0
         try:
-            data = zd.decompress(c.data, max_output_size=c.size)
+            with _create(target) as f, zd.stream_reader(c.data, read_across_frames=True) as r:
+                # Ask for one byte beyond what is left: output past the size shows at once.
+                while chunk := r.read(min(CHUNK, c.size - written + 1)):
+                    written += len(chunk)
+                    if written > c.size:
+                        raise DeltaFormatError(
+                            f"{name}: more than the {c.size} bytes its header declares")
+                    f.write(chunk)
+            if written != c.size:
+                raise DeltaFormatError(f"{name}: {written} bytes, header says {c.size}")
         except zstandard.ZstdError as exc:
-            raise DeltaFormatError(f"{name}: corrupt zstd data", cause=exc) from exc
-        if len(data) != c.size:
-            raise DeltaFormatError(f"{name}: {len(data)} bytes, header says {c.size}")
-        (self.out / name).write_bytes(data)
+            target.unlink(missing_ok=True)
+            raise DeltaFormatError(f"{name}: corrupt zstd data ({exc})", cause=exc) from exc
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+
+    def _delta_decompressor(self, name: str) -> zstandard.ZstdDecompressor:
+        """A decompressor whose dictionary is the old version of ``name``, read whole:
+        refused when that file is larger than ``MAX_ZDELTA_BASE`` (the diff sends such
+        files whole)."""
+        old = self.old / name if self.old is not None else None
+        if old is None or not old.is_file():
+            raise DeltaFormatError(f"{name}: delta against a file we do not have")
+        with open(old, "rb") as f:
+            base = f.read(MAX_ZDELTA_BASE + 1)
+        if len(base) > MAX_ZDELTA_BASE:
+            raise DeltaFormatError(
+                f"{name}: a zstd delta against an old file of {old.stat().st_size} bytes; "
+                f"deltas are accepted against old files of up to {MAX_ZDELTA_BASE} bytes")
+        dictionary = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        return zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=MAX_WINDOW)
 
     def _has_pagemap(self, name: str) -> bool:
         return name in layout.pages_files(layout.pagemaps(self.out))
@@ -235,8 +293,9 @@ class Rebuilder:
         target = self.out / name
         if self.consume_old:
             os.rename(old_path, target)
+            os.chmod(target, _PRIVATE)
         else:
-            shutil.copyfile(old_path, target)
+            _copy(old_path, target)
         f = open(target, "r+b")  # noqa: SIM115
         try:
             known = self._old_hashes.get(old_path.name)
@@ -277,7 +336,7 @@ class Rebuilder:
             old_m.close()
             state = self._take_over(name, old_path, total, segs, old_total)
         else:
-            f = open(self.out / name, "wb")  # noqa: SIM115
+            f = _create(self.out / name)
             f.truncate(total * PAGE_SIZE)
             # Windows no item touches are filled from the old pages in finish().
             state = _Written(f, total, old_m, segs)
