@@ -97,6 +97,12 @@ def _integer(low: int, high: int) -> _Check:
     return check
 
 
+def _path(value: Any, label: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _bad(label, "a file name", value)
+    return value
+
+
 def _items(value: Any) -> Iterable[Any]:
     """A single string or bytes value stands for an array of one."""
     return [value] if isinstance(value, str | bytes | bytearray) else value
@@ -253,6 +259,7 @@ _SNP_CHECKS: dict[str, _Check] = {
     "allow_provisional_firmware": _boolean,
     "signing_keys": _array(_one_of(k.name for k in SigningKey if k is not SigningKey.NONE),
                            '"VCEK" or "VLEK"'),
+    "simulated_chain": _optional(_path),
 }
 
 
@@ -288,6 +295,10 @@ class SnpPolicy:
     allow_provisional_firmware: bool = False
     signing_keys: frozenset[str] = attrs.field(
         default=frozenset({"VCEK", "VLEK"}), converter=frozenset)
+    simulated_chain: str | None = None
+    """A PEM file with a *simulated* platform's ARK and ASK (``ctlive serve --provider
+    simulated --simulated-chain FILE`` writes it): the only way a source trusts simulated
+    evidence. Results are marked insecure. Relative to the policy file when loaded."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SnpPolicy:
         _check_args(cls, args, kwargs, _SNP_CHECKS)
@@ -311,14 +322,20 @@ class SnpPolicy:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot load policy {p}: {exc}", cause=exc) from exc
         if "snp" not in data:
-            return cls.from_dict(data, where=f"{p}: ")
+            return cls.from_dict(data, where=f"{p}: ")._relative_to(p.parent)
         others = sorted(set(data) - {"snp"})
         if others:
             raise ConfigError(f"{p}: {others[0]}: unknown key (the policy goes in the [snp] "
                               "table; nothing else belongs in the file)")
         if not isinstance(data["snp"], dict):
             raise _bad(f"{p}: snp", "a table [snp]", data["snp"])
-        return cls.from_dict(data["snp"], where=f"{p}: [snp] ")
+        policy = cls.from_dict(data["snp"], where=f"{p}: [snp] ")
+        return policy._relative_to(p.parent)
+
+    def _relative_to(self, base: pathlib.Path) -> SnpPolicy:
+        if self.simulated_chain is None or os.path.isabs(self.simulated_chain):
+            return self
+        return attrs.evolve(self, simulated_chain=str(base / self.simulated_chain))
 
     @classmethod
     def inspection(cls) -> SnpPolicy:

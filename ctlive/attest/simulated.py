@@ -153,6 +153,12 @@ class SimulatedSnpPlatform:
         """The root to pass to ``SnpVerifier(trusted_roots=[...])``, marked insecure."""
         return TrustedRoot(Product.MILAN, self._cert("ark"), self._cert("ask"), insecure=True)
 
+    def write_chain(self, path: str | os.PathLike[str]) -> None:
+        """Write the ARK and ASK (PEM) for a source's policy ``simulated_chain``."""
+        pem = serialization.Encoding.PEM
+        pathlib.Path(path).write_bytes(self._cert("ark").public_bytes(pem)
+                                       + self._cert("ask").public_bytes(pem))
+
     def certificates(self) -> dict[str, bytes]:
         """DER of vcek, ask and ark."""
         return {k: self._cert(k).public_bytes(serialization.Encoding.DER)

@@ -26,9 +26,10 @@ from ctlive.attest.certs import (
     verify_report_signature,
 )
 from ctlive.attest.policy import SnpPolicy
-from ctlive.attest.snp_report import AttestationReport, SigningKey, parse_report
+from ctlive.attest.snp_report import AttestationReport, Product, SigningKey, parse_report
 from ctlive.errors import (
     CertificateChainError,
+    ConfigError,
     ReportDataMismatchError,
     ReportFormatError,
 )
@@ -66,6 +67,8 @@ class SnpVerifier:
     ) -> None:
         self.policy = policy
         self.roots = tuple(trusted_roots) if trusted_roots is not None else amd_roots()
+        if policy.simulated_chain is not None:
+            self.roots += (simulated_root(policy.simulated_chain),)
         self.cache = pathlib.Path(cert_cache_dir) if cert_cache_dir else None
         self._now = now
 
@@ -154,3 +157,15 @@ class SnpVerifier:
             insecure=insecure,
             details=details,
         )
+
+
+def simulated_root(path: str | os.PathLike[str]) -> TrustedRoot:
+    """The trusted root in a simulated platform's chain file (ARK then ASK, PEM), marked
+    insecure; ConfigError if the file is not one."""
+    try:
+        certs = x509.load_pem_x509_certificates(pathlib.Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the simulated chain {path}: {exc}", cause=exc) from exc
+    if len(certs) < 2:
+        raise ConfigError(f"{path}: a simulated chain holds the ARK and the ASK (PEM)")
+    return TrustedRoot(Product.MILAN, certs[0], certs[1], insecure=True)

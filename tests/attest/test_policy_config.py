@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 import pytest
 
+from ctlive import errors
 from ctlive.attest import MinTcb, SnpPolicy
 from ctlive.attest import policy as policy_module
 from ctlive.errors import ConfigError
@@ -101,6 +102,8 @@ WRONG: list[tuple[str, Any, str]] = [
     ("signing_keys", "VCEK", 'signing_keys: expected an array of "VCEK" or "VLEK"'),
     ("signing_keys", ["vcek"], 'signing_keys[0]: expected "VCEK" or "VLEK", found "vcek"'),
     ("signing_keys", ["NONE"], "signing_keys[0]"),
+    ("simulated_chain", 5, "simulated_chain: expected a file name"),
+    ("simulated_chain", "", "simulated_chain: expected a file name"),
 ]
 
 
@@ -239,3 +242,27 @@ def test_the_documented_example_loads(tmp_path: pathlib.Path) -> None:
                            "min_tcb = { snp = 1, fmc = 2 }\n")
     assert every.vmpls == {0, 2} and every.signing_keys == {"VLEK"}
     assert every.min_tcb == MinTcb(snp=1, fmc=2) and every.smt_allowed is False
+
+
+def test_simulated_chain_is_the_only_way_to_trust_a_simulated_platform(
+        tmp_path: pathlib.Path) -> None:
+    """Without ``simulated_chain`` a simulated report fails the chain check; with it (a
+    path relative to the policy file) it verifies, marked insecure."""
+    from ctlive.attest import SimulatedSnpPlatform, SnpVerifier
+
+    platform = SimulatedSnpPlatform()
+    platform.write_chain(tmp_path / "chain.pem")
+    evidence = platform.get_evidence(bytes(64))
+    (tmp_path / "strict.toml").write_text(
+        f'[snp]\nmeasurements = ["{platform.measurement.hex()}"]\n')
+    (tmp_path / "sim.toml").write_text(
+        f'[snp]\nmeasurements = ["{platform.measurement.hex()}"]\n'
+        'simulated_chain = "chain.pem"\n')
+    with pytest.raises(errors.CertificateChainError):
+        SnpVerifier(SnpPolicy.from_toml(tmp_path / "strict.toml")).verify(evidence, bytes(64))
+    result = SnpVerifier(SnpPolicy.from_toml(tmp_path / "sim.toml")).verify(evidence, bytes(64))
+    assert result.insecure
+    (tmp_path / "bad.toml").write_text('[snp]\nallow_any_measurement = true\n'
+                                       'simulated_chain = "missing.pem"\n')
+    with pytest.raises(ConfigError, match=r"missing\.pem"):
+        SnpVerifier(SnpPolicy.from_toml(tmp_path / "bad.toml"))
