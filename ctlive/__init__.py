@@ -21,6 +21,7 @@ from ctlive.errors import __all__ as _errors_all
 from ctlive.identity import Identity, load_public_keys
 from ctlive.migration.convergence import Convergence, ConvergencePolicy
 from ctlive.migration.destination import serve
+from ctlive.migration.recovery import Recovered, recover
 from ctlive.migration.report import Decision, IterationReport, MigrationReport, ProgressEvent
 from ctlive.migration.source import migrate
 from ctlive.protocol.evidence import AttestationResult, EvidenceProvider, EvidenceVerifier
@@ -42,6 +43,7 @@ __all__ = [
     "PodmanContainer",
     "Process",
     "ProgressEvent",
+    "Recovered",
     "Restored",
     "RuncContainer",
     "SimulatedSnpPlatform",
@@ -51,6 +53,7 @@ __all__ = [
     "__version__",
     "load_public_keys",
     "migrate",
+    "recover",
     "serve",
     *_errors_all,
 ]

@@ -185,6 +185,9 @@ class Destination:
                                               external_map=self.external_map)
             rec.restored_pid = restored.pid
             rec.timings["restore"] = time.monotonic() - t
+            # A crash from here on leaves a stopped copy: the journal must know it, so
+            # that a restarted receiver discards it.
+            await self._record(mid, DS.RECEIVING, restored=_handle(restored))
             if self.post_restore is not None:
                 # Host-side plumbing (addresses, routes) while the workload is still stopped.
                 t = time.monotonic()

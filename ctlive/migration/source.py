@@ -40,7 +40,7 @@ from ctlive.errors import (
     Phase,
     RemoteProtocolError,
 )
-from ctlive.fs import private_dir, private_tempdir
+from ctlive.fs import private_dir, private_tempdir, tighten_tree
 from ctlive.identity import Identity
 from ctlive.images.diff import DiffStats
 from ctlive.migration.convergence import Convergence, ConvergencePolicy
@@ -245,6 +245,8 @@ class _Migration:
             else:
                 self.phase = Phase.ITERATE
             res = await self.source.dump(d, final=final, parent=prev)
+            # CRIU, runc and podman write with their own umask: the images are ours alone.
+            await anyio.to_thread.run_sync(tighten_tree, d)
             t_send = time.monotonic()
             if final:
                 await self.progress(Phase.SEND, s.statistics().bytes_sent)

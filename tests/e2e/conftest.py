@@ -70,3 +70,14 @@ async def receiver_factory(tmp_path: pathlib.Path, platform: SimulatedSnpPlatfor
 
         yield start
         tg.cancel_scope.cancel()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault matrix (tests/e2e/test_fault_matrix.py) when it ran."""
+    import sys
+
+    mod = sys.modules.get("e2e.test_fault_matrix")
+    table = mod.pytest_matrix_summary() if mod is not None else ""
+    if table:
+        terminalreporter.write_sep("=", "fault matrix: where the one running copy is")
+        terminalreporter.write_line(table)
