@@ -2,6 +2,7 @@
 
 ``socket`` (non-blocking sockets and the mapping of OS errors), ``link`` (one
 connection's record streams), ``session`` (a migration session over its lanes),
-``client`` (:func:`open_session`) and ``server`` (:func:`serve_sessions`). It runs
-unchanged under asyncio and trio (anyio).
+``client`` (:func:`open_session`) and ``server`` (:func:`serve_sessions`, with its
+limits against hostile peers: handshakes and sessions at once, handshake and idle
+timeouts, descriptor exhaustion). It runs unchanged under asyncio and trio (anyio).
 """

@@ -11,6 +11,7 @@ waiting for credit. AEAD work for large records runs in worker threads (see
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
@@ -90,6 +91,15 @@ class Session:
             tuple[int, Event | None] | BaseException](32)
         self._ordered = LaneMerger(len(lanes))
         self._failed: BaseException | None = None
+        self.idle_timeout: float | None = None
+        """The longest :meth:`receive` waits for the peer's next frame (``None``: no
+        limit). The destination's server sets it for the handler's part of a session:
+        it applies only while the local side waits for the peer, never during local work
+        (a restore). When it passes, :attr:`on_idle` runs and the session fails with
+        :class:`~ctlive.errors.BrokenChannelError`."""
+        self.on_idle: Callable[[], Awaitable[None]] | None = None
+        """Awaited once when :attr:`idle_timeout` passes, before :meth:`receive`
+        raises (the server sends its ERROR and reports the refusal there)."""
 
     @property
     def window(self) -> int:
@@ -167,7 +177,7 @@ class Session:
             ready = self._ordered.pop()
             if ready is not None:
                 return self.conversation.receive_event(ready)
-            item = await self._inbox.receive()
+            item = await self._next_item()
             if isinstance(item, BaseException):
                 self._failed = self._failed or item
                 continue
@@ -182,6 +192,16 @@ class Session:
                 self._ordered.lanes[index].append(event)
             else:
                 self._ordered.control.append(event)
+
+    async def _next_item(self) -> tuple[int, Event | None] | BaseException:
+        if self.idle_timeout is None:
+            return await self._inbox.receive()
+        with anyio.move_on_after(self.idle_timeout):
+            return await self._inbox.receive()
+        if self.on_idle is not None:
+            await self.on_idle()
+        return BrokenChannelError(
+            f"the peer sent nothing for {self.idle_timeout:g} s (idle timeout)")
 
     # -- changes ---------------------------------------------------------------------------
 
