@@ -45,6 +45,7 @@ __all__ = [
     "IdKeyDigestMismatchError",
     "ImageFormatError",
     "ImageIdMismatchError",
+    "ImageTooLargeError",
     "InDoubtError",
     "LocalProtocolError",
     "MeasurementMismatchError",
@@ -57,6 +58,7 @@ __all__ = [
     "ProtocolError",
     "ProviderError",
     "ProvisionalFirmwareError",
+    "ReceiverLimitError",
     "RecordError",
     "RemoteProtocolError",
     "ReorderedRecordError",
@@ -65,6 +67,7 @@ __all__ = [
     "ReportFormatError",
     "ReportSignatureError",
     "RestoreError",
+    "RestoreSpecError",
     "SigningKeyPolicyError",
     "SingleSocketPolicyError",
     "SmtPolicyError",
@@ -226,6 +229,17 @@ class CheckpointError(CtliveError):
 
 class RestoreError(CtliveError):
     """The destination could not restore the workload."""
+
+
+class RestoreSpecError(RestoreError):
+    """The source's restore spec asks for something this receiver refuses (its
+    ``RestorePolicy``), or is malformed. ``field`` names the spec field, e.g.
+    ``config.hooks.prestart``."""
+
+    def __init__(self, message: str, *, field: str, phase: Phase | None = None,
+                 cause: BaseException | None = None) -> None:
+        super().__init__(message, phase=phase, cause=cause)
+        self.field = field
 
 
 # --- channel: handshake, records, wire protocol, transport -----------------
@@ -457,3 +471,18 @@ class InDoubtError(MigrationError):
                  cause: BaseException | None = None) -> None:
         super().__init__(message, phase=phase, cause=cause)
         self.migration_id = migration_id
+
+
+class ReceiverLimitError(CtliveError):
+    """The receiver refused a migration because one of its limits was reached; ``limit``
+    names the setting (``max_migrations``, ``max_image_bytes``, ``max_state_bytes``)."""
+
+    def __init__(self, message: str, *, limit: str, phase: Phase | None = None,
+                 cause: BaseException | None = None) -> None:
+        super().__init__(message, phase=phase, cause=cause)
+        self.limit = limit
+
+
+class ImageTooLargeError(ReceiverLimitError):
+    """The migration's image outgrew what the receiver accepts for one migration, or
+    what is left in its state directory."""

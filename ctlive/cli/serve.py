@@ -43,23 +43,45 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--allow", type=pathlib.Path, required=True,
                    help="file of allowed source public keys (hex, one per line)")
     s.add_argument("--provider", choices=["configfs", "sev-guest"])
+    lim = s.add_argument_group("limits (defaults: ctlive.migration.limits.ReceiverLimits)")
+    lim.add_argument("--max-sessions", type=int, default=16)
+    lim.add_argument("--max-handshakes", type=int, default=32,
+                     help="connections not yet authenticated")
+    lim.add_argument("--max-migrations", type=int, default=4)
+    lim.add_argument("--max-image-bytes", type=int, default=32 << 30,
+                     help="largest image of one migration")
+    lim.add_argument("--max-state-bytes", type=int, default=None,
+                     help="all images in the state directory (default: 90%% of its filesystem)")
+    lim.add_argument("--handshake-timeout", type=float, default=10.0)
+    lim.add_argument("--idle-timeout", type=float, default=600.0,
+                     help="cut off an authenticated peer that sends nothing this long")
+    lim.add_argument("--ready-alert-after", type=float, default=600.0,
+                     help="alert (never discard) when a READY copy waits this long for COMMIT")
     s.set_defaults(func=_serve)
 
 def _serve(args: argparse.Namespace) -> int:
     from ctlive.attest import auto_provider
     from ctlive.identity import Identity, load_public_keys
     from ctlive.migration.destination import serve
+    from ctlive.migration.limits import ReceiverLimits
 
     provider = auto_provider(args.provider)
     allow = load_public_keys(args.allow)
     if not allow:
         raise ConfigError(f"{args.allow} lists no source keys: nobody could migrate here")
 
+    limits = ReceiverLimits(
+        max_sessions=args.max_sessions, max_handshakes=args.max_handshakes,
+        max_migrations=args.max_migrations, max_image_bytes=args.max_image_bytes,
+        max_state_bytes=args.max_state_bytes, handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout)
+
     async def run() -> None:
         async with anyio.create_task_group() as tg:
             addr = await tg.start(lambda task_status: serve(
                 args.listen, identity=Identity.load(args.key), provider=provider, allow=allow,
-                state_dir=args.state, task_status=task_status))
+                state_dir=args.state, limits=limits, ready_alert_after=args.ready_alert_after,
+                task_status=task_status))
             print(f"ctlive receiver listening on {addr[0]}:{addr[1]}", file=sys.stderr)
 
     anyio.run(run)

@@ -38,18 +38,27 @@ import attrs
 from ctlive import backends
 from ctlive.backends.podman import _PodmanRestored
 from ctlive.backends.runc import _RuncRestored
-from ctlive.errors import CtliveError, Phase, RemoteProtocolError, StorageError, map_os_errors
+from ctlive.errors import (
+    CtliveError,
+    ImageTooLargeError,
+    Phase,
+    ReceiverLimitError,
+    RemoteProtocolError,
+    StorageError,
+    map_os_errors,
+)
 from ctlive.fs import private_dir
 from ctlive.identity import Identity
 from ctlive.migration.journal import DestinationState as DS
 from ctlive.migration.journal import Entry, Journal, arecord
+from ctlive.migration.limits import ReceiverLimits, refusal_code
 from ctlive.migration.receiving import MigrationRecord, receive_iterations
 from ctlive.protocol.evidence import EvidenceProvider
 from ctlive.protocol.frames import Abort, Commit, CommitAck, MigrationMeta, Outcome, Ready, Resolve
 from ctlive.transport.server import serve_sessions
 from ctlive.transport.session import Session
 
-__all__ = ["Destination", "DestinationHooks", "MigrationRecord", "serve"]
+__all__ = ["Destination", "DestinationHooks", "MigrationRecord", "ReceiverLimits", "serve"]
 
 log = logging.getLogger("ctlive.destination")
 Hook = Callable[[str, dict[str, Any], backends.Restored], Any]
@@ -111,8 +120,14 @@ class Destination:
                  external_map: dict[str, str] | None = None,
                  post_restore: Hook | None = None, post_resume: Hook | None = None,
                  ready_alert_after: float = 600.0,
-                 discard_ready_after: float | None = None) -> None:
+                 discard_ready_after: float | None = None,
+                 limits: ReceiverLimits | None = None) -> None:
         self.state_dir = private_dir(state_dir)
+        self.limits = limits or ReceiverLimits()
+        self.max_migrations = self.limits.max_migrations
+        self.max_image_bytes = self.limits.max_image_bytes
+        self.max_state_bytes = self.limits.max_state_bytes or int(
+            shutil.disk_usage(self.state_dir).total * 0.9)
         self.journal = Journal(self.state_dir, "destination")
         self.external_map = external_map
         self.post_restore, self.post_resume = post_restore, post_resume
@@ -159,7 +174,23 @@ class Destination:
                                  workdir: pathlib.Path) -> pathlib.Path:
         """Rebuild the migration's images until the final one is verified (also the
         data-plane benchmark's destination side)."""
-        return await receive_iterations(session, rec, workdir, self.fault)
+        return await receive_iterations(session, rec, workdir, self.fault, self._check_size)
+
+    def _active(self) -> list[MigrationRecord]:
+        return [r for r in self.migrations.values() if r.state in ("receiving", "restoring")]
+
+    def _check_size(self, rec: MigrationRecord) -> None:
+        if rec.image_bytes > self.max_image_bytes:
+            raise ImageTooLargeError(
+                f"the image of migration {rec.migration_id} passed {self.max_image_bytes} "
+                "bytes, the most this receiver accepts for one migration", limit="max_image_bytes",
+                phase=Phase.ITERATE)
+        in_use = sum(r.image_bytes for r in self._active())
+        if in_use > self.max_state_bytes:
+            raise ImageTooLargeError(
+                f"the images being received take {in_use} bytes, more than the "
+                f"{self.max_state_bytes} this receiver's state directory may hold",
+                limit="max_state_bytes", phase=Phase.ITERATE)
 
     async def receive_migration(self, session: Session, meta: MigrationMeta) -> None:
         """A migration from META to READY, then COMMIT or ABORT on the same session."""
@@ -170,6 +201,11 @@ class Destination:
                 or self.journal.get(mid) is not None or not isinstance(spec, dict)):
             await session.send_error("bad-meta", "missing, malformed or duplicate migration id")
             raise RemoteProtocolError(f"bad migration id {mid!r}")
+        if len(self._active()) >= self.max_migrations:
+            await session.send_error("too-many-migrations",
+                                     f"this receiver takes {self.max_migrations} at once")
+            raise ReceiverLimitError(f"migration {mid} refused: {self.max_migrations} are "
+                                     "already being received", limit="max_migrations")
         rec = self.migrations[mid] = MigrationRecord(mid)
         workdir = self.state_dir / mid
         await self._record(mid, DS.RECEIVING, kind=kind, workdir=str(workdir))
@@ -371,6 +407,8 @@ async def serve(
     window: int = 64 << 20,
     ready_alert_after: float = 600.0,
     discard_ready_after: float | None = None,
+    limits: ReceiverLimits | None = None,
+    on_refusal: Callable[[str, str], Any] | None = None,
     on_session_error: Callable[[BaseException], Any] | None = None,
     external_map: dict[str, str] | None = None,
     post_restore: Hook | None = None,
@@ -386,6 +424,10 @@ async def serve(
     the receiver settles its journal (``state_dir/journal.sqlite``): READY copies are
     adopted, still stopped. ``ready_alert_after`` (seconds from READY) raises an alert
     for a copy still waiting; ``discard_ready_after`` (default None: never) discards it.
+    ``limits`` (:class:`ReceiverLimits`) caps sessions, handshakes in progress,
+    migrations, image bytes and state bytes, and times out handshakes and quiet peers;
+    each refusal is an ERROR frame with its own code to the peer, is logged (logger
+    ``ctlive.destination``) with its reason, and goes to ``on_refusal(reason, peer)``.
     ``external_map`` renames external resources (veth outer ends) for this host, and
     ``post_restore(kind, spec, restored)`` is awaited after each restore, while the
     workload is still stopped, for host-side network setup; ``post_resume`` (same
@@ -398,7 +440,7 @@ async def serve(
         receiver = Destination(pathlib.Path(state_dir), hooks=hooks,
                                external_map=external_map, post_restore=post_restore,
                                post_resume=post_resume, ready_alert_after=ready_alert_after,
-                               discard_ready_after=discard_ready_after)
+                               discard_ready_after=discard_ready_after, limits=limits)
     try:
         await receiver.adopt()
 
@@ -406,15 +448,30 @@ async def serve(
             try:
                 await receiver.handle(session)
             except CtliveError as exc:  # images/ and backends/ map OSError to ctlive errors
-                await session.send_error("receiver-failed", str(exc)[:500])
+                code = refusal_code(exc)
+                if code != "receiver-failed":
+                    log.warning("refused a migration from %s: %s: %s",
+                                session.remote_static.hex()[:16], code, exc)
+                await session.send_error(code, str(exc)[:500])
                 if on_session_error is not None:
                     on_session_error(exc)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(receiver.watch)
+            lim = receiver.limits
+
+            def refused(reason: str, peer: str) -> None:
+                log.warning("refused %s: %s", peer or "a connection", reason)
+                if on_refusal is not None:
+                    on_refusal(reason, peer)
+
             addr: tuple[str, int] = await tg.start(lambda task_status: serve_sessions(
                 listen, identity=identity, provider=provider, allow=allow, handler=handler,
-                window=window, task_status=task_status))
+                window=window, handshake_timeout=lim.handshake_timeout,
+                idle_timeout=lim.idle_timeout, max_sessions=lim.max_sessions,
+                max_handshakes=lim.max_handshakes,
+                max_sessions_per_peer=lim.max_sessions_per_peer, on_refusal=refused,
+                task_status=task_status))
             task_status.started(addr)
     finally:
         receiver.journal.close()

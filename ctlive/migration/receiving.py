@@ -4,6 +4,7 @@ they are applied) until the final image is verified against its manifest."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import time
@@ -33,17 +34,32 @@ class MigrationRecord:
     started: float = attrs.field(factory=time.monotonic)
     restored_pid: int | None = None
     error: str | None = None
+    image_bytes: int = 0
+    """Size of the image being rebuilt (its files' apparent sizes), checked against the
+    receiver's limits after every item."""
     timings: dict[str, float] = attrs.field(factory=dict)
     """Seconds spent in the final phase: ``verify`` (completing and checking the last
     image once its last item arrived), ``restore``, ``post_restore``, ``resume``,
     ``post_resume``."""
 
 
+def _image_size(d: pathlib.Path) -> int:
+    total = 0
+    with os.scandir(d) as it:
+        for e in it:
+            if e.is_file(follow_symlinks=False):
+                total += e.stat(follow_symlinks=False).st_size
+    return total
+
+
 async def receive_iterations(session: Session, rec: MigrationRecord, workdir: pathlib.Path,
-                             stage: Callable[[str], None] = lambda _: None) -> pathlib.Path:
+                             stage: Callable[[str], None] = lambda _: None,
+                             check_size: Callable[[MigrationRecord], None] = lambda _: None,
+                             ) -> pathlib.Path:
     """Rebuild each iteration's image under ``workdir`` until the final one, which is
     verified against its manifest; returns its directory. ``stage("mid-iteration")`` is
-    called after each item of iteration 1 (a test hook)."""
+    called after each item of iteration 1 (a test hook); ``check_size(rec)`` after each
+    item, with ``rec.image_bytes`` up to date (it raises to refuse the image)."""
     prev: pathlib.Path | None = None
     hashes: dict[str, bytes] = {}
     while True:
@@ -70,6 +86,10 @@ async def receive_iterations(session: Session, rec: MigrationRecord, workdir: pa
                 item = frags.feed(ev.lane, ev.data)
                 if item is not None:
                     await anyio.to_thread.run_sync(rb.apply, decode_change(item))
+                    # Pages files are sized in full when their first window arrives, so an
+                    # oversized image is refused before it is written.
+                    rec.image_bytes = _image_size(out)
+                    check_size(rec)
                 await session.grant(len(ev.data))
                 if event.index == 1:
                     stage("mid-iteration")

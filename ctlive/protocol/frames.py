@@ -226,7 +226,7 @@ def decode_frame(frame: bytes) -> Event:
         raise RemoteProtocolError("control frame too large")
     try:
         body = json.loads(frame[2:].decode())
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # nesting bombs too
         raise RemoteProtocolError("control frame body is not JSON", cause=exc) from exc
     if not isinstance(body, dict):
         raise RemoteProtocolError("control frame body is not a JSON object")

@@ -99,7 +99,7 @@ def _encode_hello(hello: dict[str, Any]) -> bytes:
 def _decode_hello(data: bytes) -> dict[str, Any]:
     try:
         value = json.loads(data.decode()) if data else {}
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # nesting bombs too
         raise HandshakeError("peer hello is not JSON", cause=exc) from exc
     if not isinstance(value, dict):
         raise HandshakeError("peer hello is not a JSON object")

@@ -21,6 +21,7 @@ from ctlive.errors import (
     BrokenChannelError,
     ClosedChannelError,
     CtliveError,
+    RemoteProtocolError,
 )
 from ctlive.protocol.conversation import Conversation
 from ctlive.protocol.evidence import AttestationResult
@@ -91,6 +92,9 @@ class Session:
             tuple[int, Event | None] | BaseException](32)
         self._ordered = LaneMerger(len(lanes))
         self._failed: BaseException | None = None
+        self.peer_error: Error | None = None
+        """The ERROR frame the peer sent, if any (the source's senders raise it)."""
+        self._peer_error_event = anyio.Event()
         self.idle_timeout: float | None = None
         """The longest :meth:`receive` waits for the peer's next frame (``None``: no
         limit). The destination's server sets it for the handler's part of a session:
@@ -135,6 +139,11 @@ class Session:
                 self._credit_event.set()
                 self._credit_event = anyio.Event()
                 return
+            if isinstance(event, Error) and self.role is Role.SOURCE:
+                # The destination stopped: senders learn why instead of a broken pipe.
+                self.peer_error = event
+                self._peer_error_event.set()
+                self._credit_event.set()
             await self._inbox_send.send((index, event))
 
         try:
@@ -166,7 +175,7 @@ class Session:
         if self._closed:
             raise ClosedChannelError("the session was closed")
         frame = self.conversation.send(event)
-        await self._control.send(frame)
+        await self._send_on(self._control, frame)
 
     async def receive(self) -> Event:
         """The next event from the peer: control frames, and on the destination the
@@ -211,13 +220,31 @@ class Session:
         busy."""
         credit = self.conversation.credit
         while not credit.may_send(len(data)):
+            self._raise_peer_error()
             if self._failed is not None:
                 raise self._failed
             await self._credit_event.wait()
+        self._raise_peer_error()
         if self._failed is not None:
             raise self._failed
         index, frame = self.conversation.send_change(iteration, data, lane)
-        await self._lanes[index].send(frame)
+        await self._send_on(self._lanes[index], frame)
+
+    async def _send_on(self, link: Link, frame: bytes) -> None:
+        try:
+            await link.send(frame)
+        except BrokenChannelError:
+            if self.role is Role.SOURCE:
+                # The ERROR that explains the broken connection may still be on its way.
+                with anyio.move_on_after(0.5):
+                    await self._peer_error_event.wait()
+                self._raise_peer_error()
+            raise
+
+    def _raise_peer_error(self) -> None:
+        if self.peer_error is not None:
+            raise RemoteProtocolError(f"the destination stopped: {self.peer_error.code}: "
+                                      f"{self.peer_error.message}")
 
     def lane_counts(self, iteration: int) -> tuple[int, ...]:
         """How many CHANGE frames each lane carried in ``iteration``."""

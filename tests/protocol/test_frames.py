@@ -108,3 +108,8 @@ def test_reassembly_memory_is_capped_before_it_is_held() -> None:
     with pytest.raises(errors.RemoteProtocolError):
         r.feed(0, b"\x01" + bytes(600))
     assert r.pending_bytes == 600  # the refused fragment was not appended
+
+
+def test_a_nesting_bomb_is_a_protocol_error() -> None:
+    with pytest.raises(errors.RemoteProtocolError, match="not JSON"):
+        decode_frame(b"\x01\x01" + b"[" * 100_000 + b"]" * 100_000)

@@ -1,0 +1,47 @@
+"""The receiver's limits on what a source may send, with real CRIU: each refusal has its
+own error at the receiver and its own code at the source, and the source workload runs
+on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from criu_harness import Mutator, workload_pids
+
+from ctlive import errors
+from ctlive.backends.process import Process
+from ctlive.migration.convergence import Convergence
+from ctlive.migration.destination import ReceiverLimits
+from ctlive.migration.source import migrate
+from tests.e2e.conftest import SRC
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_oversized_image_is_refused(mutator: Mutator, receiver_factory: Any,
+                                          verifier: Any) -> None:
+    rx = await receiver_factory(limits=ReceiverLimits(max_image_bytes=1 << 20))  # 16 MiB held
+    with pytest.raises(errors.MigrationError) as info:
+        await migrate(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier,
+                      convergence=Convergence(max_iterations=2, max_downtime=0.0))
+    assert "image-too-large" in str(info.value)
+    assert any(isinstance(e, errors.ImageTooLargeError) and e.limit == "max_image_bytes"
+               for e in rx.errors)
+    assert workload_pids(mutator.script) == [mutator.pid]
+    c = mutator.count()
+    await anyio.sleep(0.3)
+    assert mutator.count() > c
+
+
+async def test_state_directory_budget_is_shared(mutator: Mutator, receiver_factory: Any,
+                                                verifier: Any) -> None:
+    rx = await receiver_factory(limits=ReceiverLimits(max_state_bytes=2 << 20))
+    with pytest.raises(errors.MigrationError) as info:
+        await migrate(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier,
+                      convergence=Convergence(max_iterations=2, max_downtime=0.0))
+    assert "image-too-large" in str(info.value)
+    assert any(isinstance(e, errors.ImageTooLargeError) and e.limit == "max_state_bytes"
+               for e in rx.errors)
+    assert workload_pids(mutator.script) == [mutator.pid]
