@@ -49,6 +49,7 @@ from ctlive.migration.journal import Journal, SourceState, arecord
 from ctlive.migration.recovery import (
     DEFAULT_SOURCE_STATE,
     GONE,
+    cleanup_workdir,
     commit_on_new_sessions,
     commit_until_acked,
     confirm_abort,
@@ -175,6 +176,7 @@ class _Migration:
                           cipher=self.cipher, kind=self.source.kind,
                           workload=workload_handle(self.source), workdir=str(self.root),
                           own_workdir=self.own_dir)
+        await anyio.to_thread.run_sync(self._clean_stale)
         keep_dir = False
         try:
             await self.progress(Phase.CONNECT)
@@ -207,6 +209,13 @@ class _Migration:
         t_done = time.monotonic()
         await self.progress(Phase.DONE, self.wire_total)
         return self.report(t_done)
+
+    def _clean_stale(self) -> None:
+        """Work directories that crashed runs left behind, once their journal entry is
+        settled (an unsettled one may still need its final checkpoint to resume)."""
+        for e in self.journal.entries():
+            if e.finished and e.migration_id != self.mid:
+                cleanup_workdir(dict(e.data))
 
     async def attested(self, s: Session) -> None:
         """The verifier accepted the destination inside the handshake: record what it

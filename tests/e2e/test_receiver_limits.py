@@ -4,6 +4,7 @@ on."""
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import anyio
@@ -14,6 +15,7 @@ from ctlive import errors
 from ctlive.backends.process import Process
 from ctlive.migration.convergence import Convergence
 from ctlive.migration.destination import ReceiverLimits
+from ctlive.migration.journal import Journal, SourceState
 from ctlive.migration.source import migrate
 from tests.e2e.conftest import SRC
 
@@ -45,3 +47,23 @@ async def test_state_directory_budget_is_shared(mutator: Mutator, receiver_facto
     assert any(isinstance(e, errors.ImageTooLargeError) and e.limit == "max_state_bytes"
                for e in rx.errors)
     assert workload_pids(mutator.script) == [mutator.pid]
+
+
+async def test_stale_work_directories_are_cleaned_once_settled(
+        mutator: Mutator, receiver_factory: Any, verifier: Any,
+        source_state_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """A crashed run's work directory goes at the next start once its journal entry is
+    settled; one whose migration is still in doubt keeps its final checkpoint."""
+    settled, in_doubt = tmp_path / "ctlive-src-settled", tmp_path / "ctlive-src-doubt"
+    for d in (settled, in_doubt):
+        d.mkdir()
+        (d / "pages-1.img").write_bytes(bytes(4096))
+    journal = Journal(source_state_dir, "source")
+    journal.record("old1", SourceState.ABORTED, workdir=str(settled), own_workdir=True)
+    journal.record("old2", SourceState.FINAL_SENT, workdir=str(in_doubt), own_workdir=True)
+    journal.close()
+    rx = await receiver_factory()
+    await migrate(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier,
+                  convergence=Convergence(max_iterations=2, max_downtime=0.0))
+    assert not settled.exists()
+    assert (in_doubt / "pages-1.img").exists()
