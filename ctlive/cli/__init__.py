@@ -12,9 +12,39 @@ import sys
 from collections.abc import Sequence
 
 from ctlive.cli import attest, demo, image, migrate, recover, serve
-from ctlive.errors import CtliveError
+from ctlive.errors import (
+    AttestationError,
+    ConfigError,
+    CtliveError,
+    InDoubtError,
+    MigrationError,
+)
 
-__all__ = ["main"]
+__all__ = ["EXIT_CODES", "exit_code", "main"]
+
+EXIT_CODES = {
+    0: "success (for migrate: the workload runs at the destination)",
+    1: "another ctlive error",
+    2: "a usage or configuration error (nothing was started)",
+    3: "the destination's attestation was refused (no image byte left the source)",
+    4: "in doubt: the outcome needs `ctlive recover` (the workload is stopped, or "
+       "COMMIT is unconfirmed)",
+    5: "the migration failed and the source workload runs again",
+}
+"""The ``ctlive`` command's exit codes, which scripts can rely on."""
+
+
+def exit_code(exc: CtliveError) -> int:
+    """The exit code for a ctlive error (see :data:`EXIT_CODES`)."""
+    if isinstance(exc, InDoubtError):
+        return 4
+    if isinstance(exc, AttestationError) or isinstance(exc.cause, AttestationError):
+        return 3
+    if isinstance(exc, MigrationError):
+        return 5
+    if isinstance(exc, ConfigError):
+        return 2
+    return 1
 
 # Subcommand modules, in the order of ``ctlive --help``.
 _MODULES = (image, attest, migrate, recover, serve, demo)
@@ -22,7 +52,13 @@ _MODULES = (image, attest, migrate, recover, serve, demo)
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every available subcommand."""
-    parser = argparse.ArgumentParser(prog="ctlive", description=__doc__.splitlines()[0])
+    from ctlive import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ctlive", description=__doc__.splitlines()[0],
+        epilog="exit codes:\n" + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ctlive {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in _MODULES:
         mod.register(sub)
@@ -36,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except CtliveError as exc:
         print(f"ctlive: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     except KeyboardInterrupt:
         return 130
 

@@ -1,34 +1,87 @@
-"""``ctlive migrate``: live-migrate a workload to a receiver."""
+"""``ctlive migrate TARGET HOST:PORT``: live-migrate a workload to a receiver.
+
+``TARGET`` is ``pid:N`` (a process tree), ``runc:ID`` or ``podman:NAME``. The command
+exits 0 only when the workload runs at the destination; the other exit codes are in
+:data:`ctlive.cli.EXIT_CODES`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 from typing import Any
 
 import anyio
 
-__all__ = ["register"]
+from ctlive.errors import ConfigError
+
+__all__ = ["parse_target", "register"]
+
+EXAMPLE = """examples:
+  ctlive migrate pid:4242 10.0.0.7:7788 --key source.key --policy policy.toml
+  ctlive migrate runc:web-1 10.0.0.7:7788 --key source.key --policy policy.toml --json
+  ctlive migrate podman:db 10.0.0.7:7788 --key source.key --policy policy.toml --lanes 2
+"""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``ctlive migrate``."""
-    m = sub.add_parser("migrate", help="live-migrate a process tree to a ctlive receiver")
-    m.add_argument("--pid", type=int, required=True, help="root of the process tree")
-    m.add_argument("destination", help="HOST:PORT of the receiver")
+    m = sub.add_parser("migrate", help="live-migrate a process tree or a container",
+                       epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Live-migrate TARGET (pid:N, runc:ID or podman:NAME) to "
+                       "the ctlive receiver at HOST:PORT. Exit 0 only when the workload runs "
+                       "at the destination.")
+    m.add_argument("target", metavar="TARGET", nargs="?",
+                   help="pid:N, runc:ID or podman:NAME")
+    m.add_argument("destination", metavar="HOST:PORT", help="the receiver")
+    m.add_argument("--pid", type=int, help="same as TARGET pid:N (kept for old scripts)")
     m.add_argument("--key", type=pathlib.Path, required=True, help="this source's identity")
     m.add_argument("--policy", type=pathlib.Path, required=True, help="SNP policy (TOML)")
+    m.add_argument("--state", type=pathlib.Path, default=None,
+                   help="the source's journal directory (default $CTLIVE_STATE_DIR or "
+                   "/var/lib/ctlive)")
+    m.add_argument("--runc-root", help="runc's --root for a runc: target")
     m.add_argument("--lanes", type=int, default=1)
     m.add_argument("--cipher", choices=["AESGCM", "ChaChaPoly"], default="AESGCM")
     m.add_argument("--max-downtime", type=float, default=0.3)
     m.add_argument("--max-iterations", type=int, default=8)
-    m.add_argument("--tcp-established", action="store_true")
+    m.add_argument("--tcp-established", action="store_true",
+                   help="keep the tree's established TCP connections (pid: targets)")
+    m.add_argument("--external", action="append", default=[], metavar="RESOURCE",
+                   help="CRIU --external resource of a pid: target, e.g. veth[eth0]:vh0")
     m.add_argument("--criu-precopy", action="store_true",
                    help="pre-copy with CRIU dumps even without soft-dirty tracking (each "
                    "iteration then freezes the workload for a whole dump) instead of "
                    "reading its memory while it runs")
-    m.add_argument("--json", action="store_true", help="print the report as JSON")
+    m.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     m.set_defaults(func=_migrate)
+
+
+def parse_target(text: str | None, *, pid: int | None = None, runc_root: str | None = None,
+                 tcp_established: bool = False, external: tuple[str, ...] = (),
+                 criu_precopy: bool = False) -> Any:
+    """The workload a ``TARGET`` string names; ConfigError if it names none."""
+    from ctlive.backends import PodmanContainer, Process, RuncContainer
+
+    if text is None and pid is None:
+        raise ConfigError("give a TARGET (pid:N, runc:ID or podman:NAME)")
+    if text is not None and pid is not None:
+        raise ConfigError("give TARGET or --pid, not both")
+    kind, _, name = (f"pid:{pid}" if text is None else text).partition(":")
+    live_read = False if criu_precopy else None
+    if kind == "pid":
+        if not name.isdigit():
+            raise ConfigError(f"TARGET {text!r}: pid:N takes a process id")
+        return Process(int(name), tcp_established=tcp_established, external=external,
+                       live_read=live_read)
+    if not name:
+        raise ConfigError(f"TARGET {text!r}: expected pid:N, runc:ID or podman:NAME")
+    if kind == "runc":
+        return RuncContainer(name, root=runc_root, live_read=not criu_precopy)
+    if kind == "podman":
+        return PodmanContainer(name, live_read=not criu_precopy)
+    raise ConfigError(f"TARGET {text!r}: expected pid:N, runc:ID or podman:NAME")
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -36,15 +89,19 @@ def _migrate(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ctlive.attest import SnpPolicy
-    from ctlive.backends.process import Process
     from ctlive.identity import Identity
     from ctlive.migration.convergence import Convergence
     from ctlive.migration.source import migrate
 
+    workload = parse_target(args.target, pid=args.pid, runc_root=args.runc_root,
+                            tcp_established=args.tcp_established,
+                            external=tuple(args.external), criu_precopy=args.criu_precopy)
+    identity, policy = Identity.load(args.key), SnpPolicy.from_toml(args.policy)
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=args.json) as bar:
+    with Progress(*columns, console=console, disable=args.json or not sys.stderr.isatty()
+                  ) as bar:
         # The bar counts iterations against the cap; the text shows the live figures.
         task = bar.add_task("connect", total=args.max_iterations, info="")
 
@@ -56,12 +113,10 @@ def _migrate(args: argparse.Namespace) -> int:
                             f"predicted downtime {ev.predicted_downtime * 1000:.0f} ms")
 
         report = anyio.run(lambda: migrate(
-            Process(args.pid, tcp_established=args.tcp_established,
-                    live_read=False if args.criu_precopy else None), args.destination,
-            identity=Identity.load(args.key), attestation=SnpPolicy.from_toml(args.policy),
+            workload, args.destination, identity=identity, attestation=policy,
             convergence=Convergence(max_downtime=args.max_downtime,
                                     max_iterations=args.max_iterations),
-            lanes=args.lanes, cipher=args.cipher, on_progress=show))
+            lanes=args.lanes, cipher=args.cipher, on_progress=show, state_dir=args.state))
         bar.update(task, completed=args.max_iterations, description="done")
     if args.json:
         print(report.to_json(indent=2))
@@ -70,5 +125,3 @@ def _migrate(args: argparse.Namespace) -> int:
               f"total {report.total_time:.2f} s, {len(report.iterations)} iterations, "
               f"{report.bytes_on_wire / 1e6:.1f} MB on the wire")
     return 0
-
-

@@ -6,6 +6,7 @@ import argparse
 import os
 import pathlib
 import sys
+from typing import Any
 
 import anyio
 
@@ -42,7 +43,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--key", type=pathlib.Path, required=True, help="this receiver's identity")
     s.add_argument("--allow", type=pathlib.Path, required=True,
                    help="file of allowed source public keys (hex, one per line)")
-    s.add_argument("--provider", choices=["configfs", "sev-guest"])
+    s.add_argument("--provider", choices=["configfs", "sev-guest", "simulated"],
+                   help="attestation evidence: the guest's configfs-tsm or /dev/sev-guest "
+                   "(default: whichever exists), or a SIMULATED platform (INSECURE: tests "
+                   "and demos only)")
+    s.add_argument("--simulated-chain", type=pathlib.Path, metavar="CHAIN.pem",
+                   help="with --provider simulated: write the simulated platform's ARK+ASK "
+                   "here, for a source policy's simulated_chain")
     lim = s.add_argument_group("limits (defaults: ctlive.migration.limits.ReceiverLimits)")
     lim.add_argument("--max-sessions", type=int, default=16)
     lim.add_argument("--max-handshakes", type=int, default=32,
@@ -65,7 +72,23 @@ def _serve(args: argparse.Namespace) -> int:
     from ctlive.migration.destination import serve
     from ctlive.migration.limits import ReceiverLimits
 
-    provider = auto_provider(args.provider)
+    if args.provider == "simulated":
+        from ctlive.attest import INSECURE_BANNER, SimulatedSnpPlatform
+        from ctlive.fs import private_dir
+
+        # Kept in the state directory: a restarted receiver presents the same chain.
+        platform = SimulatedSnpPlatform(
+            key_file=private_dir(args.state) / "simulated-platform.pem")
+        if args.simulated_chain is not None:
+            platform.write_chain(args.simulated_chain)
+        print(f"{INSECURE_BANNER}: ctlive serve --provider simulated attests with a "
+              "SIMULATED SEV-SNP platform; nothing it reports is protected by hardware",
+              file=sys.stderr)
+        provider: Any = platform
+    elif args.simulated_chain is not None:
+        raise ConfigError("--simulated-chain goes with --provider simulated")
+    else:
+        provider = auto_provider(args.provider)
     allow = load_public_keys(args.allow)
     if not allow:
         raise ConfigError(f"{args.allow} lists no source keys: nobody could migrate here")
