@@ -42,6 +42,7 @@ from ctlive.errors import (
 )
 from ctlive.fs import private_dir, private_tempdir, tighten_tree
 from ctlive.identity import Identity
+from ctlive.images.chain import flatten, has_parent_pages
 from ctlive.images.diff import DiffStats
 from ctlive.migration.convergence import Convergence, ConvergencePolicy
 from ctlive.migration.iteration import send_iteration
@@ -233,7 +234,8 @@ class _Migration:
         """Pre-copy iterations until the policy says the next dump is final, then the
         final dump and its send."""
         await self.record(SourceState.ITERATING)
-        prev: pathlib.Path | None = None
+        prev: pathlib.Path | None = None  # the last dump, CRIU's parent for a pre-dump
+        held: pathlib.Path | None = None  # the image the destination holds (flat)
         last_dump_at = 0.0
         k = 0
         lane_rr = 0
@@ -256,6 +258,12 @@ class _Migration:
             res = await self.source.dump(d, final=final, parent=prev)
             # CRIU, runc and podman write with their own umask: the images are ours alone.
             await anyio.to_thread.run_sync(tighten_tree, d)
+            image = d
+            if await anyio.to_thread.run_sync(has_parent_pages, d):
+                # An incremental pre-dump: resolve its PE_PARENT runs from the image the
+                # destination holds, so the diff sees the pages it really has.
+                image = self.root / f"flat-{k}"
+                await anyio.to_thread.run_sync(flatten, d, held, image)
             t_send = time.monotonic()
             if final:
                 await self.progress(Phase.SEND, s.statistics().bytes_sent)
@@ -263,7 +271,7 @@ class _Migration:
                 # confirmed the abort. (The podman backend's final archive is known now.)
                 await self.record(SourceState.FINAL_SENT, workload=workload_handle(self.source))
             wire_before = s.statistics().bytes_sent
-            st, lane_rr = await self._send_watched(s, k, final, prev, d, lane_rr)
+            st, lane_rr = await self._send_watched(s, k, final, held, image, lane_rr)
             transfer = time.monotonic() - t_send
             if final:
                 self.downtime_phases.update(dump=t_send - self.t_freeze, send=transfer)
@@ -277,9 +285,10 @@ class _Migration:
                 frozen_time_us=stats.frozen_time if stats else None,
                 memdump_time_us=stats.memdump_time if stats else None,
                 method=res.method))
-            if prev is not None and prev.parent == self.root:
-                shutil.rmtree(prev, ignore_errors=True)
-            prev = d
+            for old in {prev, held} - {d, image, None}:
+                if old is not None and old.parent == self.root:
+                    shutil.rmtree(old, ignore_errors=True)
+            prev, held = d, image
             if final:
                 return
             dec = self.policy.decide(self.iterations, self.intervals)
