@@ -7,7 +7,8 @@ read of its memory, :mod:`ctlive.backends.liveread`, or with ``live_read=False``
 ``dump --leave-running``) or the final dump, which leaves the workload
 *stopped* so it can be resumed if the migration fails. The destination side is
 :func:`restore`, which restores *stopped* and returns a :class:`Restored` that the
-two-phase commit resumes or discards.
+two-phase commit resumes or discards. The restore spec comes from the source and is
+untrusted: the receiver's :class:`RestorePolicy` says what it may ask for.
 
 One module per backend (``process``, ``runc``, ``podman``); ``criu`` finds and runs
 CRIU and the runtimes that drive it; ``liveread`` reads a running tree's memory.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from ctlive.backends.podman import PodmanContainer
 from ctlive.backends.process import Process
-from ctlive.backends.restore import restore
+from ctlive.backends.restore import RestorePolicy, restore
 from ctlive.backends.runc import RuncContainer
 from ctlive.backends.workload import DumpMethod, DumpResult, Restored, Workload
 
@@ -26,6 +27,7 @@ __all__ = [
     "DumpResult",
     "PodmanContainer",
     "Process",
+    "RestorePolicy",
     "Restored",
     "RuncContainer",
     "Workload",

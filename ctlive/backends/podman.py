@@ -4,20 +4,26 @@ directory, and restored from the rebuilt archive."""
 from __future__ import annotations
 
 import contextlib
+import json
 import pathlib
+import re
 import time
 from typing import Any
 
 import anyio
 
+import ctlive.backends.restore as checks  # the module (the package's `restore` is its function)
 from ctlive.backends.criu import run_runtime
 from ctlive.backends.liveread import live_read_dump
+from ctlive.backends.restore import RestorePolicy
 from ctlive.backends.workload import Backend, DumpMethod, DumpResult, Restored
-from ctlive.errors import CtliveError, Phase, RestoreError
+from ctlive.errors import CtliveError, Phase
 from ctlive.images.criu_format import read_stats
 
 __all__ = [
     "PodmanContainer",
+    "check_podman_archive",
+    "podman_restore_name",
     "restore_podman",
 ]
 
@@ -130,11 +136,110 @@ class _PodmanRestored(Restored):
                               tool="podman")
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_MAX_METADATA = 16 << 20
+# config.dump: host paths podman writes to (logs, pid files, its per-container dirs).
+_HOST_FILES = ("logPath", "conmonPidFile", "pid_file", "staticDir", "ShmDir", "secretsPath")
+# config.dump: namespaces shared with another container of this host.
+_SHARED_NS = ("IPCNsCtr", "MountNsCtr", "NetNsCtr", "PIDNsCtr", "UserNsCtr", "UTSNsCtr",
+              "CgroupNsCtr")
+_storage: tuple[str, ...] | None = None
+
+
+def podman_restore_name(spec: dict[str, Any]) -> str:
+    """The container name of a podman restore spec (``{"name": ...}``, a podman name that
+    cannot be read as an option), or a :class:`~ctlive.errors.RestoreSpecError`."""
+    checks.only_keys(spec, ("name",), "")
+    return checks.string(spec.get("name"), "name", max_len=64, pattern=_NAME)
+
+
+def _metadata(images_dir: pathlib.Path, name: str) -> dict[str, Any]:
+    path = images_dir / (_TOP + name)
+    if not path.is_file():
+        checks.refuse(name, f"the podman archive has no {name}")
+    if path.stat().st_size > _MAX_METADATA:
+        checks.refuse(name, f"{name} is larger than {_MAX_METADATA} bytes")
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError:
+        checks.refuse(name, f"{name} is not JSON")
+    return checks.obj(data, name)
+
+
+def check_podman_archive(images_dir: pathlib.Path, policy: RestorePolicy, *,
+                         storage: tuple[str, ...], store: pathlib.Path) -> None:
+    """Podman recreates the container from the archive's own ``spec.dump`` (an OCI spec)
+    and ``config.dump`` (its container config), so these are the restore spec too:
+    the OCI checks of the runc backend apply to both specs (hooks, devices,
+    capabilities, bind mounts outside podman's ``storage``, namespace paths), and a
+    privileged container, namespaces shared with other containers, and host files
+    outside podman's storage are refused as ``policy`` says. With
+    ``policy.no_new_privileges`` both specs are rewritten with it on."""
+    spec = _metadata(images_dir, "spec.dump")
+    config = _metadata(images_dir, "config.dump")
+    refuse = checks.refuse
+    if config.get("privileged") and not policy.allow_devices:
+        refuse("config.dump.privileged", "a privileged podman container (config.dump."
+                                         "privileged) gets every device of this receiver; "
+                                         "not allowed (RestorePolicy.allow_devices)")
+    for key in _SHARED_NS:
+        if config.get(key) and not policy.allow_host_namespaces:
+            refuse(f"config.dump.{key}", f"sharing a namespace with container "
+                                         f"{str(config[key])[:80]!r} (config.dump.{key}) is not"
+                                         " allowed on this receiver "
+                                         "(RestorePolicy.allow_host_namespaces)")
+    for key in _HOST_FILES:
+        path = checks.clean_path(config[key], f"config.dump.{key}") if config.get(key) else None
+        # Podman writes these: its storage only, whatever the policy lets bind-mount.
+        if path is not None and not checks.bind_allowed(path, RestorePolicy(), storage):
+            refuse(f"config.dump.{key}", f"config.dump.{key} {path} is outside podman's "
+                                         f"storage ({', '.join(storage)})")
+    volumes = checks.strings(config.get("mounts") or [], "config.dump.mounts")
+    for i, path in enumerate(volumes):
+        field = f"config.dump.mounts[{i}]"
+        if not checks.bind_allowed(checks.clean_path(path, field), policy, storage):
+            refuse(field, f"bind mount of host path {path} ({field}) is not allowed on this "
+                          "receiver (RestorePolicy.allow_host_mounts, "
+                          "RestorePolicy.allowed_bind_sources)")
+    if config.get("rootfs"):
+        checks.in_store(config["rootfs"], "config.dump.rootfs", store)
+    # Podman makes a new network namespace for the restored copy and replaces the path.
+    netns = ("/run/netns",) if config.get("createNetNS") is True else ()
+    specs = [("spec.dump.", spec)]
+    if config.get("spec") is not None:
+        specs.append(("config.dump.spec.", checks.obj(config["spec"], "config.dump.spec")))
+    for where, oci in specs:
+        process = checks.obj(oci.get("process") or {}, f"{where}process")
+        linux = checks.obj(oci.get("linux") or {}, f"{where}linux")
+        checks.check_hooks(oci, policy, where)
+        checks.check_capabilities(process, policy, where)
+        checks.check_devices(linux, policy, where)
+        checks.check_mounts(oci.get("mounts"), policy, where, runtime_roots=storage)
+        checks.check_namespaces(linux, policy, where, runtime_paths=netns)
+        if policy.no_new_privileges:
+            oci["process"] = dict(process, noNewPrivileges=True)
+    if policy.no_new_privileges:
+        for name, data in (("spec.dump", spec), ("config.dump", config)):
+            checks.write_private(images_dir / (_TOP + name), json.dumps(data))
+
+
+async def _podman_storage() -> tuple[str, ...]:
+    """Podman's graph root and run root here (asked once)."""
+    global _storage
+    if _storage is None:
+        out = await run_runtime(["info", "--format", "{{.Store.GraphRoot}}\n{{.Store.RunRoot}}"],
+                                phase=Phase.RESTORE, tool="podman")
+        _storage = tuple(line.strip() for line in out.splitlines() if line.strip())
+    return _storage
+
+
 async def restore_podman(images_dir: pathlib.Path, spec: dict[str, Any],
-                         external_map: dict[str, str]) -> Restored:
-    name = spec.get("name")
-    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-        raise RestoreError("bad podman restore spec", phase=Phase.RESTORE)
+                         external_map: dict[str, str], policy: RestorePolicy) -> Restored:
+    """Restore a podman container from the rebuilt archive (once :func:`podman_restore_name`
+    and :func:`check_podman_archive` passed), then pause it at once."""
+    name = podman_restore_name(spec)
+    check_podman_archive(images_dir, policy, storage=await _podman_storage(),
+                         store=policy.store_for(images_dir.parent.parent))
     archive = images_dir.parent / "restore.tar"
     await anyio.to_thread.run_sync(_unflatten, images_dir, archive)
     new_name = f"{name}-{images_dir.parent.name[:8]}"

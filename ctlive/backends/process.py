@@ -5,18 +5,29 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import re
 import signal
 import time
 from typing import Any
 
 from ctlive.backends.criu import find_criu, run_criu
 from ctlive.backends.liveread import live_read_dump
+from ctlive.backends.restore import (
+    RestorePolicy,
+    bind_allowed,
+    boolean,
+    clean_path,
+    only_keys,
+    refuse,
+    string,
+)
 from ctlive.backends.workload import Backend, DumpMethod, DumpResult, Restored, signal_tree
 from ctlive.errors import CheckpointError, ConfigError, Phase, RestoreError
 from ctlive.images.criu_format import read_stats
 
 __all__ = [
     "Process",
+    "process_restore_args",
     "restore_process",
 ]
 
@@ -93,19 +104,61 @@ class Process(Backend):
                 "shell_job": self.shell_job}
 
 
-async def restore_process(images_dir: pathlib.Path, spec: dict[str, Any],
-                          external_map: dict[str, str]) -> Restored:
-    """Restore a process tree stopped (``criu restore --leave-stopped``)."""
-    args = ["restore", "-D", str(images_dir), "-d", "--leave-stopped", "--root", "/",
-            "--pidfile", str(images_dir / "restored.pid")]
-    if spec.get("tcp_established"):
+_IFNAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}"
+_VETH = re.compile(rf"^veth\[{_IFNAME}\]:{_IFNAME}$")
+_MNT = re.compile(r"^mnt\[[A-Za-z0-9_./-]{1,255}\]:(.*)$")
+
+
+def process_restore_args(spec: dict[str, Any], external_map: dict[str, str],
+                         policy: RestorePolicy) -> list[str]:
+    """The CRIU options a process tree's restore spec asks for (``tcp_established``,
+    ``external``, ``shell_job``: booleans and a list), or a
+    :class:`~ctlive.errors.RestoreSpecError`.
+
+    An ``external`` entry that is a key of ``external_map`` (the operator's) becomes its
+    value. Otherwise it must be ``veth[IFNAME]:NAME`` (CRIU creates the outer end under
+    that name here; attaching it to a bridge, ``@BRIDGE``, only through
+    ``external_map``) or ``mnt[KEY]:PATH``, a bind of host path PATH that ``policy``
+    must allow; nothing else (devices, files, sockets, other namespaces)."""
+    only_keys(spec, ("tcp_established", "external", "shell_job"), "")
+    args = []
+    if boolean(spec.get("tcp_established", False), "tcp_established"):
         args.append("--tcp-established")
-    for e in spec.get("external", []):
-        if not isinstance(e, str):
-            raise RestoreError("bad external resource in the restore spec")
-        args += ["--external", external_map.get(e, e)]
-    if spec.get("shell_job"):
+    external = spec.get("external", [])
+    if not isinstance(external, list) or len(external) > 64:
+        refuse("external", "external must be a list of at most 64 strings")
+    for i, e in enumerate(external):
+        field = f"external[{i}]"
+        e = string(e, field, max_len=512)
+        if e in external_map:
+            args += ["--external", external_map[e]]
+            continue
+        mnt = _MNT.match(e)
+        if mnt:
+            path = clean_path(mnt.group(1), field)
+            if not bind_allowed(path, policy):
+                refuse(field, f"external mount {e[:120]!r} ({field}) binds host path {path} "
+                              "into the workload; not allowed on this receiver "
+                              "(RestorePolicy.allow_host_mounts, "
+                              "RestorePolicy.allowed_bind_sources)")
+        elif not _VETH.match(e):
+            refuse(field, f"external resource {e[:120]!r} ({field}) is not one this receiver "
+                          "accepts: veth[IFNAME]:NAME, mnt[KEY]:PATH or a key of its "
+                          "external_map")
+        args += ["--external", e]
+    if boolean(spec.get("shell_job", False), "shell_job"):
         args.append("--shell-job")
+    return args
+
+
+async def restore_process(images_dir: pathlib.Path, spec: dict[str, Any],
+                          external_map: dict[str, str], policy: RestorePolicy) -> Restored:
+    """Restore a process tree stopped (``criu restore --leave-stopped``), with the
+    options :func:`process_restore_args` allows. The tree is restored into this host's
+    own root (``--root /``): CRIU reopens its files there by path."""
+    extra = process_restore_args(spec, external_map, policy)
+    args = ["restore", "-D", str(images_dir), "-d", "--leave-stopped", "--root", "/",
+            "--pidfile", str(images_dir / "restored.pid"), *extra]
     try:
         await run_criu(args, workdir=images_dir, log="restore.log", phase=Phase.RESTORE)
     except CheckpointError:

@@ -1,23 +1,46 @@
-"""runc containers: checkpoint on the source, restore into a bundle of our own."""
+"""runc containers: checkpoint on the source, restore into a bundle of our own, with a
+config the receiver builds from its own template (:func:`runc_restore_config`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import pathlib
+import re
+import resource
 import subprocess
 import time
 from typing import Any
 
 from ctlive.backends.criu import run_runtime
 from ctlive.backends.liveread import live_read_dump
+from ctlive.backends.restore import (
+    RestorePolicy,
+    boolean,
+    check_capabilities,
+    check_devices,
+    check_hooks,
+    check_mounts,
+    check_namespaces,
+    clean_path,
+    in_store,
+    integer,
+    obj,
+    only_keys,
+    refuse,
+    string,
+    strings,
+    write_private,
+)
 from ctlive.backends.workload import Backend, DumpMethod, DumpResult, Restored
-from ctlive.errors import CheckpointError, CtliveError, Phase, RestoreError
+from ctlive.errors import CheckpointError, CtliveError, Phase
+from ctlive.fs import private_dir
 from ctlive.images.criu_format import read_stats
 
 __all__ = [
     "RuncContainer",
     "restore_runc",
+    "runc_restore_config",
 ]
 
 
@@ -96,29 +119,207 @@ class _RuncRestored(Restored):
                               root=self._root)
 
 
+# --- the receiver's config: its own template, and what it takes from the source ---
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
+_ENV = re.compile(r"^[^=]+=", re.DOTALL)
+_CPUSET = re.compile(r"^[0-9,-]{0,256}$")
+_RLIMIT = re.compile(r"^RLIMIT_(AS|CORE|CPU|DATA|FSIZE|LOCKS|MEMLOCK|MSGQUEUE|NICE|NOFILE|NPROC"
+                     r"|RSS|RTPRIO|RTTIME|SIGPENDING|STACK)$")
+_SECCOMP_FLAGS = re.compile(r"^SECCOMP_FILTER_FLAG_(TSYNC|LOG)$")
+_U32, _U64, _I64 = (1 << 32) - 1, (1 << 64) - 1, (1 << 63) - 1
+# runc's own template: always masked / read-only, whatever the source says.
+_MASKED = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+           "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+           "/proc/scsi")
+_READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+_DENY_ALL = {"allow": False, "access": "rwm"}
+
+
+def runc_restore_config(spec: dict[str, Any], policy: RestorePolicy, *, store: pathlib.Path,
+                        bundles: pathlib.Path, migration: str) -> tuple[str, dict[str, Any]]:
+    """(container id, config.json) for restoring the runc container that ``spec`` (from
+    ``RuncContainer.restore_spec()``: id, config, rootfs) describes, or a
+    :class:`~ctlive.errors.RestoreSpecError`.
+
+    The config is the receiver's own template. From the source it takes the process
+    (args, env, cwd, user, capabilities within ``policy``, rlimits within this
+    receiver's own), the container's own mounts (tmpfs, proc, sysfs, devpts, mqueue,
+    cgroup; bind mounts only as ``policy`` allows), its namespaces (no paths), id
+    mappings, hostname, extra masked and read-only paths, memory/cpu/pids limits and
+    seccomp profile; hooks and devices only as ``policy`` allows. The rootfs must be in
+    ``store``; the cgroup (``/ctlive/ID-MIGRATION``) and the CRIU config
+    (``bundles/ID/criu.conf``) are the receiver's. Everything else is dropped."""
+    only_keys(obj(spec, "spec"), ("id", "config", "rootfs"), "")
+    cid = string(spec.get("id"), "id", max_len=64, pattern=_ID)
+    src = obj(spec.get("config"), "config")
+    rootfs = in_store(spec.get("rootfs"), "rootfs", store)
+    linux = obj(src.get("linux") or {}, "config.linux")
+    root = obj(src.get("root") or {}, "config.root")
+    hooks = check_hooks(src, policy, "config.")
+    nodes, rules = check_devices(linux, policy, "config.")
+    out_linux: dict[str, Any] = {
+        "namespaces": check_namespaces(linux, policy, "config."),
+        "resources": _resources(obj(linux.get("resources") or {}, "config.linux.resources"),
+                                rules),
+        "maskedPaths": _paths(_MASKED, linux.get("maskedPaths"), "config.linux.maskedPaths"),
+        "readonlyPaths": _paths(_READONLY, linux.get("readonlyPaths"),
+                                "config.linux.readonlyPaths"),
+        # Its own cgroup: the source's (frozen until COMMIT) may be on this very host.
+        "cgroupsPath": f"/ctlive/{cid}-{migration}",
+    }
+    if nodes:
+        out_linux["devices"] = nodes
+    for key in ("uidMappings", "gidMappings"):
+        if key in linux:
+            out_linux[key] = _id_mappings(linux[key], f"config.linux.{key}")
+    if linux.get("seccomp") is not None:
+        out_linux["seccomp"] = _seccomp(obj(linux["seccomp"], "config.linux.seccomp"), policy)
+    config: dict[str, Any] = {
+        "ociVersion": "1.0.2-dev",
+        "process": _process(obj(src.get("process"), "config.process"), policy),
+        "root": {"path": str(rootfs),
+                 "readonly": boolean(root.get("readonly", False), "config.root.readonly")},
+        "mounts": check_mounts(src.get("mounts"), policy, "config."),
+        "linux": out_linux,
+        # runc has no --leave-stopped: CRIU reads this file (the receiver's own).
+        "annotations": {"org.criu.config": str(bundles / cid / "criu.conf")},
+    }
+    for key in ("hostname", "domainname"):
+        if src.get(key) is not None:
+            config[key] = string(src[key], f"config.{key}", max_len=64, pattern=_HOSTNAME)
+    if hooks:
+        config["hooks"] = hooks
+    return cid, config
+
+
+def _process(p: dict[str, Any], policy: RestorePolicy) -> dict[str, Any]:
+    f = "config.process"
+    if p.get("terminal"):
+        refuse(f"{f}.terminal", f"a terminal ({f}.terminal) needs a console socket this "
+                                "receiver does not provide")
+    user = obj(p.get("user") or {}, f"{f}.user")
+    out: dict[str, Any] = {
+        "terminal": False,
+        "user": {"uid": integer(user.get("uid", 0), f"{f}.user.uid", 0, _U32),
+                 "gid": integer(user.get("gid", 0), f"{f}.user.gid", 0, _U32)},
+        "args": strings(p.get("args"), f"{f}.args", max_len=1 << 17),
+        "env": strings(p.get("env", []), f"{f}.env", max_len=1 << 17, pattern=_ENV),
+        "cwd": clean_path(p.get("cwd", "/"), f"{f}.cwd"),
+        "noNewPrivileges": True if policy.no_new_privileges
+        else boolean(p.get("noNewPrivileges", False), f"{f}.noNewPrivileges"),
+    }
+    if not out["args"]:
+        refuse(f"{f}.args", f"{f}.args is empty")
+    if "umask" in user:
+        out["user"]["umask"] = integer(user["umask"], f"{f}.user.umask", 0, 0o777)
+    if "additionalGids" in user:
+        gids = user["additionalGids"]
+        if not isinstance(gids, list) or len(gids) > 64:
+            refuse(f"{f}.user.additionalGids", f"{f}.user.additionalGids must be a list")
+        out["user"]["additionalGids"] = [integer(g, f"{f}.user.additionalGids[{i}]", 0, _U32)
+                                         for i, g in enumerate(gids)]
+    caps = check_capabilities(p, policy, "config.")
+    if caps is not None:
+        out["capabilities"] = caps
+    if p.get("rlimits") is not None:
+        out["rlimits"] = _rlimits(p["rlimits"])
+    return out
+
+
+def _rlimits(value: Any) -> list[dict[str, Any]]:
+    """Known limits, each once, soft <= hard, hard no higher than this receiver's own."""
+    f = "config.process.rlimits"
+    if not isinstance(value, list) or len(value) > 16:
+        refuse(f, f"{f} must be a list of at most 16 limits")
+    out: list[dict[str, Any]] = []
+    for i, r in enumerate(value):
+        r = obj(r, f"{f}[{i}]")
+        only_keys(r, ("type", "hard", "soft"), f"{f}[{i}]")
+        kind = string(r.get("type"), f"{f}[{i}].type", pattern=_RLIMIT)
+        if any(o["type"] == kind for o in out):
+            refuse(f"{f}[{i}].type", f"{kind} appears twice in {f}")
+        hard = integer(r.get("hard"), f"{f}[{i}].hard", 0, _U64)
+        soft = integer(r.get("soft"), f"{f}[{i}].soft", 0, hard)
+        res = getattr(resource, kind, None)
+        ceiling = resource.getrlimit(res)[1] if res is not None else resource.RLIM_INFINITY
+        if ceiling != resource.RLIM_INFINITY and hard > ceiling:
+            refuse(f"{f}[{i}].hard", f"{kind} hard limit {hard} ({f}[{i}].hard) is above "
+                                     f"this receiver's own ({ceiling})")
+        out.append({"type": kind, "hard": hard, "soft": soft})
+    return out
+
+
+def _paths(defaults: tuple[str, ...], extra: Any, field: str) -> list[str]:
+    """The receiver's paths, then the source's others (masking more is always safe)."""
+    more = [clean_path(p, f"{field}[{i}]")
+            for i, p in enumerate(strings(extra or [], field, max_items=256))]
+    return [*defaults, *(p for p in dict.fromkeys(more) if p not in defaults)]
+
+
+def _resources(res: dict[str, Any], rules: list[dict[str, Any]]) -> dict[str, Any]:
+    """Device rules (the receiver's deny-all first), and memory/cpu/pids limits."""
+    out: dict[str, Any] = {"devices": [_DENY_ALL, *(r for r in rules if r != _DENY_ALL)]}
+    f = "config.linux.resources"
+    fields = {"memory": {"limit": (-1, _I64), "reservation": (-1, _I64), "swap": (-1, _I64)},
+              "cpu": {"shares": (0, _U64), "quota": (-1, _I64), "period": (0, _U64)},
+              "pids": {"limit": (-1, _I64)}}
+    for group, limits in fields.items():
+        if res.get(group) is None:
+            continue
+        g = obj(res[group], f"{f}.{group}")
+        taken: dict[str, Any] = {k: integer(g[k], f"{f}.{group}.{k}", lo, hi)
+                                 for k, (lo, hi) in limits.items() if k in g}
+        if group == "cpu":
+            taken |= {k: string(g[k], f"{f}.cpu.{k}", pattern=_CPUSET)
+                      for k in ("cpus", "mems") if k in g}
+        out[group] = taken
+    return out
+
+
+def _id_mappings(value: Any, field: str) -> list[dict[str, int]]:
+    if not isinstance(value, list) or len(value) > 340:
+        refuse(field, f"{field} must be a list of at most 340 mappings")
+    out = []
+    for i, m in enumerate(value):
+        m = obj(m, f"{field}[{i}]")
+        only_keys(m, ("containerID", "hostID", "size"), f"{field}[{i}]")
+        out.append({k: integer(m.get(k), f"{field}[{i}].{k}", 0 if k != "size" else 1, _U32)
+                    for k in ("containerID", "hostID", "size")})
+    return out
+
+
+def _seccomp(sc: dict[str, Any], policy: RestorePolicy) -> dict[str, Any]:
+    """The source's seccomp profile (it only restricts the container), but no listener:
+    that would hand its notifications to a process on this receiver."""
+    f = "config.linux.seccomp"
+    for key in ("listenerPath", "listenerMetadata"):
+        if sc.get(key) and not policy.allow_hooks:
+            refuse(f"{f}.{key}", f"a seccomp listener ({f}.{key}) is a program on this "
+                                 "receiver; not allowed (RestorePolicy.allow_hooks)")
+    keys = ("defaultAction", "defaultErrnoRet", "architectures", "syscalls", "listenerPath",
+            "listenerMetadata")
+    out: dict[str, Any] = {k: sc[k] for k in keys if k in sc}
+    if "flags" in sc:
+        out["flags"] = strings(sc["flags"], f"{f}.flags", max_items=8, pattern=_SECCOMP_FLAGS)
+    return out
+
 
 async def restore_runc(images_dir: pathlib.Path, spec: dict[str, Any],
-                       external_map: dict[str, str]) -> Restored:
-    cid, config, rootfs = spec.get("id"), spec.get("config"), spec.get("rootfs")
-    if not (isinstance(cid, str) and cid.replace("-", "").replace("_", "").isalnum()
-            and isinstance(config, dict) and isinstance(rootfs, str)):
-        raise RestoreError("bad runc restore spec", phase=Phase.RESTORE)
-    # A bundle of our own: the container's config, its rootfs, and a CRIU config that
-    # restores it stopped (runc has no --leave-stopped; CRIU reads this file).
+                       external_map: dict[str, str], policy: RestorePolicy) -> Restored:
+    """Restore a runc container stopped, into a bundle of the receiver's own: the config
+    :func:`runc_restore_config` builds (nothing is written before the spec passed), and
+    a CRIU config that says ``leave-stopped``."""
     # Outside the per-migration directory, which is wiped after COMMIT; the container
     # keeps running from them.
     state_dir = images_dir.parent.parent
-    bundle = state_dir / "bundles" / cid
-    bundle.mkdir(parents=True, exist_ok=True)
-    config = dict(config)
-    config["root"] = dict(config.get("root", {}), path=rootfs)
-    # Its own cgroup: the source's (frozen until COMMIT) may be on this very host.
-    config["linux"] = dict(config.get("linux") or {},
-                           cgroupsPath=f"/ctlive/{cid}-{images_dir.parent.name}")
-    (bundle / "criu.conf").write_text("leave-stopped\n")
-    config["annotations"] = dict(config.get("annotations") or {},
-                                 **{"org.criu.config": str(bundle / "criu.conf")})
-    (bundle / "config.json").write_text(json.dumps(config))
+    bundles = state_dir / "bundles"
+    cid, config = runc_restore_config(spec, policy, store=policy.store_for(state_dir),
+                                      bundles=bundles, migration=images_dir.parent.name)
+    bundle = private_dir(bundles / cid)
+    write_private(bundle / "criu.conf", "leave-stopped\n")
+    write_private(bundle / "config.json", json.dumps(config))
     root = str(state_dir / "runc")
     await run_runtime(["restore", "--detach", "--image-path", str(images_dir), "--work-path",
                        str(images_dir), "--bundle", str(bundle), cid], phase=Phase.RESTORE,
