@@ -7,38 +7,49 @@ the new pages file, the receiver's copy of the matching old pages is laid out in
 the new file's order (zero where there is none), and the native core encodes the
 difference in one pass (zero markers, XOR deltas, raw pages), compressed as one
 zstd frame per window. Non-page files go whole, as a zstd delta against their old
-version (the old file is the dictionary), or as "unchanged". The last item is a
-manifest of the new dump; the rebuilder checks its result against it.
+version (the old file is the dictionary), or as "unchanged"; one larger than
+``PART_SIZE`` goes in parts of that size, each read, compressed and sent on its own,
+or as "unchanged". The last item is a manifest of the new dump; the rebuilder checks
+its result against it.
 
-Memory is bounded by the window size, independent of the image size. Functions
-hold no global state but ``layout``'s thread-safe cache of parsed pagemaps, so they
-run in worker threads.
+Memory is bounded by the window size (and ``PART_SIZE``), independent of the image
+size: no file is read whole but those of at most ``PART_SIZE`` bytes (and the old
+version of such a file, when it may be a zdelta's dictionary: at most
+``MAX_ZDELTA_BASE``). Functions hold no global state but ``layout``'s thread-safe
+cache of parsed pagemaps, so they run in worker threads.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import hashlib
 import itertools
 import os
 import pathlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 import zstandard
 
 from ctlive.errors import ImageFormatError, StorageError, map_os_errors
 from ctlive.images import layout, pagediff
-from ctlive.images.changes import MAX_ZDELTA_BASE, ChangeItem, ChangeKind, safe_name
+from ctlive.images.changes import MAX_PART, MAX_ZDELTA_BASE, ChangeItem, ChangeKind, safe_name
 from ctlive.images.criu_format import PAGE_SIZE, Pagemap
 from ctlive.images.layout import MappedFile, Segment
 from ctlive.images.manifest import Manifest, bytes_digest, pages_digest
 
 __all__ = [
+    "PART_SIZE",
     "DiffStats",
     "diff",
 ]
+
+PART_SIZE = MAX_PART
+"""A non-page file larger than this (4 MiB) goes in parts of this size, the last one
+shorter (FILE_PART; the largest part a receiver accepts)."""
 
 
 @attrs.define
@@ -90,7 +101,7 @@ def diff(old_dir: str | os.PathLike[str] | None, new_dir: str | os.PathLike[str]
         # Non-page files first (pagemaps among them): the receiver needs them to lay out pages.
         for name in names:
             if name not in new_pages:
-                yield _diff_file(old, new, safe_name(name), zc, level, st, files)
+                yield from _diff_file(old, new, safe_name(name), zc, level, st, files)
         for name in names:
             if name in new_pages:
                 yield from _diff_pages(old, new, name, new_maps[new_pages[name]],
@@ -99,31 +110,98 @@ def diff(old_dir: str | os.PathLike[str] | None, new_dir: str | os.PathLike[str]
         yield ChangeItem(ChangeKind.MANIFEST, "", data=Manifest(files).to_json())
 
 
+def _read_exact(f: BinaryIO, n: int, path: pathlib.Path) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise StorageError(f"{path} changed while it was read", path=str(path))
+    return data
+
+
+def _small_old(prev: pathlib.Path | None, limit: int) -> bytes | None:
+    """The old version of a file; None when there is none or it is larger than
+    ``limit`` (then it is not read)."""
+    if prev is None or not prev.is_file():
+        return None
+    with open(prev, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return _read_exact(f, size, prev) if size <= limit else None
+
+
 def _diff_file(old: pathlib.Path | None, new: pathlib.Path, name: str,
                zc: zstandard.ZstdCompressor, level: int, st: DiffStats,
-               files: dict[str, dict[str, Any]]) -> ChangeItem:
-    """The item of one non-page file: unchanged, a zstd delta with its old version as
+               files: dict[str, dict[str, Any]]) -> Iterator[ChangeItem]:
+    """The items of one non-page file: unchanged, a zstd delta with its old version as
     dictionary when that is smaller (and the old version no larger than
-    ``MAX_ZDELTA_BASE``, which the receiver holds in memory), or whole."""
-    data = (new / name).read_bytes()
-    files[name] = bytes_digest(data)
-    st.files += 1
-    st.file_bytes_in += len(data)
-    st.bytes_in += len(data)
+    ``MAX_ZDELTA_BASE``, which the receiver holds in memory), or whole; a file larger
+    than ``PART_SIZE`` in parts (or unchanged)."""
+    path = new / name
     prev = old / name if old is not None else None
-    old_data = prev.read_bytes() if prev is not None and prev.is_file() else None
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        st.files += 1
+        st.file_bytes_in += size
+        st.bytes_in += size
+        if size > PART_SIZE:
+            yield from _diff_parts(f, path, size, prev, name, zc, st, files)
+            return
+        data = _read_exact(f, size, path)
+        if f.read(1):
+            raise StorageError(f"{path} changed while it was read", path=str(path))
+    files[name] = bytes_digest(data)
+    old_data = _small_old(prev, MAX_ZDELTA_BASE)  # size <= PART_SIZE <= MAX_ZDELTA_BASE
     if old_data == data:
         st.files_unchanged += 1
-        return ChangeItem(ChangeKind.FILE_SAME, name)
+        yield ChangeItem(ChangeKind.FILE_SAME, name)
+        return
     kind, payload = ChangeKind.FILE_WHOLE, zc.compress(data)
-    if old_data and len(old_data) <= MAX_ZDELTA_BASE:
+    if old_data:
         dictionary = zstandard.ZstdCompressionDict(
             old_data, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         delta = zstandard.ZstdCompressor(level=level, dict_data=dictionary).compress(data)
         if len(delta) < len(payload):
             kind, payload = ChangeKind.FILE_ZDELTA, delta
     st.bytes_out += len(payload)
-    return ChangeItem(kind, name, size=len(data), data=payload)
+    yield ChangeItem(kind, name, size=size, data=payload)
+
+
+def _diff_parts(f: BinaryIO, path: pathlib.Path, size: int, prev: pathlib.Path | None,
+                name: str, zc: zstandard.ZstdCompressor, st: DiffStats,
+                files: dict[str, dict[str, Any]]) -> Iterator[ChangeItem]:
+    """The items of a file larger than ``PART_SIZE`` (open as ``f``), part by part:
+    while its parts equal the old version's (same size), nothing is sent; at the first
+    difference the parts before it are read again and sent, then the rest as read.
+    Its manifest entry is hashed from the parts as they are read."""
+    digest = hashlib.blake2b()
+
+    def part(off: int, data: bytes) -> ChangeItem:
+        payload = zc.compress(data)
+        st.bytes_out += len(payload)
+        return ChangeItem(ChangeKind.FILE_PART, name, size=size, offset=off, data=payload)
+
+    same = prev is not None and prev.is_file() and prev.stat().st_size == size
+    with open(prev, "rb") if same and prev is not None else contextlib.nullcontext() as g:
+        for off in range(0, size, PART_SIZE):
+            data = _read_exact(f, min(PART_SIZE, size - off), path)
+            digest.update(data)
+            if same:
+                assert g is not None
+                if g.read(len(data)) == data:
+                    continue
+                same = False
+                for earlier in range(0, off, PART_SIZE):  # equal so far: not sent yet
+                    f.seek(earlier)
+                    yield part(earlier, _read_exact(f, PART_SIZE, path))
+                f.seek(off + len(data))
+            # Let go of the part before the next is read: one part in memory at a time.
+            item, data = part(off, data), b""
+            yield item
+            del item
+        if f.read(1):
+            raise StorageError(f"{path} changed while it was read", path=str(path))
+    files[name] = {"size": size, "blake2b": digest.hexdigest()}
+    if same:
+        st.files_unchanged += 1
+        yield ChangeItem(ChangeKind.FILE_SAME, name)
 
 
 def _diff_window(old_m: MappedFile | None, segs: list[Segment], new_m: MappedFile,

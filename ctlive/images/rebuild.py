@@ -1,10 +1,11 @@
 """Rebuild a dump byte for byte from the previous one and a change stream, and verify
 the result against the stream's manifest.
 
-Memory is bounded whatever sizes the stream declares: whole-file items are decompressed
-to disk in ``CHUNK`` pieces (never more than their declared size), a zdelta's
-dictionary is an old file of at most ``MAX_ZDELTA_BASE`` bytes, and zstd frames may not
-ask for a window above ``MAX_WINDOW``. Every file written is private (0600)."""
+Memory is bounded whatever sizes the stream declares: whole-file items and the parts
+of large files are decompressed to disk in ``CHUNK`` pieces (never more than their
+declared size; ``ctlive.images.files``), a zdelta's dictionary is an old file of at
+most ``MAX_ZDELTA_BASE`` bytes, and zstd frames may not ask for a window above
+``MAX_WINDOW``. Every file written is private (0600)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import json
 import mmap
 import os
 import pathlib
-import shutil
 from typing import BinaryIO
 
 import attrs
@@ -20,11 +20,20 @@ import zstandard
 
 from ctlive.errors import DeltaFormatError, ImageFormatError, StorageError, map_os_errors
 from ctlive.images import layout, pagediff
-from ctlive.images.changes import MAX_ZDELTA_BASE, ChangeItem, ChangeKind, safe_name
+from ctlive.images.changes import MAX_FILE, MAX_ZDELTA_BASE, ChangeItem, ChangeKind, safe_name
 from ctlive.images.criu_format import PAGE_SIZE, Pagemap
+from ctlive.images.files import (
+    CHUNK,
+    MAX_WINDOW,
+    PartFiles,
+    copy_private,
+    create_private,
+    write_whole,
+)
 from ctlive.images.layout import MappedFile, Segment
 from ctlive.images.manifest import Manifest, manifest
 
+# CHUNK and MAX_WINDOW live in files, MAX_FILE in changes: named here as before.
 __all__ = [
     "CHUNK",
     "MAX_DEFERRED",
@@ -33,39 +42,10 @@ __all__ = [
     "Rebuilder",
 ]
 
-MAX_FILE = 1 << 30
-"""Largest non-page file a change stream may declare, bytes."""
-
 MAX_DEFERRED = 256 << 20
 """Compressed pages held while their pagemap is still on its way, bytes."""
 
-CHUNK = 1 << 20
-"""Whole-file items are decompressed and written this many bytes at a time."""
-
-MAX_WINDOW = 1 << 23
-"""Largest zstd window a whole-file item may need, bytes (what zstd levels up to 19
-use; ctlive's diff uses level 1, 512 KiB)."""
-
 _PRIVATE = 0o600
-
-
-def _create(path: pathlib.Path) -> BinaryIO:
-    """Create (or truncate) ``path`` for writing, mode 0600 whatever the umask, never
-    through a symlink."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 _PRIVATE)
-    try:
-        os.fchmod(fd, _PRIVATE)  # the umask may have taken bits; an old file kept its mode
-        return os.fdopen(fd, "wb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _copy(src: pathlib.Path, dst: pathlib.Path) -> None:
-    """Copy ``src`` to a private ``dst`` (the kernel's copy: no buffer of ours)."""
-    _create(dst).close()
-    shutil.copyfile(src, dst)  # truncates and writes dst; its mode stays 0600
 
 
 @attrs.define(eq=False)
@@ -197,6 +177,7 @@ class Rebuilder:
         self._pages: dict[str, _Written | _Patched] = {}
         self._manifest: Manifest | None = None
         self._zd = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+        self._parts = PartFiles(self.out, self._zd)
         self._deferred: list[ChangeItem] = []
         self._deferred_bytes = 0
 
@@ -223,9 +204,13 @@ class Rebuilder:
         if c.kind == ChangeKind.FILE_SAME:
             if self.old is None or not (self.old / name).is_file():
                 raise DeltaFormatError(f"{name} marked unchanged but there is no old copy")
-            _copy(self.old / name, self.out / name)
+            copy_private(self.old / name, self.out / name)
         elif c.kind in (ChangeKind.FILE_WHOLE, ChangeKind.FILE_ZDELTA):
-            self._write_file(name, c)
+            zd = self._delta_decompressor(name) if c.kind == ChangeKind.FILE_ZDELTA else self._zd
+            write_whole(self.out / name, zd, c)
+        elif c.kind == ChangeKind.FILE_PART:
+            if not self._parts.apply(c):
+                return  # the file is not complete yet: no pagemap for the pages waiting
         elif name not in self._pages and not self._has_pagemap(name):
             self._deferred_bytes += len(c.data)
             if self._deferred_bytes > MAX_DEFERRED:
@@ -239,32 +224,6 @@ class Rebuilder:
             waiting, self._deferred, self._deferred_bytes = self._deferred, [], 0
             for d in waiting:
                 self._apply(d)
-
-    def _write_file(self, name: str, c: ChangeItem) -> None:
-        """Decompress a whole-file item to disk, ``CHUNK`` bytes at a time: never more
-        than its declared ``size`` (more is refused as soon as it appears), nor less."""
-        if c.size > MAX_FILE:
-            raise DeltaFormatError(f"{name}: declared size {c.size} too large")
-        zd = self._delta_decompressor(name) if c.kind == ChangeKind.FILE_ZDELTA else self._zd
-        target = self.out / name
-        written = 0
-        try:
-            with _create(target) as f, zd.stream_reader(c.data, read_across_frames=True) as r:
-                # Ask for one byte beyond what is left: output past the size shows at once.
-                while chunk := r.read(min(CHUNK, c.size - written + 1)):
-                    written += len(chunk)
-                    if written > c.size:
-                        raise DeltaFormatError(
-                            f"{name}: more than the {c.size} bytes its header declares")
-                    f.write(chunk)
-            if written != c.size:
-                raise DeltaFormatError(f"{name}: {written} bytes, header says {c.size}")
-        except zstandard.ZstdError as exc:
-            target.unlink(missing_ok=True)
-            raise DeltaFormatError(f"{name}: corrupt zstd data ({exc})", cause=exc) from exc
-        except BaseException:
-            target.unlink(missing_ok=True)
-            raise
 
     def _delta_decompressor(self, name: str) -> zstandard.ZstdDecompressor:
         """A decompressor whose dictionary is the old version of ``name``, read whole:
@@ -295,7 +254,7 @@ class Rebuilder:
             os.rename(old_path, target)
             os.chmod(target, _PRIVATE)
         else:
-            _copy(old_path, target)
+            copy_private(old_path, target)
         f = open(target, "r+b")  # noqa: SIM115
         try:
             known = self._old_hashes.get(old_path.name)
@@ -336,7 +295,7 @@ class Rebuilder:
             old_m.close()
             state = self._take_over(name, old_path, total, segs, old_total)
         else:
-            f = _create(self.out / name)
+            f = create_private(self.out / name)
             f.truncate(total * PAGE_SIZE)
             # Windows no item touches are filled from the old pages in finish().
             state = _Written(f, total, old_m, segs)
@@ -351,10 +310,11 @@ class Rebuilder:
         state.patch(start, count, pagediff.decompress(c.data, count * pagediff.MAX_RECORD))
 
     def close(self) -> None:
-        """Release files (also on failure)."""
+        """Release files (also on failure); remove those whose parts did not all come."""
         for state in self._pages.values():
             state.close()
         self._pages.clear()
+        self._parts.close()
 
     def finish(self) -> Manifest:
         """Complete the pages files and verify the result against the manifest."""
@@ -369,6 +329,7 @@ class Rebuilder:
                 raise DeltaFormatError(
                     f"pages for {sorted({c.name for c in self._deferred})} arrived but their "
                     "pagemap never did")
+            self._parts.check_complete()
             # Pages files whose every window was unchanged got no item at all.
             for name in layout.pages_files(layout.pagemaps(self.out)):
                 if name in self._manifest.files and name not in self._pages:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -17,7 +18,8 @@ _HDR = struct.Struct("<BHQQI")
 
 def test_kinds_keep_their_wire_values() -> None:
     assert [(k.name, int(k)) for k in ChangeKind] == [
-        ("FILE_WHOLE", 1), ("FILE_ZDELTA", 2), ("FILE_SAME", 3), ("PAGES", 4), ("MANIFEST", 5)]
+        ("FILE_WHOLE", 1), ("FILE_ZDELTA", 2), ("FILE_SAME", 3), ("PAGES", 4), ("MANIFEST", 5),
+        ("FILE_PART", 6)]
 
 
 @pytest.mark.parametrize(("item", "a", "b"), [
@@ -27,10 +29,12 @@ def test_kinds_keep_their_wire_values() -> None:
     (ChangeItem(ChangeKind.PAGES, "pages-1.img", first_page=4096, page_count=17, data=b"p"),
      4096, 17),
     (ChangeItem(ChangeKind.MANIFEST, "", data=b"{}"), 0, 0),
+    (ChangeItem(ChangeKind.FILE_PART, "tmpfs-dev-1.tar.gz.img", size=9 << 20, offset=8 << 20,
+                data=zstandard.ZstdCompressor().compress(b"part")), 9 << 20, 8 << 20),
 ])
 def test_encoding_is_the_wire_format(item: ChangeItem, a: int, b: int) -> None:
-    """Size or first page in the first u64, page count in the second: the bytes the
-    receiver has always parsed."""
+    """Size or first page in the first u64, page count (a part's offset) in the
+    second: the bytes the receiver has always parsed."""
     name = item.name.encode()
     want = _HDR.pack(item.kind, len(name), a, b, len(item.data)) + name + item.data
     assert changes.encode_change(item) == want
@@ -62,7 +66,7 @@ def test_header_fields_a_kind_does_not_use_are_refused(kind: ChangeKind, a: int,
         changes.decode_change(_HDR.pack(kind, len(name), a, b, 0) + name)
 
 
-@pytest.mark.parametrize("kind", [0, 6, 255])
+@pytest.mark.parametrize("kind", [0, 7, 255])
 def test_unknown_kind_refused(kind: int) -> None:
     with pytest.raises(errors.DeltaFormatError, match="unknown change kind"):
         changes.decode_change(_HDR.pack(kind, 0, 0, 0, 0))

@@ -144,7 +144,8 @@ def test_a_frame_needing_a_large_window_is_refused(tmp_path: pathlib.Path) -> No
 
 def test_zdelta_needs_a_small_old_file(tmp_path: pathlib.Path) -> None:
     """The receiver refuses a zdelta whose dictionary (the old file) is above the cap,
-    and the diff never sends one: a file whose old version is larger goes whole."""
+    and the diff never sends one: a file whose old version is larger goes whole (or in
+    parts, when it is larger than PART_SIZE itself)."""
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
     new.mkdir()
@@ -153,7 +154,11 @@ def test_zdelta_needs_a_small_old_file(tmp_path: pathlib.Path) -> None:
     changed = base[:-1] + b"!"
     (new / "files.img").write_bytes(changed)
     items = list(image_diff.diff(old, new))
+    assert [c.kind for c in items] == [ChangeKind.FILE_PART] * 3 + [ChangeKind.MANIFEST]
+    (new / "files.img").write_bytes(changed[: image_diff.PART_SIZE])
+    items = list(image_diff.diff(old, new))
     assert [c.kind for c in items] == [ChangeKind.FILE_WHOLE, ChangeKind.MANIFEST]
+    (new / "files.img").write_bytes(changed)
     rb = rebuild.Rebuilder(old, tmp_path / "out")
     with pytest.raises(DeltaFormatError, match="deltas are accepted against old files of "
                                                f"up to {MAX_ZDELTA_BASE} bytes"):
