@@ -64,6 +64,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help="cut off an authenticated peer that sends nothing this long")
     lim.add_argument("--ready-alert-after", type=float, default=600.0,
                      help="alert (never discard) when a READY copy waits this long for COMMIT")
+    rp = s.add_argument_group("what a source's restore spec may ask for (default: nothing "
+                              "beyond the container's own; ctlive.backends.RestorePolicy)")
+    rp.add_argument("--restore-store", type=pathlib.Path, metavar="DIR",
+                    help="where container root filesystems may be (default: STATE/bundles)")
+    rp.add_argument("--allow-hooks", action="store_true", help="OCI hooks")
+    rp.add_argument("--allow-host-mounts", action="store_true", help="bind mounts of host paths")
+    rp.add_argument("--allow-bind", action="append", default=[], metavar="PATH",
+                    help="one host path sources may bind-mount (repeatable)")
+    rp.add_argument("--allow-devices", action="store_true",
+                    help="devices beyond the OCI default set")
     s.set_defaults(func=_serve)
 
 def _serve(args: argparse.Namespace) -> int:
@@ -93,6 +103,12 @@ def _serve(args: argparse.Namespace) -> int:
     if not allow:
         raise ConfigError(f"{args.allow} lists no source keys: nobody could migrate here")
 
+    from ctlive.backends import RestorePolicy
+
+    restore_policy = RestorePolicy(
+        store=args.restore_store, allow_hooks=args.allow_hooks,
+        allow_host_mounts=args.allow_host_mounts, allow_devices=args.allow_devices,
+        allowed_bind_sources=tuple(args.allow_bind))
     limits = ReceiverLimits(
         max_sessions=args.max_sessions, max_handshakes=args.max_handshakes,
         max_migrations=args.max_migrations, max_image_bytes=args.max_image_bytes,
@@ -104,6 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
             addr = await tg.start(lambda task_status: serve(
                 args.listen, identity=Identity.load(args.key), provider=provider, allow=allow,
                 state_dir=args.state, limits=limits, ready_alert_after=args.ready_alert_after,
+                restore_policy=restore_policy,
                 task_status=task_status))
             print(f"ctlive receiver listening on {addr[0]}:{addr[1]}", file=sys.stderr)
 

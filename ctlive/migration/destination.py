@@ -118,6 +118,7 @@ class Destination:
 
     def __init__(self, state_dir: pathlib.Path, *, hooks: DestinationHooks | None = None,
                  external_map: dict[str, str] | None = None,
+                 restore_policy: backends.RestorePolicy | None = None,
                  post_restore: Hook | None = None, post_resume: Hook | None = None,
                  ready_alert_after: float = 600.0,
                  discard_ready_after: float | None = None,
@@ -130,6 +131,7 @@ class Destination:
             shutil.disk_usage(self.state_dir).total * 0.9)
         self.journal = Journal(self.state_dir, "destination")
         self.external_map = external_map
+        self.restore_policy = restore_policy
         self.post_restore, self.post_resume = post_restore, post_resume
         self.ready_alert_after = ready_alert_after
         """Seconds after READY with no COMMIT or ABORT before an alert is raised (the
@@ -218,7 +220,8 @@ class Destination:
             self.fault("before-restore")
             t = time.monotonic()
             restored = await backends.restore(kind, final_dir, spec,
-                                              external_map=self.external_map)
+                                              external_map=self.external_map,
+                                              policy=self.restore_policy)
             rec.restored_pid = restored.pid
             rec.timings["restore"] = time.monotonic() - t
             # A crash from here on leaves a stopped copy: the journal must know it, so
@@ -411,6 +414,7 @@ async def serve(
     on_refusal: Callable[[str, str], Any] | None = None,
     on_session_error: Callable[[BaseException], Any] | None = None,
     external_map: dict[str, str] | None = None,
+    restore_policy: backends.RestorePolicy | None = None,
     post_restore: Hook | None = None,
     post_resume: Hook | None = None,
     task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
@@ -428,6 +432,8 @@ async def serve(
     migrations, image bytes and state bytes, and times out handshakes and quiet peers;
     each refusal is an ERROR frame with its own code to the peer, is logged (logger
     ``ctlive.destination``) with its reason, and goes to ``on_refusal(reason, peer)``.
+    ``restore_policy`` says what a source's restore spec may ask for (None: the
+    defaults of ``ctlive.backends.RestorePolicy``).
     ``external_map`` renames external resources (veth outer ends) for this host, and
     ``post_restore(kind, spec, restored)`` is awaited after each restore, while the
     workload is still stopped, for host-side network setup; ``post_resume`` (same
@@ -438,7 +444,8 @@ async def serve(
     """
     with map_os_errors(StorageError, f"creating the state directory {state_dir}"):
         receiver = Destination(pathlib.Path(state_dir), hooks=hooks,
-                               external_map=external_map, post_restore=post_restore,
+                               external_map=external_map, restore_policy=restore_policy,
+                               post_restore=post_restore,
                                post_resume=post_resume, ready_alert_after=ready_alert_after,
                                discard_ready_after=discard_ready_after, limits=limits)
     try:

@@ -58,8 +58,10 @@ VERSION = 1
 MAX_CONTROL_BODY = 1 << 20
 MAX_CHANGE = 1 << 20
 """Largest payload of one CHANGE frame, its fragment flag included."""
-MAX_ITEM = 512 << 20
-"""Default cap on one reassembled change item."""
+MAX_ITEM = 64 << 20
+"""Default cap on one reassembled change item. The largest a source emits is a pages
+window (4096 pages: about 16.1 MiB) or a file part (4 MiB); large files travel as
+parts, so the receiver never holds more than this per lane."""
 
 
 class Role(enum.Enum):

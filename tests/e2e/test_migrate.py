@@ -181,12 +181,14 @@ async def test_tampered_record_aborts_and_source_resumes(mutator: Mutator,
 async def test_runc_container(receiver_factory: Any, verifier: Any, tmp_path: Any) -> None:
     from criu_harness import RuncBundle, require_criu
 
+    from ctlive.backends import RestorePolicy
     from ctlive.backends.runc import RuncContainer
 
     require_criu()
     name = f"ctlive-e2e-{os.getpid()}-{anyio.current_time():.0f}"
     box = RuncBundle(tmp_path, name)
-    rx = await receiver_factory()
+    # The "destination host" is this one: its store is where the test made the rootfs.
+    rx = await receiver_factory(restore_policy=RestorePolicy(store=tmp_path))
     try:
         before = box.count()
         report = await migrate(RuncContainer(name), rx.addr, identity=SRC,

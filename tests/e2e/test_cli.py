@@ -1,0 +1,132 @@
+"""The command line as a user drives it, each command a subprocess: `keygen`, `serve` with
+the simulated platform, `migrate pid:` and `runc:` targets, `status`, and the exit codes
+scripts rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from criu_harness import Mutator, require_criu, workload_pids
+
+CTLIVE = str(pathlib.Path(sys.executable).with_name("ctlive"))
+pytestmark = pytest.mark.criu
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CTLIVE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+class Receiver:
+    def __init__(self, tmp: pathlib.Path) -> None:
+        self.tmp = tmp
+        assert run("keygen", "-o", str(tmp / "dst.key")).returncode == 0
+        assert run("keygen", "-o", str(tmp / "src.key")).returncode == 0
+        (tmp / "allow.txt").write_text((tmp / "src.key.pub").read_text())
+        self.state = tmp / "rx-state"
+        self.proc = subprocess.Popen(
+            [CTLIVE, "serve", "--listen", "127.0.0.1:0", "--key", str(tmp / "dst.key"),
+             "--allow", str(tmp / "allow.txt"), "--state", str(self.state),
+             "--provider", "simulated", "--simulated-chain", str(tmp / "chain.pem"),
+             # This host stands for the destination: its store is where tests make rootfs.
+             "--restore-store", str(tmp)],
+            stderr=subprocess.PIPE, text=True)
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + 60
+        self.banner = ""
+        while "listening on" not in self.banner:
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.banner
+            self.banner += self.proc.stderr.readline()
+        self.addr = self.banner.rsplit("listening on ", 1)[1].split()[0]
+        (tmp / "policy.toml").write_text('[snp]\nallow_any_measurement = true\n'
+                                         'simulated_chain = "chain.pem"\n')
+        (tmp / "strict.toml").write_text('[snp]\nallow_any_measurement = true\n')
+
+    def migrate(self, target: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return run("migrate", target, self.addr, "--key", str(self.tmp / "src.key"),
+                   "--policy", str(self.tmp / "policy.toml"), "--state",
+                   str(self.tmp / "src-state"), "--max-iterations", "3", *extra)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def receiver(tmp_path: pathlib.Path) -> Iterator[Receiver]:
+    require_criu()
+    rx = Receiver(tmp_path)
+    yield rx
+    rx.close()
+
+
+def test_serve_says_it_is_insecure_and_keygen_keeps_keys(receiver: Receiver) -> None:
+    assert "INSECURE" in receiver.banner and "SIMULATED" in receiver.banner
+    again = run("keygen", "-o", str(receiver.tmp / "src.key"))
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert run("--version").stdout.startswith("ctlive ")
+
+
+def test_migrate_a_process_tree(receiver: Receiver, tmp_path: pathlib.Path) -> None:
+    m = Mutator(tmp_path, mib=8)
+    try:
+        before = m.count()
+        out = receiver.migrate(f"pid:{m.pid}", "--json")
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        new_pid = report["destination_summary"]["restored_pid"]
+        assert workload_pids(m.script) == [new_pid] != [m.pid]
+        time.sleep(0.3)
+        assert m.count() > before
+        status = run("status", "--state", str(tmp_path / "src-state"), "--all", "--json")
+        assert [e["state"] for e in json.loads(status.stdout)] == ["committed"]
+    finally:
+        m.kill()
+
+
+def test_exit_codes(receiver: Receiver, tmp_path: pathlib.Path) -> None:
+    m = Mutator(tmp_path, mib=8)
+    try:
+        # Attestation refused (a policy that does not trust the simulated chain): 3, and
+        # the workload never left.
+        refused = run("migrate", f"pid:{m.pid}", receiver.addr, "--key",
+                      str(tmp_path / "src.key"), "--policy", str(tmp_path / "strict.toml"),
+                      "--state", str(tmp_path / "src-state"))
+        assert refused.returncode == 3, refused.stderr
+        assert workload_pids(m.script) == [m.pid]
+        # A bad target or a missing file: 2, nothing started.
+        assert receiver.migrate("vm:1").returncode == 2
+        assert receiver.migrate("pid:x").returncode == 2
+        missing = run("migrate", f"pid:{m.pid}", receiver.addr, "--key",
+                      str(tmp_path / "nope.key"), "--policy", str(tmp_path / "policy.toml"))
+        assert missing.returncode == 2
+        # The receiver is gone: the migration fails and the source runs on: 5.
+        receiver.close()
+        failed = receiver.migrate(f"pid:{m.pid}")
+        assert failed.returncode == 5, failed.stderr
+        assert workload_pids(m.script) == [m.pid]
+    finally:
+        m.kill()
+
+
+def test_migrate_a_runc_container(receiver: Receiver, tmp_path: pathlib.Path) -> None:
+    from criu_harness import RuncBundle
+
+    name = f"ctlive-cli-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    box = RuncBundle(tmp_path, name)
+    try:
+        before = box.count()
+        out = receiver.migrate(f"runc:{name}", "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["workload"] == "runc"
+        assert subprocess.run(["runc", "state", name], capture_output=True).returncode != 0
+        time.sleep(0.5)
+        assert box.count() > before
+    finally:
+        box.cleanup(str(receiver.state / "runc"))
