@@ -76,3 +76,20 @@ def test_the_protocol_layer_does_no_io() -> None:
         used |= {n.module.split(".")[0] for n in ast.walk(tree)
                  if isinstance(n, ast.ImportFrom) and n.module}
         assert not used & {"anyio", "trio", "asyncio", "socket", "subprocess"}, mod
+
+
+def test_importing_the_receiver_loads_nothing_of_the_source() -> None:
+    """At run time too: ``ctlive``'s top-level names load lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ctlive.migration.destination, ctlive.transport.server; "
+            "print(sorted(m for m in sys.modules if m in {'ctlive.migration.source', "
+            "'ctlive.migration.iteration', 'ctlive.transport.client'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+    code = "import ctlive; print(ctlive.migrate.__module__, ctlive.serve.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["ctlive.migration.source", "ctlive.migration.destination"]
