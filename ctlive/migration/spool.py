@@ -1,0 +1,158 @@
+"""An encrypted spool for images larger than the guest's memory.
+
+A receiver keeps images in memory by default (inside an SEV-SNP guest that memory is
+encrypted). For a workload larger than memory it can spool to a disk, encrypted with a
+key made in the guest and never written anywhere: an ext4 filesystem with fscrypt v2 on a
+loop device (this kernel has no dm-crypt; a guest that has it can use LUKS with an
+ephemeral key the same way). :meth:`EncryptedSpool.close` removes the key from the
+kernel, which makes every byte in the image unreadable, then unmounts and deletes it.
+
+The ioctls are the kernel's fscrypt UAPI (``linux/fscrypt.h``):
+``FS_IOC_ADD_ENCRYPTION_KEY`` (a 64-byte raw key, identified by the kernel),
+``FS_IOC_SET_ENCRYPTION_POLICY`` (a v2 policy: AES-256-XTS contents, AES-256-CTS file
+names, 16-byte name padding) on an empty directory, and
+``FS_IOC_REMOVE_ENCRYPTION_KEY``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import pathlib
+import shutil
+import struct
+import subprocess
+
+from ctlive.errors import ConfigError, StorageError
+
+__all__ = ["EncryptedSpool", "memory_backed", "spool_size_for"]
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (ord("f") << 8) | nr
+
+
+_READ, _RW = 2, 3
+FS_IOC_SET_ENCRYPTION_POLICY = _ioc(_READ, 19, 12)  # the historical size, also for v2
+FS_IOC_ADD_ENCRYPTION_KEY = _ioc(_RW, 23, 80)
+FS_IOC_REMOVE_ENCRYPTION_KEY = _ioc(_RW, 24, 64)
+_KEY_SPEC_IDENTIFIER = 2
+_AES_256_XTS, _AES_256_CTS, _PAD_16 = 1, 4, 2
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise StorageError(f"cannot run {cmd[0]}: {exc}", cause=exc) from exc
+    if out.returncode != 0:
+        raise StorageError(f"{' '.join(cmd)} failed: {out.stderr.strip()[-300:]}")
+    return out.stdout
+
+
+class EncryptedSpool:
+    """A directory on an encrypted loop filesystem; ``open()`` returns it. The key lives
+    only in the kernel's keyring for the filesystem, made from ``os.urandom`` here."""
+
+    def __init__(self, image: str | os.PathLike[str], size: int) -> None:
+        if size < 16 << 20:
+            raise ConfigError("an encrypted spool needs at least 16 MiB")
+        self.image = pathlib.Path(image)
+        self.size = size
+        self.mount = self.image.with_name(self.image.name + ".mnt")
+        self.path = self.mount / "spool"
+        self._identifier: bytes | None = None
+
+    def open(self) -> pathlib.Path:
+        """Make, mount and encrypt the spool; returns its (empty, 0700) directory."""
+        try:
+            fd = os.open(self.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.ftruncate(fd, self.size)
+            os.close(fd)
+            _run(["mkfs.ext4", "-q", "-F", "-O", "encrypt", "-E", "nodiscard", str(self.image)])
+            self.mount.mkdir(mode=0o700)
+            _run(["mount", "-o", "loop,nodev,nosuid", str(self.image), str(self.mount)])
+            self.path.mkdir(mode=0o700)
+            self._identifier = self._add_key()
+            self._set_policy(self.path, self._identifier)
+        except OSError as exc:
+            self.close()
+            raise StorageError(f"cannot make the encrypted spool {self.image}: {exc}",
+                               path=str(self.image), cause=exc) from exc
+        except StorageError:
+            self.close()
+            raise
+        return self.path
+
+    def _add_key(self) -> bytes:
+        raw = bytearray(os.urandom(64))
+        arg = bytearray(struct.pack("<II32sII32x", _KEY_SPEC_IDENTIFIER, 0, bytes(32),
+                                    len(raw), 0)) + raw
+        fd = os.open(self.mount, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, FS_IOC_ADD_ENCRYPTION_KEY, arg)
+        finally:
+            os.close(fd)
+            raw[:] = bytes(len(raw))  # the kernel has it now; ours goes
+            arg[80:] = bytes(len(arg) - 80)
+        return bytes(arg[8:24])
+
+    @staticmethod
+    def _set_policy(directory: pathlib.Path, identifier: bytes) -> None:
+        policy = struct.pack("<BBBB4x16s", 2, _AES_256_XTS, _AES_256_CTS, _PAD_16, identifier)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, FS_IOC_SET_ENCRYPTION_POLICY, policy)
+        finally:
+            os.close(fd)
+
+    def lock(self) -> None:
+        """Remove the key from the kernel: every file in the spool becomes unreadable
+        (its contents and its name), for good."""
+        if self._identifier is not None and self.mount.is_dir():
+            arg = bytearray(struct.pack("<II16s16xI20x", _KEY_SPEC_IDENTIFIER, 0,
+                                        self._identifier, 0))
+            with contextlib.suppress(OSError):
+                fd = os.open(self.mount, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    fcntl.ioctl(fd, FS_IOC_REMOVE_ENCRYPTION_KEY, arg)
+                finally:
+                    os.close(fd)
+        self._identifier = None
+
+    def close(self) -> None:
+        """Remove the key (the data becomes unreadable), unmount, delete the image."""
+        self.lock()
+        if self.mount.is_dir():
+            subprocess.run(["umount", str(self.mount)], capture_output=True, check=False)
+            with contextlib.suppress(OSError):
+                self.mount.rmdir()
+        with contextlib.suppress(FileNotFoundError):
+            self.image.unlink()
+
+    def __enter__(self) -> pathlib.Path:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def memory_backed(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` lies on tmpfs or ramfs (memory; encrypted inside an SEV guest)."""
+    p = os.path.realpath(path)
+    best, fstype = "", ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mount_point = fields[4]
+            sep = fields.index("-")
+            if (p == mount_point or p.startswith(mount_point.rstrip("/") + "/")) and len(
+                    mount_point) >= len(best):
+                best, fstype = mount_point, fields[sep + 1]
+    return fstype in ("tmpfs", "ramfs")
+
+
+def spool_size_for(path: str | os.PathLike[str]) -> int:
+    """Free bytes where a spool image would go (for a default size)."""
+    return shutil.disk_usage(path).free
