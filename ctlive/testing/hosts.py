@@ -1,0 +1,140 @@
+"""Hosts on one machine, for end-to-end tests, the demo and the benchmarks.
+
+A :class:`Host` is its own network, mount, PID and UTS namespace set. Its ``/tmp``,
+``/var/tmp`` and ``/run`` are tmpfs mounts of its own (so runc's root, podman's runroot
+and a receiver's state there are private: one host cannot see another's files), and its
+``eth0`` is a veth whose outer end is a port of the :class:`Network`'s bridge, as a
+machine's NIC is a port of a rack switch. Clients run on this machine outside every host,
+on the bridge's own address. Everything is torn down by :meth:`Network.close` (also
+after a failure: use it as a context manager).
+
+Needs root, ``unshare``, ``nsenter`` and iproute2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ctlive.errors import ConfigError
+
+__all__ = ["Host", "Network"]
+
+_SETUP = ("mount --make-rprivate / && for d in /tmp /var/tmp /run; do "
+          "mount -t tmpfs -o mode=0755,nodev,nosuid tmpfs $d; done && chmod 1777 /tmp /var/tmp"
+          " && hostname {name} && ip link set lo up && touch /run/ready && exec sleep infinity")
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+class Host:
+    """One host: ``run()`` / ``popen()`` execute commands inside it."""
+
+    def __init__(self, network: Network, index: int, name: str) -> None:
+        self.network, self.index, self.name = network, index, name
+        self.ip = f"{network.prefix}.{10 + index}"
+        self.outer = f"{network.bridge}h{index}"
+        cmd = ["unshare", "--net", "--mount", "--pid", "--uts", "--fork", "--mount-proc",
+               "sh", "-c", _SETUP.format(name=name)]
+        self._holder = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        start_new_session=True)
+        self.pid = self._pid_1()
+        try:
+            _ip("link", "add", self.outer, "type", "veth", "peer", "name", "eth0", "netns",
+                str(self.pid))
+            _ip("link", "set", self.outer, "master", network.bridge, "up")
+            self.run(["ip", "addr", "add", f"{self.ip}/24", "dev", "eth0"], check=True)
+            self.run(["ip", "link", "set", "eth0", "up"], check=True)
+            self.run(["ip", "route", "add", "default", "via", network.gateway], check=True)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            self.close()
+            raise ConfigError(f"cannot set up host {name}: {exc}") from exc
+
+    def _pid_1(self) -> int:
+        """The host's init (the ``sleep`` that holds its namespaces), once it is ready."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self._holder.poll() is not None:
+                err = self._holder.stderr.read().decode() if self._holder.stderr else ""
+                raise ConfigError(f"host {self.name} did not start: {err.strip()}")
+            kids = pathlib.Path(f"/proc/{self._holder.pid}/task/{self._holder.pid}/children")
+            with contextlib.suppress(OSError):
+                pids = kids.read_text().split()
+                if pids and pathlib.Path(f"/proc/{pids[0]}/root/run/ready").exists():
+                    return int(pids[0])
+            time.sleep(0.02)
+        raise ConfigError(f"host {self.name} did not start in time")
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` wrapped to run inside this host."""
+        return ["nsenter", "-t", str(self.pid), "-n", "-m", "-p", "-u", "--", *argv]
+
+    def run(self, argv: Sequence[str], *, check: bool = False,
+            **kw: Any) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` inside the host and wait for it."""
+        return subprocess.run(self.command(argv), capture_output=True, text=True, check=check,
+                              **kw)
+
+    def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` inside the host (e.g. a receiver as a process of its own)."""
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        return subprocess.Popen(self.command(argv), **kw)
+
+    def path(self, inside: str) -> pathlib.Path:
+        """Where a path inside the host is, seen from this machine (through its root)."""
+        return pathlib.Path(f"/proc/{self.pid}/root") / inside.lstrip("/")
+
+    def close(self) -> None:
+        """Kill everything in the host and remove its veth."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._holder.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, AttributeError):
+            os.kill(self.pid, signal.SIGKILL)  # init of the PID namespace: all go with it
+        self._holder.wait()
+        _ip("link", "del", self.outer, check=False)
+
+
+class Network:
+    """A bridge that hosts plug into, with this machine on it at ``gateway``."""
+
+    def __init__(self, index: int | None = None) -> None:
+        n = index if index is not None else 100 + os.getpid() % 100
+        self.bridge = f"ctbr{n}"
+        self.prefix = f"10.89.{n}"
+        self.gateway = f"{self.prefix}.1"
+        self.hosts: list[Host] = []
+        _ip("link", "del", self.bridge, check=False)  # a leftover of a crashed run
+        try:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+        except subprocess.CalledProcessError as exc:
+            raise ConfigError(f"cannot make bridge {self.bridge}: {exc.stderr}") from exc
+
+    def host(self, name: str) -> Host:
+        """A new host on this network."""
+        h = Host(self, len(self.hosts) + 1, name)
+        self.hosts.append(h)
+        return h
+
+    def close(self) -> None:
+        """Tear down every host and the bridge."""
+        for h in self.hosts:
+            h.close()
+        self.hosts.clear()
+        _ip("link", "del", self.bridge, check=False)
+
+    def __enter__(self) -> Network:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
