@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from ctlive.errors import ConfigError
+from ctlive.ops.logs import add_arguments as add_log_arguments
 
 __all__ = ["parse_target", "register"]
 
@@ -55,6 +56,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "iteration then freezes the workload for a whole dump) instead of "
                    "reading its memory while it runs")
     m.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    add_log_arguments(m)
     m.set_defaults(func=_migrate)
 
 
@@ -92,6 +94,9 @@ def _migrate(args: argparse.Namespace) -> int:
     from ctlive.identity import Identity
     from ctlive.migration.convergence import Convergence
     from ctlive.migration.source import migrate
+    from ctlive.ops.logs import configure
+
+    configure(args.log_level, args.log_format)
 
     workload = parse_target(args.target, pid=args.pid, runc_root=args.runc_root,
                             tcp_established=args.tcp_established,

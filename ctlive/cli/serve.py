@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 
 from ctlive.errors import ConfigError
+from ctlive.ops.logs import add_arguments as add_log_arguments
 
 __all__ = ["register"]
 
@@ -74,6 +75,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="one host path sources may bind-mount (repeatable)")
     rp.add_argument("--allow-devices", action="store_true",
                     help="devices beyond the OCI default set")
+    s.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics over HTTP here (docs/operations.md)")
+    add_log_arguments(s)
     s.set_defaults(func=_serve)
 
 def _serve(args: argparse.Namespace) -> int:
@@ -81,6 +85,16 @@ def _serve(args: argparse.Namespace) -> int:
     from ctlive.identity import Identity, load_public_keys
     from ctlive.migration.destination import serve
     from ctlive.migration.limits import ReceiverLimits
+    from ctlive.ops.logs import configure
+
+    configure(args.log_level, args.log_format)
+    if args.metrics is not None:
+        from ctlive.ops.metrics import parse_address
+
+        try:
+            parse_address(args.metrics)
+        except ValueError as exc:
+            raise ConfigError(f"--metrics: {exc}") from exc
 
     if args.provider == "simulated":
         from ctlive.attest import INSECURE_BANNER, SimulatedSnpPlatform
@@ -120,7 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
             addr = await tg.start(lambda task_status: serve(
                 args.listen, identity=Identity.load(args.key), provider=provider, allow=allow,
                 state_dir=args.state, limits=limits, ready_alert_after=args.ready_alert_after,
-                restore_policy=restore_policy,
+                restore_policy=restore_policy, metrics=args.metrics,
                 task_status=task_status))
             print(f"ctlive receiver listening on {addr[0]}:{addr[1]}", file=sys.stderr)
 

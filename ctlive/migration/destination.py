@@ -5,25 +5,15 @@ directory (tmpfs: encrypted guest memory inside an SEV-SNP VM), verifies the fin
 end to end against the source's manifest, restores the workload *stopped*, answers
 READY, and on COMMIT resumes it and answers COMMIT_ACK.
 
-Every decision goes to the journal (``state_dir/journal.sqlite``) before it is acted on:
-``receiving`` when a migration starts, ``ready`` before READY is sent, ``committed``
-before the copy is resumed, ``discarded`` before it is killed. The rules:
-
-- until COMMIT the restored copy never runs; a failure before READY discards it;
-- a READY copy is discarded only on ABORT, on a RESOLVE with action ``abort``, or on an
-  operator's ``ctlive discard``: never because a session broke or a timer ran out (after
-  ``ready_alert_after`` seconds from READY the receiver only raises an alert);
-- no failure after COMMIT discards the copy: it keeps running and the failure is
-  reported;
-- a restarted receiver adopts its READY copies (still stopped) from the journal,
-  resumes copies whose COMMIT was recorded, and discards migrations that never reached
-  READY.
+Every decision goes to the journal (``state_dir/journal.sqlite``) before it is acted
+on; the rules (until COMMIT the copy never runs, a READY copy goes only on ABORT, an
+abort by RESOLVE or an operator's discard, nothing after COMMIT discards it, and what a
+restarted receiver does) are in docs/operations.md, "The receiver's journal".
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import pathlib
 import shutil
@@ -34,6 +24,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 import attrs
+from prometheus_client import CollectorRegistry
 
 from ctlive import backends
 from ctlive.backends.podman import _PodmanRestored
@@ -53,6 +44,8 @@ from ctlive.migration.journal import DestinationState as DS
 from ctlive.migration.journal import Entry, Journal, arecord
 from ctlive.migration.limits import ReceiverLimits, refusal_code
 from ctlive.migration.receiving import MigrationRecord, receive_iterations
+from ctlive.ops.logs import bind_migration, get_logger
+from ctlive.ops.metrics import MetricsServer, ReceiverMetrics, ReceiverObserver
 from ctlive.protocol.evidence import EvidenceProvider
 from ctlive.protocol.frames import Abort, Commit, CommitAck, MigrationMeta, Outcome, Ready, Resolve
 from ctlive.transport.server import serve_sessions
@@ -60,7 +53,7 @@ from ctlive.transport.session import Session
 
 __all__ = ["Destination", "DestinationHooks", "MigrationRecord", "ReceiverLimits", "serve"]
 
-log = logging.getLogger("ctlive.destination")
+log = get_logger("ctlive.destination")
 Hook = Callable[[str, dict[str, Any], backends.Restored], Any]
 
 
@@ -110,6 +103,7 @@ class _Pending:
     workdir: pathlib.Path
     since: float = attrs.field(factory=time.monotonic)
     alerted: bool = False
+    final_at: float | None = None  # when the final iteration ended (for downtime)
 
 
 class Destination:
@@ -122,7 +116,9 @@ class Destination:
                  post_restore: Hook | None = None, post_resume: Hook | None = None,
                  ready_alert_after: float = 600.0,
                  discard_ready_after: float | None = None,
-                 limits: ReceiverLimits | None = None) -> None:
+                 limits: ReceiverLimits | None = None,
+                 registry: CollectorRegistry | None = None,
+                 on_refusal: Callable[[str, str], Any] | None = None) -> None:
         self.state_dir = private_dir(state_dir)
         self.limits = limits or ReceiverLimits()
         self.max_migrations = self.limits.max_migrations
@@ -144,6 +140,9 @@ class Destination:
         self._aborted: set[str] = set()
         self._locks: dict[str, anyio.Lock] = {}
         self.hooks = hooks
+        self.metrics = ReceiverMetrics(registry, in_doubt=lambda: len(self._pending),
+                                       state_dir=self.state_dir)
+        self.obs = ReceiverObserver(self.metrics, on_refusal)
 
     def fault(self, stage: str) -> None:
         """Tell ``hooks`` (if any) that the receiver reached ``stage``; what the hook
@@ -161,16 +160,21 @@ class Destination:
 
     async def handle(self, session: Session) -> None:
         """One authenticated session, whatever it carries."""
-        first = await session.receive()
-        if isinstance(first, Commit):
-            await self.commit(session, first.migration_id)
-        elif isinstance(first, Resolve):
-            state = await self.resolve(first.migration_id, first.action)
-            await session.send(Outcome(first.migration_id, state))
-        elif isinstance(first, MigrationMeta):
-            await self.receive_migration(session, first)
-        else:
-            raise RemoteProtocolError("expected MIGRATION_META, COMMIT or RESOLVE")
+        with self.obs.session(session):
+            first = await session.receive()
+            mid = first.data.get("id") if isinstance(first, MigrationMeta) else getattr(
+                first, "migration_id", None)
+            with bind_migration(mid):
+                if isinstance(first, Commit):
+                    await self.commit(session, first.migration_id)
+                elif isinstance(first, Resolve):
+                    state = await self.resolve(first.migration_id, first.action)
+                    log.info("resolve %s: %s", first.action, state, extra={"state": state})
+                    await session.send(Outcome(first.migration_id, state))
+                elif isinstance(first, MigrationMeta):
+                    await self.receive_migration(session, first)
+                else:
+                    raise RemoteProtocolError("expected MIGRATION_META, COMMIT or RESOLVE")
 
     async def receive_iterations(self, session: Session, rec: MigrationRecord,
                                  workdir: pathlib.Path) -> pathlib.Path:
@@ -201,6 +205,7 @@ class Destination:
         spec = meta.data.get("spec", {})
         if (not mid.isalnum() or len(mid) > 64 or mid in self.migrations
                 or self.journal.get(mid) is not None or not isinstance(spec, dict)):
+            self.obs.refused("bad-meta")
             await session.send_error("bad-meta", "missing, malformed or duplicate migration id")
             raise RemoteProtocolError(f"bad migration id {mid!r}")
         if len(self._active()) >= self.max_migrations:
@@ -211,14 +216,16 @@ class Destination:
         rec = self.migrations[mid] = MigrationRecord(mid)
         workdir = self.state_dir / mid
         await self._record(mid, DS.RECEIVING, kind=kind, workdir=str(workdir))
+        self.obs.phase(session, "receiving")
         restored: backends.Restored | None = None
         try:
             with map_os_errors(StorageError, f"creating {workdir}", phase=Phase.ITERATE):
                 private_dir(workdir)
             final_dir = await self.receive_iterations(session, rec, workdir)
             rec.state = "restoring"
+            self.obs.phase(session, "restoring", iterations=rec.iterations)
             self.fault("before-restore")
-            t = time.monotonic()
+            t = final_at = time.monotonic()
             restored = await backends.restore(kind, final_dir, spec,
                                               external_map=self.external_map,
                                               policy=self.restore_policy)
@@ -240,9 +247,10 @@ class Destination:
                 # ABORT, an abort by RESOLVE, or an operator's discard.
                 await self._record(mid, DS.READY, kind=kind, spec=spec,
                                    restored=_handle(restored))
-                self._pending[mid] = _Pending(restored, kind, spec, workdir)
+                self._pending[mid] = _Pending(restored, kind, spec, workdir, final_at=final_at)
         except BaseException as exc:
             rec.state, rec.error = "failed", f"{type(exc).__name__}: {exc}"
+            self.obs.outcome("failed", rec.error[:200])
             with anyio.CancelScope(shield=True):
                 await self._record(mid, DS.DISCARDED, error=rec.error[:500])
                 if restored is not None:
@@ -251,6 +259,8 @@ class Destination:
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
         rec.state = "ready"
+        self.obs.timings(rec.timings, "verify", "restore")
+        self.obs.phase(session, "ready")
         await session.send(Ready({"restored_pid": restored.pid, "iterations": rec.iterations,
                                   "timings": dict(rec.timings)}))
         try:
@@ -293,9 +303,12 @@ class Destination:
                     log.error("migration %s: COMMIT received but the resume failed: %s; the "
                               "copy is kept", mid, exc)
                     await self._record(mid, DS.COMMITTED, resume_error=str(exc)[:500])
+                    self.obs.outcome("failed", "resume failed after COMMIT")
                     await session.send_error("resume-failed", str(exc)[:500])
                     return
                 await self._record(mid, DS.COMMITTED, resumed=True)
+                self.obs.timings(rec.timings, "resume")
+                self.obs.outcome("committed", since=pending.final_at)
                 self._pending.pop(mid, None)
                 shutil.rmtree(pending.workdir, ignore_errors=True)
             rec.state = "committed"
@@ -331,7 +344,7 @@ class Destination:
                     with contextlib.suppress(CtliveError):
                         await p.restored.discard()
                 shutil.rmtree(self.state_dir / mid, ignore_errors=True)
-            log.info("migration %s discarded: %s", mid, reason)
+            self.obs.outcome("discarded", reason, migration_id=mid)
             return True
 
     async def resolve(self, mid: str, action: str) -> str:
@@ -419,6 +432,8 @@ async def serve(
     post_resume: Hook | None = None,
     task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
     hooks: DestinationHooks | None = None,
+    metrics: str | tuple[str, int] | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> None:
     """Receive migrations until cancelled; reports ``(host, port)`` via ``task_status``.
 
@@ -440,14 +455,18 @@ async def serve(
     arguments) right after COMMIT resumed it, to move traffic to it (not earlier: until
     COMMIT the source may still resume its own copy). ``hooks`` is told of each
     stage the receiver reaches (``DestinationHooks``; for tests, ``ctlive.testing.
-    hooks.FaultHooks`` breaks it there).
+    hooks.FaultHooks`` breaks it there). The receiver's Prometheus metrics go to
+    ``registry`` (default: one of its own; docs/operations.md lists them), served over
+    HTTP on ``metrics`` ("HOST:PORT") if given.
     """
     with map_os_errors(StorageError, f"creating the state directory {state_dir}"):
         receiver = Destination(pathlib.Path(state_dir), hooks=hooks,
                                external_map=external_map, restore_policy=restore_policy,
                                post_restore=post_restore,
                                post_resume=post_resume, ready_alert_after=ready_alert_after,
-                               discard_ready_after=discard_ready_after, limits=limits)
+                               discard_ready_after=discard_ready_after, limits=limits,
+                               registry=registry, on_refusal=on_refusal)
+    exporter = MetricsServer(receiver.metrics.registry, metrics)
     try:
         await receiver.adopt()
 
@@ -457,8 +476,8 @@ async def serve(
             except CtliveError as exc:  # images/ and backends/ map OSError to ctlive errors
                 code = refusal_code(exc)
                 if code != "receiver-failed":
-                    log.warning("refused a migration from %s: %s: %s",
-                                session.remote_static.hex()[:16], code, exc)
+                    receiver.obs.refused("too-many-migrations" if getattr(exc, "limit", "")
+                                         == "max_migrations" else code, detail=str(exc))
                 await session.send_error(code, str(exc)[:500])
                 if on_session_error is not None:
                     on_session_error(exc)
@@ -467,18 +486,14 @@ async def serve(
             tg.start_soon(receiver.watch)
             lim = receiver.limits
 
-            def refused(reason: str, peer: str) -> None:
-                log.warning("refused %s: %s", peer or "a connection", reason)
-                if on_refusal is not None:
-                    on_refusal(reason, peer)
-
             addr: tuple[str, int] = await tg.start(lambda task_status: serve_sessions(
                 listen, identity=identity, provider=provider, allow=allow, handler=handler,
                 window=window, handshake_timeout=lim.handshake_timeout,
                 idle_timeout=lim.idle_timeout, max_sessions=lim.max_sessions,
                 max_handshakes=lim.max_handshakes,
-                max_sessions_per_peer=lim.max_sessions_per_peer, on_refusal=refused,
+                max_sessions_per_peer=lim.max_sessions_per_peer, on_refusal=receiver.obs.refused,
                 task_status=task_status))
             task_status.started(addr)
     finally:
+        exporter.close()
         receiver.journal.close()

@@ -57,6 +57,7 @@ from ctlive.migration.recovery import (
     workload_handle,
 )
 from ctlive.migration.report import Decision, IterationReport, MigrationReport, ProgressEvent
+from ctlive.ops.logs import bind, get_logger, peer_name
 from ctlive.protocol.evidence import EvidenceVerifier
 from ctlive.protocol.frames import Abort, Error, MigrationMeta, Ready
 from ctlive.protocol.handshake import Cipher
@@ -64,6 +65,8 @@ from ctlive.transport.client import open_session
 from ctlive.transport.session import Session
 
 __all__ = ["migrate"]
+
+log = get_logger("ctlive.source")
 
 
 def _work_base() -> str | None:
@@ -157,6 +160,7 @@ class _Migration:
                        decision: Decision | None = None) -> None:
         """Enter ``phase`` and tell the caller."""
         self.phase = phase
+        log.info("phase %s", phase, extra={"phase": str(phase), "bytes": bytes_done or None})
         inputs = decision.inputs if decision is not None else {}
         ev = ProgressEvent(
             phase, max(len(self.iterations) - 1, 0), bytes_done,
@@ -208,6 +212,8 @@ class _Migration:
             if self.own_dir and not keep_dir:
                 shutil.rmtree(self.root, ignore_errors=True)
         t_done = time.monotonic()
+        log.info("migration committed: downtime %.0f ms", (t_done - self.t_freeze) * 1000,
+                 extra={"outcome": "committed", "seconds": round(t_done - self.t_freeze, 4)})
         await self.progress(Phase.DONE, self.wire_total)
         return self.report(t_done)
 
@@ -227,6 +233,11 @@ class _Migration:
         if att is not None:
             self.attest_summary = {"platform": att.platform, "insecure": att.insecure,
                                    "measurement": att.measurement.hex(), **att.details}
+        log.log(30 if att is None or att.insecure else 20, "destination %s attested: %s",
+                peer_name(s.remote_static), "accepted" if att else "no evidence",
+                extra={"peer": peer_name(s.remote_static), "verdict": "accepted",
+                       "platform": att.platform if att else None,
+                       "insecure": att.insecure if att else None})
         await s.send(MigrationMeta({"id": self.mid, "kind": self.source.kind,
                                     "spec": self.source.restore_spec()}))
 
@@ -360,6 +371,9 @@ class _Migration:
         the migration is settled."""
         phase = self.phase
         settled = True
+        if isinstance(exc, AttestationError):
+            log.warning("attestation refused: %s", exc,
+                        extra={"verdict": "refused", "reason": str(exc)[:300]})
         with anyio.CancelScope(shield=True):
             if self.state is SourceState.FINAL_SENT:
                 outcome = await confirm_abort(self.destination, self.identity, self.verifier,
@@ -371,6 +385,10 @@ class _Migration:
                 await self.record(SourceState.ABORTED, error=f"{type(exc).__name__}: {exc}"[:500])
             with anyio.move_on_after(1), contextlib.suppress(Exception):
                 await self.progress(Phase.FAILED)
+        log.log(40 if not settled else 30, "migration %s during %s: %s",
+                "in doubt" if not settled else "aborted", phase, exc,
+                extra={"outcome": "in-doubt" if not settled else "aborted",
+                       "phase": str(phase), "reason": f"{type(exc).__name__}: {exc}"[:300]})
         if not settled:
             raise InDoubtError(
                 f"migration {self.mid} failed during {phase} ({exc}) after its final "
@@ -451,13 +469,16 @@ async def migrate(
         Journal, state_dir if state_dir is not None else
         os.environ.get("CTLIVE_STATE_DIR", DEFAULT_SOURCE_STATE), "source")
     try:
-        return await _Migration(
+        m = _Migration(
             source, destination, identity=identity, verifier=verifier,
             policy=convergence or Convergence(), lanes=lanes, cipher=cipher,
             on_progress=on_progress, progress_channel=progress_channel, workdir=workdir,
             connect_timeout=connect_timeout, ready_timeout=ready_timeout,
             commit_timeout=commit_timeout, abort_timeout=abort_timeout,
-            progress_timeout=progress_timeout, journal=journal).run()
+            progress_timeout=progress_timeout, journal=journal)
+        with bind(migration_id=m.mid):
+            log.info("migrating %s to %s", source.kind, _address(destination))
+            return await m.run()
     finally:
         journal.close()
 
