@@ -51,7 +51,8 @@ async def receiver(cfg: dict[str, Any]) -> None:
     platform = SimulatedSnpPlatform(key_file=cfg["platform"])
     async with anyio.create_task_group() as tg:
         addr = await tg.start(lambda task_status: serve(
-            ("127.0.0.1", cfg["port"]), identity=Identity(bytes.fromhex(cfg["key"])),
+            (cfg.get("listen", "127.0.0.1"), cfg["port"]),
+            identity=Identity(bytes.fromhex(cfg["key"])),
             provider=platform, allow={bytes.fromhex(cfg["allow"])}, state_dir=cfg["state"],
             hooks=PauseHooks(ctl, cfg.get("pause_at")), task_status=task_status))
         (ctl / "rx-addr.json").write_text(json.dumps(list(addr)))
