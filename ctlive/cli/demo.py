@@ -54,7 +54,8 @@ async def run_demo(*, lanes: int = 1, mib: int = 32, json_out: bool = False) -> 
     find_criu()
     from rich.console import Console
 
-    console = Console(stderr=json_out)
+    # soft_wrap: piped to a file, lines stay whole instead of breaking at 80 columns.
+    console = Console(stderr=json_out, soft_wrap=True)
     console.print(f"[bold red]{INSECURE_BANNER}[/] (there is no SEV hardware here)")
     work = pathlib.Path(tempfile.mkdtemp(prefix="ctlive-demo-", dir="/var/tmp"))
     platform = SimulatedSnpPlatform()
