@@ -29,6 +29,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+from anyio.streams.memory import MemoryObjectSendStream
 
 from ctlive.attest import SnpPolicy, SnpVerifier
 from ctlive.backends import Workload
@@ -83,7 +84,7 @@ class _Migration:
                  identity: Identity, verifier: EvidenceVerifier, policy: ConvergencePolicy,
                  lanes: int, cipher: Cipher,
                  on_progress: Callable[[ProgressEvent], Any] | None,
-                 progress_channel: anyio.abc.ObjectSendStream[ProgressEvent] | None,
+                 progress_channel: MemoryObjectSendStream[ProgressEvent] | None,
                  workdir: str | os.PathLike[str] | None, connect_timeout: float,
                  ready_timeout: float, commit_timeout: float, abort_timeout: float,
                  progress_timeout: float, journal: Journal) -> None:
@@ -170,7 +171,11 @@ class _Migration:
         if self.on_progress is not None:
             self.on_progress(ev)
         if self.progress_channel is not None:
-            await self.progress_channel.send(ev)
+            # Never wait for a slow consumer (the workload may be frozen): an event that
+            # finds the channel's buffer full is dropped; the next one says where it is.
+            with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError,
+                                     anyio.ClosedResourceError):
+                self.progress_channel.send_nowait(ev)
 
     # -- the phases ------------------------------------------------------------------------
 
@@ -438,7 +443,7 @@ async def migrate(
     lanes: int = 1,
     cipher: Cipher = "AESGCM",
     on_progress: Callable[[ProgressEvent], Any] | None = None,
-    progress_channel: anyio.abc.ObjectSendStream[ProgressEvent] | None = None,
+    progress_channel: MemoryObjectSendStream[ProgressEvent] | None = None,
     workdir: str | os.PathLike[str] | None = None,
     connect_timeout: float = 30.0,
     ready_timeout: float = 300.0,
@@ -456,6 +461,10 @@ async def migrate(
     that could not be made safe (run :func:`~ctlive.migration.recovery.recover`).
     Cancellation is re-raised as the event loop's own cancellation, after the same
     cleanup.
+
+    Progress: ``on_progress(event)`` is called in the event loop and must not block;
+    events for ``progress_channel`` that find its buffer full are dropped (never waited
+    for), so a slow consumer never stalls the migration.
 
     Every state change is written to the journal in ``state_dir`` (default
     ``$CTLIVE_STATE_DIR``, else ``/var/lib/ctlive``) before it is acted on, so that
