@@ -38,23 +38,20 @@ if TYPE_CHECKING:
 
 # The top-level names are loaded on first use (PEP 562), so that importing one side (say
 # ctlive.migration.destination, inside the guest) does not import the other.
-_LAZY = {
-    "SimulatedSnpPlatform": "ctlive.attest", "SnpPolicy": "ctlive.attest",
-    "SnpVerifier": "ctlive.attest", "DumpMethod": "ctlive.backends",
-    "DumpResult": "ctlive.backends", "PodmanContainer": "ctlive.backends",
-    "Process": "ctlive.backends", "Restored": "ctlive.backends",
-    "RuncContainer": "ctlive.backends", "Workload": "ctlive.backends",
-    "Identity": "ctlive.identity", "load_public_keys": "ctlive.identity",
-    "Convergence": "ctlive.migration.convergence",
-    "ConvergencePolicy": "ctlive.migration.convergence",
-    "serve": "ctlive.migration.destination", "Recovered": "ctlive.migration.recovery",
-    "recover": "ctlive.migration.recovery", "Decision": "ctlive.migration.report",
-    "IterationReport": "ctlive.migration.report", "MigrationReport": "ctlive.migration.report",
-    "ProgressEvent": "ctlive.migration.report", "migrate": "ctlive.migration.source",
-    "AttestationResult": "ctlive.protocol.evidence",
-    "EvidenceProvider": "ctlive.protocol.evidence",
-    "EvidenceVerifier": "ctlive.protocol.evidence",
+_MODULES = {
+    "ctlive.attest": ("SimulatedSnpPlatform", "SnpPolicy", "SnpVerifier"),
+    "ctlive.backends": ("DumpMethod", "DumpResult", "PodmanContainer", "Process", "Restored",
+                        "RuncContainer", "Workload"),
+    "ctlive.identity": ("Identity", "load_public_keys"),
+    "ctlive.migration.convergence": ("Convergence", "ConvergencePolicy"),
+    "ctlive.migration.destination": ("serve",),
+    "ctlive.migration.recovery": ("Recovered", "recover"),
+    "ctlive.migration.report": ("Decision", "IterationReport", "MigrationReport",
+                                "ProgressEvent"),
+    "ctlive.migration.source": ("migrate",),
+    "ctlive.protocol.evidence": ("AttestationResult", "EvidenceProvider", "EvidenceVerifier"),
 }
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:
