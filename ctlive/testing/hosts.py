@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,9 +28,32 @@ from ctlive.errors import ConfigError
 
 __all__ = ["Host", "Network"]
 
-_SETUP = ("mount --make-rprivate / && for d in /tmp /var/tmp /run; do "
-          "mount -t tmpfs -o mode=0755,nodev,nosuid tmpfs $d; done && chmod 1777 /tmp /var/tmp"
-          " && hostname {name} && ip link set lo up && touch /run/ready && exec sleep infinity")
+_PRIVATE = ("/tmp", "/var/tmp", "/run")
+# Paths below the private directories that must stay visible (this checkout, the venv)
+# are bind-mounted aside on a staging tmpfs first, then moved back over the new tmpfs.
+_SETUP = ("set -e; mount --make-rprivate /; mount -t tmpfs tmpfs /mnt; {keep}"
+          "for d in /tmp /var/tmp /run; do mount -t tmpfs -o mode=0755,nodev,nosuid tmpfs $d;"
+          " done; chmod 1777 /tmp /var/tmp; {restore}"
+          "hostname {name}; ip link set lo up; touch /run/ready; exec sleep infinity")
+
+
+def _shared_paths() -> list[str]:
+    """What a host must still see of this machine's private directories: ctlive's own
+    checkout and the Python environment (both often live under /tmp in CI)."""
+    import ctlive
+
+    want = {os.path.realpath(sys.prefix), os.path.realpath(pathlib.Path(ctlive.__file__)
+                                                           .parents[1])}
+    return sorted(p for p in want if any(p == d or p.startswith(d + "/") for d in _PRIVATE))
+
+
+def _setup(name: str) -> str:
+    keep = restore = ""
+    for i, path in enumerate(_shared_paths()):
+        q = shlex.quote(path)
+        keep += f"mkdir -p /mnt/k{i}; mount --bind {q} /mnt/k{i}; "
+        restore += f"mkdir -p {q}; mount --move /mnt/k{i} {q}; "
+    return _SETUP.format(keep=keep, restore=restore, name=shlex.quote(name))
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -43,7 +68,7 @@ class Host:
         self.ip = f"{network.prefix}.{10 + index}"
         self.outer = f"{network.bridge}h{index}"
         cmd = ["unshare", "--net", "--mount", "--pid", "--uts", "--fork", "--mount-proc",
-               "sh", "-c", _SETUP.format(name=name)]
+               "sh", "-c", _setup(name)]
         self._holder = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         start_new_session=True)
