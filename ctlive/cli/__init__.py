@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ctlive.cli import attest, demo, image, migrate, recover, serve
+from ctlive.cli import attest, config, demo, image, migrate, recover, serve
 from ctlive.errors import (
     AttestationError,
     ConfigError,
@@ -62,12 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in _MODULES:
         mod.register(sub)
+    config.register(sub, {name: sub.choices[name] for name in config.CONFIGURABLE})
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ctlive`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # The command's own arguments, for ``ctlive.cli.config.apply`` (flags beat the file).
+    args.argv = argv[argv.index(args.command) + 1:] if args.command in argv else []
     try:
         return int(args.func(args))
     except CtliveError as exc:

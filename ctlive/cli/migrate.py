@@ -37,8 +37,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="pid:N, runc:ID or podman:NAME")
     m.add_argument("destination", metavar="HOST:PORT", help="the receiver")
     m.add_argument("--pid", type=int, help="same as TARGET pid:N (kept for old scripts)")
-    m.add_argument("--key", type=pathlib.Path, required=True, help="this source's identity")
-    m.add_argument("--policy", type=pathlib.Path, required=True, help="SNP policy (TOML)")
+    m.add_argument("--config", type=pathlib.Path, metavar="FILE",
+                   help="settings from the [migrate] table of FILE (flags override it)")
+    m.add_argument("--key", type=pathlib.Path, help="this source's identity (required)")
+    m.add_argument("--policy", type=pathlib.Path, help="SNP policy (TOML; required)")
     m.add_argument("--state", type=pathlib.Path, default=None,
                    help="the source's journal directory (default $CTLIVE_STATE_DIR or "
                    "/var/lib/ctlive)")
@@ -55,9 +57,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="pre-copy with CRIU dumps even without soft-dirty tracking (each "
                    "iteration then freezes the workload for a whole dump) instead of "
                    "reading its memory while it runs")
+    m.add_argument("--connect-timeout", type=float, default=30.0)
+    m.add_argument("--ready-timeout", type=float, default=300.0,
+                   help="how long the destination may take to restore")
+    m.add_argument("--commit-timeout", type=float, default=120.0)
+    m.add_argument("--abort-timeout", type=float, default=30.0,
+                   help="how long a failure after the final iteration waits for the "
+                   "destination to confirm the abort")
+    m.add_argument("--progress-timeout", type=float, default=150.0,
+                   help="fail an iteration whose bytes stopped moving this long")
+    m.add_argument("--workdir", type=pathlib.Path,
+                   help="where the dumps go (default: a private directory in /var/tmp)")
     m.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     add_log_arguments(m)
-    m.set_defaults(func=_migrate)
+    m.set_defaults(func=_migrate, parser=m)
 
 
 def parse_target(text: str | None, *, pid: int | None = None, runc_root: str | None = None,
@@ -98,6 +111,9 @@ def _migrate(args: argparse.Namespace) -> int:
 
     configure(args.log_level, args.log_format)
 
+    from ctlive.cli.config import apply
+
+    apply(args.parser, args, args.argv, "migrate", required=("key", "policy"))
     workload = parse_target(args.target, pid=args.pid, runc_root=args.runc_root,
                             tcp_established=args.tcp_established,
                             external=tuple(args.external), criu_precopy=args.criu_precopy)
@@ -121,7 +137,10 @@ def _migrate(args: argparse.Namespace) -> int:
             workload, args.destination, identity=identity, attestation=policy,
             convergence=Convergence(max_downtime=args.max_downtime,
                                     max_iterations=args.max_iterations),
-            lanes=args.lanes, cipher=args.cipher, on_progress=show, state_dir=args.state))
+            lanes=args.lanes, cipher=args.cipher, on_progress=show, state_dir=args.state,
+            workdir=args.workdir, connect_timeout=args.connect_timeout,
+            ready_timeout=args.ready_timeout, commit_timeout=args.commit_timeout,
+            abort_timeout=args.abort_timeout, progress_timeout=args.progress_timeout))
         bar.update(task, completed=args.max_iterations, description="done")
     if args.json:
         print(report.to_json(indent=2))

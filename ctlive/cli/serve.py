@@ -41,9 +41,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("serve", help="receive migrations (run inside the SEV-SNP guest)")
     s.add_argument("--listen", default="0.0.0.0:7788")
     s.add_argument("--state", type=pathlib.Path, default=pathlib.Path("/run/ctlive"))
-    s.add_argument("--key", type=pathlib.Path, required=True, help="this receiver's identity")
-    s.add_argument("--allow", type=pathlib.Path, required=True,
-                   help="file of allowed source public keys (hex, one per line)")
+    s.add_argument("--config", type=pathlib.Path, metavar="FILE",
+                   help="settings from the [serve] table of FILE (flags override it)")
+    s.add_argument("--key", type=pathlib.Path, help="this receiver's identity (required)")
+    s.add_argument("--allow", type=pathlib.Path,
+                   help="file of allowed source public keys, hex, one per line (required)")
+    s.add_argument("--window", type=int, default=64 << 20,
+                   help="bytes of CHANGE payload a source may have in flight")
+    s.add_argument("--discard-ready-after", type=float, default=None,
+                   help="discard a READY copy that long after READY (default: never)")
     s.add_argument("--provider", choices=["configfs", "sev-guest", "simulated"],
                    help="attestation evidence: the guest's configfs-tsm or /dev/sev-guest "
                    "(default: whichever exists), or a SIMULATED platform (INSECURE: tests "
@@ -53,6 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "here, for a source policy's simulated_chain")
     lim = s.add_argument_group("limits (defaults: ctlive.migration.limits.ReceiverLimits)")
     lim.add_argument("--max-sessions", type=int, default=16)
+    lim.add_argument("--max-sessions-per-peer", type=int, default=None)
     lim.add_argument("--max-handshakes", type=int, default=32,
                      help="connections not yet authenticated")
     lim.add_argument("--max-migrations", type=int, default=4)
@@ -78,15 +85,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP here (docs/operations.md)")
     add_log_arguments(s)
-    s.set_defaults(func=_serve)
+    s.set_defaults(func=_serve, parser=s)
 
 def _serve(args: argparse.Namespace) -> int:
     from ctlive.attest import auto_provider
+    from ctlive.cli.config import apply
     from ctlive.identity import Identity, load_public_keys
     from ctlive.migration.destination import serve
     from ctlive.migration.limits import ReceiverLimits
     from ctlive.ops.logs import configure
 
+    apply(args.parser, args, args.argv, "serve", required=("key", "allow"))
     configure(args.log_level, args.log_format)
     if args.metrics is not None:
         from ctlive.ops.metrics import parse_address
@@ -125,6 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_bind_sources=tuple(args.allow_bind))
     limits = ReceiverLimits(
         max_sessions=args.max_sessions, max_handshakes=args.max_handshakes,
+        max_sessions_per_peer=args.max_sessions_per_peer,
         max_migrations=args.max_migrations, max_image_bytes=args.max_image_bytes,
         max_state_bytes=args.max_state_bytes, handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout)
@@ -134,7 +144,8 @@ def _serve(args: argparse.Namespace) -> int:
             addr = await tg.start(lambda task_status: serve(
                 args.listen, identity=Identity.load(args.key), provider=provider, allow=allow,
                 state_dir=args.state, limits=limits, ready_alert_after=args.ready_alert_after,
-                restore_policy=restore_policy, metrics=args.metrics,
+                restore_policy=restore_policy, metrics=args.metrics, window=args.window,
+                discard_ready_after=args.discard_ready_after,
                 task_status=task_status))
             print(f"ctlive receiver listening on {addr[0]}:{addr[1]}", file=sys.stderr)
 

@@ -30,13 +30,17 @@ class Receiver:
         assert run("keygen", "-o", str(tmp / "src.key")).returncode == 0
         (tmp / "allow.txt").write_text((tmp / "src.key.pub").read_text())
         self.state = tmp / "rx-state"
-        self.proc = subprocess.Popen(
-            [CTLIVE, "serve", "--listen", "127.0.0.1:0", "--key", str(tmp / "dst.key"),
-             "--allow", str(tmp / "allow.txt"), "--state", str(self.state),
-             "--provider", "simulated", "--simulated-chain", str(tmp / "chain.pem"),
-             # This host stands for the destination: its store is where tests make rootfs.
-             "--restore-store", str(tmp)],
-            stderr=subprocess.PIPE, text=True)
+        # The receiver's settings come from a TOML file, as an operator's would.
+        (tmp / "serve.toml").write_text(
+            '[serve]\nlisten = "127.0.0.1:0"\n'
+            f'key = "{tmp / "dst.key"}"\nallow = "{tmp / "allow.txt"}"\n'
+            f'state = "{self.state}"\nprovider = "simulated"\n'
+            f'simulated_chain = "{tmp / "chain.pem"}"\n'
+            # This host stands for the destination: its store is where tests make rootfs.
+            f'restore_store = "{tmp}"\nmax_sessions = 8\n')
+        assert run("config", "check", str(tmp / "serve.toml")).returncode == 0
+        self.proc = subprocess.Popen([CTLIVE, "serve", "--config", str(tmp / "serve.toml")],
+                                     stderr=subprocess.PIPE, text=True)
         assert self.proc.stderr is not None
         deadline = time.monotonic() + 60
         self.banner = ""
