@@ -50,6 +50,32 @@ def exit_code(exc: CtliveError) -> int:
 _MODULES = (image, attest, migrate, recover, serve, demo)
 
 
+EXAMPLES = {
+    "image": "ctlive image diff dump-0 dump-1 -o delta.bin\n"
+             "ctlive image patch dump-0 delta.bin -o rebuilt",
+    "attest": "ctlive attest verify report.bin --vcek vcek.der --chain ask_ark.pem "
+              "--policy policy.toml\nctlive attest report -o report.bin   (inside the guest)",
+    "migrate": "",  # its own epilog
+    "recover": "ctlive recover --key /etc/ctlive/source.key --policy policy.toml\n"
+               "ctlive recover --key source.key --policy policy.toml --json "
+               "--state /var/lib/ctlive",
+    "status": "ctlive status\nctlive status --state /run/ctlive --all --json",
+    "discard": "ctlive discard 3f2a9c... --state /run/ctlive",
+    "keygen": "ctlive keygen -o /etc/ctlive/receiver.key\n"
+              "ctlive keygen -o source.key --force   (replaces the old key)",
+    "serve": "ctlive serve --key receiver.key --allow sources.txt --state /run/ctlive\n"
+             "ctlive serve --config /etc/ctlive/serve.toml --metrics 127.0.0.1:9788 "
+             "--log-format json\n"
+             "ctlive serve --listen 127.0.0.1:0 --key k --allow a --provider simulated "
+             "--simulated-chain chain.pem   (INSECURE)",
+    "config": "ctlive config check /etc/ctlive/ctlive.toml\n"
+              "ctlive config show --config /etc/ctlive/ctlive.toml serve",
+    "demo": "ctlive demo\nctlive demo --mib 64 --lanes 2 --json",
+    "bench": "ctlive bench --quick\nctlive bench --write --repeat 3",
+}
+"""An example or two for every command's ``--help``."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every available subcommand."""
     from ctlive import __version__
@@ -63,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     for mod in _MODULES:
         mod.register(sub)
     config.register(sub, {name: sub.choices[name] for name in config.CONFIGURABLE})
+    for name, text in EXAMPLES.items():
+        p = sub.choices[name]
+        if text:
+            p.epilog = "examples:\n" + "\n".join("  " + ln for ln in text.splitlines())
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 

@@ -126,7 +126,15 @@ def _migrate(args: argparse.Namespace) -> int:
         # The bar counts iterations against the cap; the text shows the live figures.
         task = bar.add_task("connect", total=args.max_iterations, info="")
 
+        plain = not args.json and not sys.stderr.isatty()
+
         def show(ev: Any) -> None:
+            if plain:  # not a terminal: one whole line per event, no bar
+                print(f"{ev.phase} iteration {ev.iteration}: {ev.bytes_done / 1e6:.1f} MB sent, "
+                      f"dirty {ev.dirty_rate / 1e6:.1f} MB/s, link {ev.link_rate / 1e6:.0f} "
+                      f"MB/s, predicted downtime {ev.predicted_downtime * 1000:.0f} ms",
+                      file=sys.stderr, flush=True)
+                return
             bar.update(task, completed=min(ev.iteration + 1, args.max_iterations),
                        description=f"{ev.phase} #{ev.iteration}",
                        info=f"{ev.bytes_done / 1e6:.1f} MB sent, dirty "

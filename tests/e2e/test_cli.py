@@ -103,6 +103,9 @@ def test_exit_codes(receiver: Receiver, tmp_path: pathlib.Path) -> None:
                       str(tmp_path / "src.key"), "--policy", str(tmp_path / "strict.toml"),
                       "--state", str(tmp_path / "src-state"))
         assert refused.returncode == 3, refused.stderr
+        # Not a terminal: whole lines per phase, no progress bar.
+        assert "connect iteration 0:" in refused.stderr
+        assert "failed iteration 0:" in refused.stderr
         assert workload_pids(m.script) == [m.pid]
         # A bad target or a missing file: 2, nothing started.
         assert receiver.migrate("vm:1").returncode == 2
