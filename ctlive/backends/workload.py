@@ -22,6 +22,7 @@ __all__ = [
     "DumpResult",
     "Restored",
     "Workload",
+    "process_start_time",
     "process_tree",
     "signal_tree",
 ]
@@ -32,6 +33,16 @@ def signal_tree(pid: int, sig: int) -> None:
     for p in process_tree(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, sig)
+
+
+def process_start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None if it is gone: with the pid,
+    it names a process across pid reuse."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def process_tree(pid: int) -> list[int]:

@@ -53,11 +53,11 @@ def has_parent_pages(d: pathlib.Path) -> bool:
     return any(e.flags & PE_PARENT for pm in layout.pagemaps(d).values() for e in pm.entries)
 
 
-def _parent_spans(parent: Pagemap, vaddr: int, n: int, where: str) -> list[tuple[int, int]]:
+def _parent_spans(runs: list[tuple[int, int, int]], starts: list[int], vaddr: int, n: int,
+                  where: str) -> list[tuple[int, int]]:
     """(parent page index, count) spans that hold pages [vaddr, vaddr + n pages) in the
-    parent's pages file; ImageFormatError if the parent lacks one of them."""
-    runs = list(parent.runs())
-    starts = [r[0] for r in runs]
+    parent's pages file (``runs``: its present runs, ``starts`` their addresses);
+    ImageFormatError if the parent lacks one of them."""
     out: list[tuple[int, int]] = []
     addr, end = vaddr, vaddr + n * PAGE_SIZE
     i = max(bisect.bisect_right(starts, addr) - 1, 0)
@@ -112,6 +112,9 @@ def _flatten_one(src: pathlib.Path, parent: pathlib.Path | None, out: pathlib.Pa
     own = layout.MappedFile(src / pages) if (src / pages).is_file() else None
     up = (layout.MappedFile(parent / f"pages-{parent_pm.pages_id}.img")
           if parent_pm is not None and parent is not None else None)
+    # The parent's runs once per pagemap, not once per PE_PARENT entry.
+    parent_runs = list(parent_pm.runs()) if parent_pm is not None else []
+    parent_starts = [r[0] for r in parent_runs]
     fd = os.open(out / pages, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         entries: list[PagemapEntry] = []
@@ -127,7 +130,8 @@ def _flatten_one(src: pathlib.Path, parent: pathlib.Path | None, out: pathlib.Pa
                 if parent_pm is None or up is None:
                     raise ImageFormatError(f"{name} has pages in its parent, and there is no "
                                            "parent image", path=str(src))
-                for first, count in _parent_spans(parent_pm, e.vaddr, e.nr_pages, str(src)):
+                for first, count in _parent_spans(parent_runs, parent_starts, e.vaddr,
+                                                  e.nr_pages, str(src)):
                     _copy(fd, up, first, count, str(parent))
                 st.pages_from_parent += e.nr_pages
             else:

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from ctlive import backends
 from ctlive.backends.podman import _PodmanRestored
 from ctlive.backends.runc import _RuncRestored
+from ctlive.backends.workload import process_start_time
 from ctlive.errors import (
     CtliveError,
     ImageTooLargeError,
@@ -67,16 +68,9 @@ class DestinationHooks(Protocol):
         """The receiver reached ``stage``."""
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _handle(restored: backends.Restored) -> dict[str, Any]:
     """What a restarted receiver needs to drive ``restored`` again."""
-    return {"pid": restored.pid, "start": _start_time(restored.pid),
+    return {"pid": restored.pid, "start": process_start_time(restored.pid),
             "container_id": restored._id, "runc_root": getattr(restored, "_root", None)}
 
 
@@ -84,7 +78,8 @@ def _adopt(kind: str, h: dict[str, Any]) -> backends.Restored | None:
     """The restored copy a journal handle names, if it is still there (its pid not
     reused: the start time matches)."""
     pid = int(h["pid"])
-    if _start_time(pid) is None or (h.get("start") is not None and _start_time(pid) != h["start"]):
+    started = process_start_time(pid)
+    if started is None or (h.get("start") is not None and started != h["start"]):
         return None
     if kind == "runc":
         return _RuncRestored(pid, h["runc_root"], h["container_id"])
@@ -398,9 +393,8 @@ class Destination:
         while True:
             await anyio.sleep(1)
             now = time.monotonic()
-            for e in self.journal.entries():
-                if e.state == DS.DISCARD_REQUESTED:
-                    await self.discard(e.migration_id, "discarded by the operator")
+            for e in self.journal.in_state(DS.DISCARD_REQUESTED):
+                await self.discard(e.migration_id, "discarded by the operator")
             for mid, p in list(self._pending.items()):
                 waited = now - p.since
                 if self.discard_ready_after is not None and waited > self.discard_ready_after:

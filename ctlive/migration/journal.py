@@ -105,6 +105,7 @@ CREATE TABLE IF NOT EXISTS migrations (
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, state TEXT NOT NULL,
     detail TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS migrations_state ON migrations (state);
 """
 
 
@@ -161,6 +162,10 @@ class Journal:
     def entries(self) -> list[Entry]:
         """Every row, oldest first."""
         return self._select("", ())
+
+    def in_state(self, state: str) -> list[Entry]:
+        """Rows whose state is ``state`` (an indexed query, for polling)."""
+        return self._select("WHERE state = ?", (str(state),))
 
     def unfinished(self) -> list[Entry]:
         """Rows with something left to do (see :attr:`Entry.finished`)."""

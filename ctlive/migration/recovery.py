@@ -25,6 +25,7 @@ import attrs
 
 from ctlive.attest import SnpPolicy, SnpVerifier
 from ctlive.backends import PodmanContainer, Process, RuncContainer, Workload
+from ctlive.backends.workload import process_start_time
 from ctlive.errors import (
     ConfigError,
     CtliveError,
@@ -62,19 +63,11 @@ GONE = ("discarded", "unknown")
 # -- workloads that a new process can resume or kill -----------------------------------------
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 def workload_handle(w: Workload) -> dict[str, Any] | None:
     """What a new process needs to resume or kill ``w`` (None for a workload type ctlive
     does not know: ``recover`` then only reports it)."""
     if isinstance(w, Process):
-        return {"kind": "process", "pid": w.pid, "start": _start_time(w.pid)}
+        return {"kind": "process", "pid": w.pid, "start": process_start_time(w.pid)}
     if isinstance(w, RuncContainer):
         return {"kind": "runc", "id": w.id, "root": w.root}
     if isinstance(w, PodmanContainer):
@@ -90,7 +83,7 @@ def workload_from_handle(h: dict[str, Any]) -> Workload:
     kind = h.get("kind")
     if kind == "process":
         pid = int(h["pid"])
-        if h.get("start") is not None and _start_time(pid) != h["start"]:
+        if h.get("start") is not None and process_start_time(pid) != h["start"]:
             raise ConfigError(f"process {pid} is gone (or its pid was reused)")
         return Process(pid)
     if kind == "runc":

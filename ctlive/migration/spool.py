@@ -20,13 +20,12 @@ import contextlib
 import fcntl
 import os
 import pathlib
-import shutil
 import struct
 import subprocess
 
 from ctlive.errors import ConfigError, StorageError
 
-__all__ = ["EncryptedSpool", "memory_backed", "spool_size_for"]
+__all__ = ["EncryptedSpool", "memory_backed"]
 
 
 def _ioc(direction: int, nr: int, size: int) -> int:
@@ -151,8 +150,3 @@ def memory_backed(path: str | os.PathLike[str]) -> bool:
                     mount_point) >= len(best):
                 best, fstype = mount_point, fields[sep + 1]
     return fstype in ("tmpfs", "ramfs")
-
-
-def spool_size_for(path: str | os.PathLike[str]) -> int:
-    """Free bytes where a spool image would go (for a default size)."""
-    return shutil.disk_usage(path).free

@@ -82,3 +82,47 @@ async def test_a_consumer_that_never_reads_does_not_stall_the_migration(
             recv.close()
             m.kill()
     assert downtimes["blocked"] < 3 * downtimes["none"] + 0.5, downtimes
+
+
+class _Asking(Process):
+    """A source whose restore spec asks for more than the receiver allows."""
+
+    kind = "runc"
+
+    def __init__(self, pid: int, config: dict[str, Any], rootfs: pathlib.Path) -> None:
+        super().__init__(pid)
+        self._config, self._rootfs = config, rootfs
+
+    def restore_spec(self) -> dict[str, Any]:
+        return {"id": "ctlive-asking", "config": self._config, "rootfs": str(self._rootfs)}
+
+
+@pytest.mark.parametrize(("ask", "field"), [
+    ({"hooks": {"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", "id"]}]}}, "hooks"),
+    ({"mounts": [{"destination": "/host", "type": "bind", "source": "/etc",
+                  "options": ["rbind"]}]}, "mounts"),
+])
+async def test_a_spec_with_a_hook_or_a_host_mount_is_refused(
+        ask: dict[str, Any], field: str, mutator: Mutator, receiver_factory: Any,
+        verifier: Any, tmp_path: pathlib.Path) -> None:
+    """Through a whole migration: the receiver refuses the spec with RestoreSpecError
+    naming the field, the source hears restore-spec-refused, and its workload runs on."""
+    from ctlive.backends import RestorePolicy
+
+    (tmp_path / "rootfs").mkdir()  # inside the store: only the asked-for field is wrong
+    rx = await receiver_factory(restore_policy=RestorePolicy(store=tmp_path))
+    config = {"ociVersion": "1.0.2", "process": {"args": ["/bin/sh"], "cwd": "/"},
+              "root": {"path": "rootfs"},
+              "linux": {"namespaces": [{"type": n} for n in
+                                       ("pid", "network", "mount", "ipc", "uts")]}, **ask}
+    with pytest.raises(errors.MigrationError) as info:
+        await migrate(_Asking(mutator.pid, config, tmp_path / "rootfs"), rx.addr, identity=SRC,
+                      attestation=verifier,
+                      convergence=Convergence(max_iterations=2, max_downtime=0.0))
+    assert "restore-spec-refused" in str(info.value)
+    refusals = [e for e in rx.errors if isinstance(e, errors.RestoreSpecError)]
+    assert refusals and field in str(refusals[0])
+    assert workload_pids(mutator.script) == [mutator.pid]
+    c = mutator.count()
+    await anyio.sleep(0.3)
+    assert mutator.count() > c

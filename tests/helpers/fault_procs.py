@@ -18,11 +18,10 @@ import time
 from typing import Any
 
 import anyio
-from cryptography import x509
 
 from ctlive import errors
 from ctlive.attest import SimulatedSnpPlatform, SnpPolicy, SnpVerifier
-from ctlive.attest.certs import Product, TrustedRoot
+from ctlive.attest.verifier import simulated_root
 from ctlive.backends import Process
 from ctlive.identity import Identity
 from ctlive.migration.convergence import Convergence
@@ -60,8 +59,7 @@ async def receiver(cfg: dict[str, Any]) -> None:
 
 
 def verifier(platform_file: str) -> SnpVerifier:
-    certs = x509.load_pem_x509_certificates(pathlib.Path(platform_file).read_bytes())
-    root = TrustedRoot(Product.MILAN, certs[0], certs[1], insecure=True)
+    root = simulated_root(platform_file)  # the key file starts with the ARK and the ASK
     measurement = hashlib.sha384(b"ctlive simulated guest").digest()  # the platform's default
     return SnpVerifier(SnpPolicy(measurements=[measurement]), trusted_roots=[root])
 

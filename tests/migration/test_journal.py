@@ -36,6 +36,8 @@ def test_a_destination_commit_is_unfinished_until_resumed(tmp_path: pathlib.Path
     assert [e.migration_id for e in j.unfinished()] == ["m"]
     j.record("m", DestinationState.COMMITTED, resumed=True)
     assert j.unfinished() == []
+    j.record("n", DestinationState.DISCARD_REQUESTED)
+    assert [e.migration_id for e in j.in_state(DestinationState.DISCARD_REQUESTED)] == ["n"]
 
 
 def test_a_record_survives_the_writer_being_killed(tmp_path: pathlib.Path) -> None:
