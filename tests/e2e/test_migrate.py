@@ -111,15 +111,26 @@ async def test_attestation_refused_sends_no_image_bytes(mutator: Mutator, receiv
 
 
 async def test_receiver_dies_mid_iteration(mutator: Mutator, receiver_factory: Any,
-                                           verifier: Any) -> None:
+                                           verifier: Any, source_state_dir: Any) -> None:
+    """The receiver dies for good during pre-copy. Usually the source sees it before its
+    final iteration and resumes at once; if its final iteration already went out, the
+    destination may have been READY, so the workload stays stopped (InDoubtError) until
+    `recover` settles it, here with force_resume since that destination is gone."""
+    from ctlive.migration.recovery import recover
+
     rx = await receiver_factory(hooks=FaultHooks(mid_iteration=lambda: rx.scope.cancel()))
     events: list[ProgressEvent] = []
     with pytest.raises(errors.MigrationError) as info:
         await migrate(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier,
-                      convergence=Convergence(max_iterations=4, max_downtime=0.0),
-                      on_progress=events.append)
+                      convergence=Convergence(max_iterations=10, max_downtime=0.0),
+                      on_progress=events.append, abort_timeout=2)
     assert info.value.phase in (Phase.ITERATE, Phase.FINAL_DUMP, Phase.SEND, Phase.RESTORE)
     assert events[-1].phase is Phase.FAILED
+    if isinstance(info.value, errors.InDoubtError):
+        assert state(mutator.pid) == "T"  # never resumed while the outcome is unknown
+        done = await recover(identity=SRC, attestation=verifier, state_dir=source_state_dir,
+                             force_resume=True, connect_timeout=1)
+        assert [r.after for r in done] == ["aborted"]
     assert alive(mutator.pid)
     c = mutator.count()
     await anyio.sleep(0.4)
