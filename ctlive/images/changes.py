@@ -42,11 +42,19 @@ class ChangeKind(enum.IntEnum):
     """A part of a large file: one zstd frame, declaring its content size, of the
     bytes at ``offset`` (``size`` = the whole file's uncompressed size). A file's parts
     are independent and may arrive in any order."""
+    TREE_BLOB = 7
+    """A part of a carried file's data (its data extents, concatenated), named by the
+    hex BLAKE2b-256 of all of it: one zstd frame of the bytes at ``offset`` (``size`` =
+    the whole blob's length), as FILE_PART (:mod:`ctlive.images.tree`)."""
+    TREE_MANIFEST = 8
+    """Every entry of one carried tree (``name`` = its label), zstd JSON; one per tree
+    per iteration (:mod:`ctlive.images.tree`)."""
 
 
 # Header fields each kind uses: the first u64, the second.
-_USES_A = (ChangeKind.FILE_WHOLE, ChangeKind.FILE_ZDELTA, ChangeKind.PAGES, ChangeKind.FILE_PART)
-_USES_B = (ChangeKind.PAGES, ChangeKind.FILE_PART)
+_USES_A = (ChangeKind.FILE_WHOLE, ChangeKind.FILE_ZDELTA, ChangeKind.PAGES, ChangeKind.FILE_PART,
+           ChangeKind.TREE_BLOB)
+_USES_B = (ChangeKind.PAGES, ChangeKind.FILE_PART, ChangeKind.TREE_BLOB)
 
 MAX_FILE = 1 << 30
 """Largest non-page file a change stream may declare, bytes."""
@@ -54,6 +62,8 @@ MAX_FILE = 1 << 30
 MAX_PART = 4 << 20
 """Largest part of a FILE_PART item (uncompressed), bytes; its zstd data may be at
 most the compression bound of that (incompressible data, stored raw)."""
+
+_PARTS = (ChangeKind.FILE_PART, ChangeKind.TREE_BLOB)
 
 _MAX_PART_DATA = MAX_PART + (MAX_PART >> 8) + 64
 
@@ -132,7 +142,7 @@ def encode_change(c: ChangeItem) -> bytes:
     """Serialize one change item."""
     name = c.name.encode()
     pages = c.kind == ChangeKind.PAGES
-    b = c.page_count if pages else c.offset if c.kind == ChangeKind.FILE_PART else 0
+    b = c.page_count if pages else c.offset if c.kind in _PARTS else 0
     return _HDR.pack(c.kind, len(name), c.first_page if pages else c.size, b,
                      len(c.data)) + name + c.data
 
@@ -160,7 +170,7 @@ def decode_change(buf: bytes) -> ChangeItem:
     data = bytes(buf[_HDR.size + nlen :])
     if kind == ChangeKind.PAGES:
         return ChangeItem(kind, name, first_page=a, page_count=b, data=data)
-    if kind == ChangeKind.FILE_PART:
+    if kind in _PARTS:
         item = ChangeItem(kind, name, size=a, offset=b, data=data)
         check_part(item)
         return item
