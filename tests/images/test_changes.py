@@ -19,7 +19,7 @@ _HDR = struct.Struct("<BHQQI")
 def test_kinds_keep_their_wire_values() -> None:
     assert [(k.name, int(k)) for k in ChangeKind] == [
         ("FILE_WHOLE", 1), ("FILE_ZDELTA", 2), ("FILE_SAME", 3), ("PAGES", 4), ("MANIFEST", 5),
-        ("FILE_PART", 6)]
+        ("FILE_PART", 6), ("TREE_BLOB", 7), ("TREE_MANIFEST", 8)]
 
 
 @pytest.mark.parametrize(("item", "a", "b"), [
@@ -66,7 +66,7 @@ def test_header_fields_a_kind_does_not_use_are_refused(kind: ChangeKind, a: int,
         changes.decode_change(_HDR.pack(kind, len(name), a, b, 0) + name)
 
 
-@pytest.mark.parametrize("kind", [0, 7, 255])
+@pytest.mark.parametrize("kind", [0, 9, 255])
 def test_unknown_kind_refused(kind: int) -> None:
     with pytest.raises(errors.DeltaFormatError, match="unknown change kind"):
         changes.decode_change(_HDR.pack(kind, 0, 0, 0, 0))
