@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -24,6 +25,18 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture
+def memory_path() -> Iterator[pathlib.Path]:
+    """A private directory on memory (a tmpfs that workloads do not see): a receiver
+    refuses a state directory on disk."""
+    from ctlive.testing.memory import temporary_memory_dir
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mounts a tmpfs)")
+    with temporary_memory_dir("test-") as d:
+        yield d
 
 
 @pytest.fixture(autouse=True)

@@ -92,7 +92,7 @@ def test_human_format() -> None:
 
 
 async def test_a_migration_logs_its_id_and_no_secret(
-        json_log: io.StringIO, tmp_path: pathlib.Path) -> None:
+        json_log: io.StringIO, tmp_path: pathlib.Path, memory_path: pathlib.Path) -> None:
     """A real migration (CRIU): each record of the source and of the receiver's session
     names the migration; none holds key material or a whole public key."""
     from criu_harness import Mutator, require_criu
@@ -114,7 +114,7 @@ async def test_a_migration_logs_its_id_and_no_secret(
         async with anyio.create_task_group() as tg:
             addr = await tg.start(lambda task_status: serve(
                 ("127.0.0.1", 0), identity=dst, provider=platform, allow={src.public_key},
-                state_dir=tmp_path / "dest", task_status=task_status))
+                state_dir=memory_path / "dest", task_status=task_status))
             report = await migrate(Process(m.pid), addr, identity=src, attestation=verifier,
                                    convergence=Convergence(max_iterations=2, max_downtime=0.0))
             await anyio.sleep(0.2)  # the receiver's session ends

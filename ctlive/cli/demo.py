@@ -19,6 +19,7 @@ from ctlive.migration.convergence import Convergence
 from ctlive.migration.destination import serve
 from ctlive.migration.report import MigrationReport, ProgressEvent
 from ctlive.migration.source import migrate
+from ctlive.testing.memory import memory_dir
 from ctlive.testing.workloads import SampleService
 
 __all__ = ["register", "run_demo"]
@@ -63,6 +64,8 @@ async def run_demo(*, lanes: int = 1, mib: int = 32, json_out: bool = False) -> 
                            trusted_roots=[platform.trusted_root()])
     src, dst = Identity.generate(), Identity.generate()
     svc = SampleService(work, net=200 + os.getpid() % 50, mib=mib)
+    # The receiver's state: memory (a receiver refuses a disk), hidden from the workload.
+    rx_state = memory_dir("ctlive-demo-")
     try:
         console.print(f"workload: pid {svc.pid}, TCP service on {svc.ip}:7000 with {mib} MiB "
                       f"of changing memory; a client on this host has one connection open "
@@ -70,7 +73,7 @@ async def run_demo(*, lanes: int = 1, mib: int = 32, json_out: bool = False) -> 
         async with anyio.create_task_group() as tg:
             addr = await tg.start(lambda task_status: serve(
                 ("127.0.0.1", 0), identity=dst, provider=platform, allow={src.public_key},
-                state_dir=work / "receiver", task_status=task_status,
+                state_dir=rx_state, task_status=task_status,
                 **svc.receiver_options()))
             console.print(f"receiver (simulated SNP guest) listening on {addr[0]}:{addr[1]}")
 
@@ -124,7 +127,7 @@ async def run_demo(*, lanes: int = 1, mib: int = 32, json_out: bool = False) -> 
         return report
     finally:
         svc.cleanup()
-        subprocess.run(["rm", "-rf", str(work)], check=False)
+        subprocess.run(["rm", "-rf", str(work), str(rx_state)], check=False)
 
 
 def _demo(args: argparse.Namespace) -> int:

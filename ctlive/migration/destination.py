@@ -13,7 +13,6 @@ restarted receiver does) are in docs/operations.md, "The receiver's journal".
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import shutil
@@ -45,6 +44,8 @@ from ctlive.migration.journal import DestinationState as DS
 from ctlive.migration.journal import Entry, Journal, arecord
 from ctlive.migration.limits import ReceiverLimits, refusal_code
 from ctlive.migration.receiving import MigrationRecord, receive_iterations
+from ctlive.migration.spool import EncryptedSpool, check_state_dir, closed_on_error, parse_size
+from ctlive.migration.wipe import discard_copy, wipe_images
 from ctlive.ops.logs import bind_migration, get_logger
 from ctlive.ops.metrics import MetricsServer, ReceiverMetrics, ReceiverObserver
 from ctlive.protocol.evidence import EvidenceProvider
@@ -71,7 +72,8 @@ class DestinationHooks(Protocol):
 def _handle(restored: backends.Restored) -> dict[str, Any]:
     """What a restarted receiver needs to drive ``restored`` again."""
     return {"pid": restored.pid, "start": process_start_time(restored.pid),
-            "container_id": restored._id, "runc_root": getattr(restored, "_root", None)}
+            "container_id": restored._id, "runc_root": getattr(restored, "_root", None),
+            "network": getattr(restored, "network", None)}  # a runc netns to announce
 
 
 def _adopt(kind: str, h: dict[str, Any]) -> backends.Restored | None:
@@ -82,7 +84,7 @@ def _adopt(kind: str, h: dict[str, Any]) -> backends.Restored | None:
     if started is None or (h.get("start") is not None and started != h["start"]):
         return None
     if kind == "runc":
-        return _RuncRestored(pid, h["runc_root"], h["container_id"])
+        return _RuncRestored(pid, h["runc_root"], h["container_id"], h.get("network"))
     if kind == "podman":
         return _PodmanRestored(pid, container_id=h["container_id"])
     return backends.Restored(pid)
@@ -113,7 +115,10 @@ class Destination:
                  discard_ready_after: float | None = None,
                  limits: ReceiverLimits | None = None,
                  registry: CollectorRegistry | None = None,
-                 on_refusal: Callable[[str, str], Any] | None = None) -> None:
+                 on_refusal: Callable[[str, str], Any] | None = None,
+                 spool: EncryptedSpool | None = None) -> None:
+        # Plaintext memory images: memory or the open encrypted spool, never a disk.
+        check_state_dir(state_dir, spool)
         self.state_dir = private_dir(state_dir)
         self.limits = limits or ReceiverLimits()
         self.max_migrations = self.limits.max_migrations
@@ -210,7 +215,7 @@ class Destination:
                                      "already being received", limit="max_migrations")
         rec = self.migrations[mid] = MigrationRecord(mid)
         workdir = self.state_dir / mid
-        await self._record(mid, DS.RECEIVING, kind=kind, workdir=str(workdir))
+        await self._record(mid, DS.RECEIVING, kind=kind, spec=spec, workdir=str(workdir))
         self.obs.phase(session, "receiving")
         restored: backends.Restored | None = None
         try:
@@ -226,6 +231,7 @@ class Destination:
                                               policy=self.restore_policy)
             rec.restored_pid = restored.pid
             rec.timings["restore"] = time.monotonic() - t
+            wipe_images(workdir)  # the copy runs from memory now, not from its images
             # A crash from here on leaves a stopped copy: the journal must know it, so
             # that a restarted receiver discards it.
             await self._record(mid, DS.RECEIVING, restored=_handle(restored))
@@ -248,10 +254,7 @@ class Destination:
             self.obs.outcome("failed", rec.error[:200])
             with anyio.CancelScope(shield=True):
                 await self._record(mid, DS.DISCARDED, error=rec.error[:500])
-                if restored is not None:
-                    with contextlib.suppress(CtliveError):
-                        await restored.discard()
-                shutil.rmtree(workdir, ignore_errors=True)
+                await discard_copy(self.state_dir, mid, restored, kind, spec)
             raise
         rec.state = "ready"
         self.obs.timings(rec.timings, "verify", "restore")
@@ -335,10 +338,8 @@ class Destination:
             with anyio.CancelScope(shield=True):
                 await self._record(mid, DS.DISCARDED, reason=reason[:500])
                 p = self._pending.pop(mid, None)
-                if p is not None:
-                    with contextlib.suppress(CtliveError):
-                        await p.restored.discard()
-                shutil.rmtree(self.state_dir / mid, ignore_errors=True)
+                await discard_copy(self.state_dir, mid, p.restored if p else None,
+                                   str(entry.data.get("kind", "")), entry.data.get("spec"))
             self.obs.outcome("discarded", reason, migration_id=mid)
             return True
 
@@ -374,15 +375,12 @@ class Destination:
                 await self._record(mid, DS.COMMITTED, resumed=True, lost=True)
                 done.append((mid, "committed, but the copy is gone"))
             else:
-                if restored is not None:
-                    with contextlib.suppress(CtliveError):
-                        await restored.discard()
+                await discard_copy(self.state_dir, mid, restored, kind, e.data.get("spec"))
                 await self._record(mid, DS.DISCARDED, reason=f"found {e.state} at startup")
-                shutil.rmtree(workdir, ignore_errors=True)
                 done.append((mid, f"discarded (was {e.state})"))
         keep = {m for m in self._pending}
         for d in self.state_dir.iterdir():  # stale directories of finished migrations
-            if d.is_dir() and d.name not in keep and d.name.isalnum():
+            if d.is_dir() and d.name not in keep | {"bundles", "runc"} and d.name.isalnum():
                 shutil.rmtree(d, ignore_errors=True)
         for mid, what in done:
             log.info("migration %s: %s", mid, what)
@@ -428,6 +426,8 @@ async def serve(
     hooks: DestinationHooks | None = None,
     metrics: str | tuple[str, int] | None = None,
     registry: CollectorRegistry | None = None,
+    spool: str | os.PathLike[str] | None = None,
+    spool_size: int | str = "4G",
 ) -> None:
     """Receive migrations until cancelled; reports ``(host, port)`` via ``task_status``.
 
@@ -452,14 +452,19 @@ async def serve(
     hooks.FaultHooks`` breaks it there). The receiver's Prometheus metrics go to
     ``registry`` (default: one of its own; docs/operations.md lists them), served over
     HTTP on ``metrics`` ("HOST:PORT") if given.
+    ``state_dir`` must be memory (tmpfs, ramfs), else ConfigError: it holds plaintext
+    images. ``spool`` (a file; ``spool_size`` bytes) puts it in an encrypted spool
+    instead (docs/backends.md, "Data at rest"), whose key goes when serve() returns.
     """
-    with map_os_errors(StorageError, f"creating the state directory {state_dir}"):
-        receiver = Destination(pathlib.Path(state_dir), hooks=hooks,
-                               external_map=external_map, restore_policy=restore_policy,
-                               post_restore=post_restore,
+    enc = EncryptedSpool(spool, parse_size(spool_size)) if spool is not None else None
+    with map_os_errors(StorageError, f"creating the state directory {state_dir}"), \
+            closed_on_error(enc):
+        receiver = Destination(pathlib.Path(state_dir) if enc is None else enc.open() / "state",
+                               hooks=hooks, external_map=external_map,
+                               restore_policy=restore_policy, post_restore=post_restore,
                                post_resume=post_resume, ready_alert_after=ready_alert_after,
                                discard_ready_after=discard_ready_after, limits=limits,
-                               registry=registry, on_refusal=on_refusal)
+                               registry=registry, on_refusal=on_refusal, spool=enc)
     exporter = MetricsServer(receiver.metrics.registry, metrics)
     try:
         await receiver.adopt()
@@ -491,3 +496,5 @@ async def serve(
     finally:
         exporter.close()
         receiver.journal.close()
+        if enc is not None:
+            enc.close()  # the key goes: whatever is left in the spool is unreadable

@@ -22,10 +22,11 @@ import os
 import pathlib
 import struct
 import subprocess
+from collections.abc import Iterator
 
 from ctlive.errors import ConfigError, StorageError
 
-__all__ = ["EncryptedSpool", "memory_backed"]
+__all__ = ["EncryptedSpool", "check_state_dir", "closed_on_error", "memory_backed", "parse_size"]
 
 
 def _ioc(direction: int, nr: int, size: int) -> int:
@@ -139,14 +140,68 @@ class EncryptedSpool:
 
 def memory_backed(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` lies on tmpfs or ramfs (memory; encrypted inside an SEV guest)."""
+    return _fstype(path) in ("tmpfs", "ramfs")
+
+
+def _fstype(path: str | os.PathLike[str]) -> str:
     p = os.path.realpath(path)
-    best, fstype = "", ""
+    best, fstype = "", "?"
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             mount_point = fields[4]
-            sep = fields.index("-")
             if (p == mount_point or p.startswith(mount_point.rstrip("/") + "/")) and len(
                     mount_point) >= len(best):
-                best, fstype = mount_point, fields[sep + 1]
-    return fstype in ("tmpfs", "ramfs")
+                best, fstype = mount_point, fields[fields.index("-") + 1]
+    return fstype
+
+
+@contextlib.contextmanager
+def closed_on_error(spool: EncryptedSpool | None) -> Iterator[None]:
+    """Close ``spool`` (if any) when the block raises."""
+    try:
+        yield
+    except BaseException:
+        if spool is not None:
+            spool.close()
+        raise
+
+
+def check_state_dir(path: str | os.PathLike[str], spool: EncryptedSpool | None = None) -> None:
+    """ConfigError unless a receiver may keep its state in ``path``: memory (tmpfs or
+    ramfs), or inside the open encrypted ``spool``. The state directory holds the
+    workload's memory images in plaintext; on a disk they would stay readable after the
+    migration, outside the guest's encrypted memory."""
+    real = os.path.realpath(path)
+    if spool is not None:
+        inside = os.path.realpath(spool.path)
+        if spool._identifier is None or not (real == inside or real.startswith(inside + "/")):
+            raise ConfigError(f"the state directory {path} is not inside the open encrypted "
+                              f"spool {spool.path}")
+        return
+    if not memory_backed(path):
+        raise ConfigError(
+            f"the receiver's state directory {path} is on a disk-backed filesystem "
+            f"({_fstype(path)}): it would hold the workload's memory images in plaintext at "
+            "rest. Give a directory on a tmpfs or ramfs (--state, e.g. /run/ctlive where /run "
+            "is a tmpfs, or a tmpfs mounted for it), or an encrypted spool for images larger "
+            "than memory (ctlive serve --spool FILE --spool-size SIZE; serve(spool=...))")
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"512M"``, ``"4G"``, ``"1T"``, ``"65536"`` or an integer (binary units)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    scale = 1
+    if t and t[-1] in "KMGT":
+        scale = 1 << (10 * ("KMGT".index(t[-1]) + 1))
+        t = t[:-1]
+    try:
+        value = int(float(t) * scale)
+    except ValueError:
+        raise ConfigError(f"not a size: {text!r} (expected bytes, or a number with K, M, G or "
+                          "T)") from None
+    if value <= 0:
+        raise ConfigError(f"not a size: {text!r} (must be positive)")
+    return value

@@ -1,12 +1,15 @@
 """Hosts on one machine, for end-to-end tests, the demo and the benchmarks.
 
 A :class:`Host` is its own network, mount, PID and UTS namespace set. Its ``/tmp``,
-``/var/tmp`` and ``/run`` are tmpfs mounts of its own (so runc's root, podman's runroot
-and a receiver's state there are private: one host cannot see another's files), and its
-``eth0`` is a veth whose outer end is a port of the :class:`Network`'s bridge, as a
-machine's NIC is a port of a rack switch. Clients run on this machine outside every host,
-on the bridge's own address. Everything is torn down by :meth:`Network.close` (also
-after a failure: use it as a context manager).
+``/var/tmp`` and ``/run`` are tmpfs mounts of its own (so runc's root, podman's store,
+named network namespaces and a receiver's state there are private: one host cannot see
+another's files). Its ``eth0`` is a veth whose outer end is a port of the
+:class:`Network`'s bridge, as a machine's NIC is a port of a rack switch. Inside, eth0 is
+itself a port of the host's own bridge ``br0`` (:data:`HOST_BRIDGE`, the same name on
+every host), which holds the host's address: a container's veth has its outer end on its
+host's ``br0``, so containers are on the shared L2 network too. Clients run on this
+machine outside every host, on the shared bridge's own address. Everything is torn down
+by :meth:`Network.close` (also after a failure: use it as a context manager).
 
 Needs root, ``unshare``, ``nsenter`` and iproute2.
 """
@@ -25,10 +28,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from ctlive.errors import ConfigError
+from ctlive.testing.memory import HIDE_MEMORY
 
-__all__ = ["Host", "Network"]
+__all__ = ["HOST_BRIDGE", "PODMAN_STORAGE_CONF", "Host", "Network"]
+
+HOST_BRIDGE = "br0"
+"""The bridge every host has for its containers (eth0 is one of its ports)."""
 
 _PRIVATE = ("/tmp", "/var/tmp", "/run")
+PODMAN_STORAGE_CONF = "/run/ctlive-host/storage.conf"
+"""Inside a host, its podman storage.conf (``CONTAINERS_STORAGE_CONF`` of every command run
+through it, a receiver it starts too): graph and run roots on the host's own tmpfs, so one
+host cannot see another's images, containers or volumes."""
+_PODMAN_STORAGE = ('[storage]\ndriver = "overlay"\ngraphroot = "/var/tmp/containers/storage"\n'
+                   'runroot = "/run/containers/storage"\n')
 # Paths below the private directories that must stay visible (this checkout, the venv)
 # are bind-mounted aside on a staging tmpfs first, then moved back over the new tmpfs.
 _SETUP = ("set -e; mount --make-rprivate /; mount -t tmpfs tmpfs /mnt; {keep}"
@@ -53,7 +66,8 @@ def _setup(name: str) -> str:
         q = shlex.quote(path)
         keep += f"mkdir -p /mnt/k{i}; mount --bind {q} /mnt/k{i}; "
         restore += f"mkdir -p {q}; mount --move /mnt/k{i} {q}; "
-    return _SETUP.format(keep=keep, restore=restore, name=shlex.quote(name))
+    # HIDE_MEMORY: the receivers' tmpfs of ctlive.testing.memory is not part of a host.
+    return HIDE_MEMORY + _SETUP.format(keep=keep, restore=restore, name=shlex.quote(name))
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -67,19 +81,27 @@ class Host:
         self.network, self.index, self.name = network, index, name
         self.ip = f"{network.prefix}.{10 + index}"
         self.outer = f"{network.bridge}h{index}"
+        self.bridge = HOST_BRIDGE
         cmd = ["unshare", "--net", "--mount", "--pid", "--uts", "--fork", "--mount-proc",
                "sh", "-c", _setup(name)]
         self._holder = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         start_new_session=True)
         self.pid = self._pid_1()
+        conf = self.path(PODMAN_STORAGE_CONF)
+        conf.parent.mkdir(mode=0o755, exist_ok=True)
+        conf.write_text(_PODMAN_STORAGE)
         try:
             _ip("link", "add", self.outer, "type", "veth", "peer", "name", "eth0", "netns",
                 str(self.pid))
             _ip("link", "set", self.outer, "master", network.bridge, "up")
-            self.run(["ip", "addr", "add", f"{self.ip}/24", "dev", "eth0"], check=True)
-            self.run(["ip", "link", "set", "eth0", "up"], check=True)
-            self.run(["ip", "route", "add", "default", "via", network.gateway], check=True)
+            # eth0 is a port of the host's br0, which holds the host's address.
+            for argv in (["link", "add", HOST_BRIDGE, "type", "bridge"],
+                         ["link", "set", "eth0", "master", HOST_BRIDGE, "up"],
+                         ["addr", "add", f"{self.ip}/24", "dev", HOST_BRIDGE],
+                         ["link", "set", HOST_BRIDGE, "up"],
+                         ["route", "add", "default", "via", network.gateway]):
+                self.run(["ip", *argv], check=True)
         except (subprocess.CalledProcessError, OSError) as exc:
             self.close()
             raise ConfigError(f"cannot set up host {name}: {exc}") from exc
@@ -101,7 +123,8 @@ class Host:
 
     def command(self, argv: Sequence[str]) -> list[str]:
         """``argv`` wrapped to run inside this host."""
-        return ["nsenter", "-t", str(self.pid), "-n", "-m", "-p", "-u", "--", *argv]
+        return ["nsenter", "-t", str(self.pid), "-n", "-m", "-p", "-u", "--", "env",
+                f"CONTAINERS_STORAGE_CONF={PODMAN_STORAGE_CONF}", *argv]
 
     def run(self, argv: Sequence[str], *, check: bool = False,
             **kw: Any) -> subprocess.CompletedProcess[str]:

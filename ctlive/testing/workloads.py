@@ -29,6 +29,7 @@ import anyio
 
 from ctlive.backends.process import Process
 from ctlive.errors import ConfigError
+from ctlive.testing.memory import HIDE_MEMORY
 
 __all__ = [
     "SampleService",
@@ -139,8 +140,9 @@ class SampleService:
         cmd = shlex.join(argv)
         # No descriptors from the host's mount namespace; pid 1 of its namespace and
         # the leader of its own session (CRIU needs the session inside the namespace).
+        shell = f"{HIDE_MEMORY}exec setsid {cmd} </dev/null >/dev/null 2>&1"
         proc = subprocess.Popen(["unshare", "--pid", "--net", "--fork", "--mount-proc", "sh",
-                                 "-c", f"exec setsid {cmd} </dev/null >/dev/null 2>&1"],
+                                 "-c", shell],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, close_fds=True,
                                 start_new_session=True)
@@ -284,7 +286,7 @@ def start_sample_workload(workdir: pathlib.Path, mib: int = 32, *, dirty: float 
     bytes each); returns (pid, counter file)."""
     script = install_script(workdir / "workload.py")
     counter = workdir / "counter"
-    cmd = (f"exec {sys.executable} {script} {mib} {counter} {dirty} {touch} "
+    cmd = (f"{HIDE_MEMORY}exec {sys.executable} {script} {mib} {counter} {dirty} {touch} "
            "</dev/null >/dev/null 2>&1")
     # Own PID and mount namespace, session leader inside it (CRIU needs both), and no
     # descriptors inherited from the host's mount namespace.

@@ -48,7 +48,7 @@ class Receiver:
 
 
 @pytest.fixture
-async def receiver_factory(tmp_path: pathlib.Path, platform: SimulatedSnpPlatform
+async def receiver_factory(memory_path: pathlib.Path, platform: SimulatedSnpPlatform
                            ) -> AsyncIterator[Any]:
     from ctlive.migration.destination import serve
 
@@ -61,7 +61,7 @@ async def receiver_factory(tmp_path: pathlib.Path, platform: SimulatedSnpPlatfor
                 with scope:
                     await serve(("127.0.0.1", 0), identity=DST, provider=platform,
                                 allow=allow if allow is not None else {SRC.public_key},
-                                state_dir=tmp_path / "dest-state",
+                                state_dir=memory_path / "dest-state",
                                 on_session_error=errors.append, task_status=task_status,
                                 hooks=hooks, **kw)
 

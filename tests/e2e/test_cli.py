@@ -24,12 +24,12 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 class Receiver:
-    def __init__(self, tmp: pathlib.Path) -> None:
+    def __init__(self, tmp: pathlib.Path, state: pathlib.Path) -> None:
         self.tmp = tmp
         assert run("keygen", "-o", str(tmp / "dst.key")).returncode == 0
         assert run("keygen", "-o", str(tmp / "src.key")).returncode == 0
         (tmp / "allow.txt").write_text((tmp / "src.key.pub").read_text())
-        self.state = tmp / "rx-state"
+        self.state = state / "rx-state"  # memory: a receiver refuses a disk
         # The receiver's settings come from a TOML file, as an operator's would.
         (tmp / "serve.toml").write_text(
             '[serve]\nlisten = "127.0.0.1:0"\n'
@@ -63,9 +63,9 @@ class Receiver:
 
 
 @pytest.fixture
-def receiver(tmp_path: pathlib.Path) -> Iterator[Receiver]:
+def receiver(tmp_path: pathlib.Path, memory_path: pathlib.Path) -> Iterator[Receiver]:
     require_criu()
-    rx = Receiver(tmp_path)
+    rx = Receiver(tmp_path, memory_path)
     yield rx
     rx.close()
 

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ from faultproxy import FaultProxy
 
 from ctlive.identity import Identity
 from ctlive.migration.journal import Journal
+from ctlive.testing.memory import memory_dir
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
 
@@ -88,7 +90,8 @@ class Cell:
         self.tmp, self.phase, self.fault, self.backend = tmp, phase, fault, backend
         self.ctl = tmp / "ctl"
         self.ctl.mkdir()
-        self.rx_state, self.src_state = tmp / "rx-state", tmp / "src-state"
+        # The receiver's state on memory (it refuses a disk); ctlive.testing.memory's root.
+        self.rx_state, self.src_state = memory_dir("fault-") / "rx-state", tmp / "src-state"
         self.platform = platform
         self.port = free_port()
         self.rx: subprocess.Popen[bytes] | None = None
@@ -172,6 +175,7 @@ class Cell:
         self.kill(self.src)
         self.kill(self.rx)
         self.mutator.kill()
+        shutil.rmtree(self.rx_state.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

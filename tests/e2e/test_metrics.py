@@ -46,19 +46,22 @@ class ScrapeAt:
     """Receiver hooks that scrape the endpoint when the receiver reaches a stage (the
     exporter is a thread of its own: a blocking scrape from the loop is fine)."""
 
-    def __init__(self, port: int, stage: str) -> None:
-        self.port, self.stage = port, stage
+    def __init__(self, port: int, stage: str, *more: str) -> None:
+        self.port, self.stage, self.more = port, stage, more
         self.samples: dict[Any, float] | None = None
+        self.at: dict[str, dict[Any, float]] = {}
 
     def on_stage(self, stage: str) -> None:
         if stage == self.stage:
             self.samples = scrape(self.port)
+        elif stage in self.more:
+            self.at[stage] = scrape(self.port)
 
 
 async def test_metrics_during_and_after_a_migration(mutator: Mutator, receiver_factory: Any,
                                                     verifier: Any) -> None:
     port = free_port()
-    hooks = ScrapeAt(port, "before-resume")
+    hooks = ScrapeAt(port, "before-resume", "before-restore")
     rx = await receiver_factory(hooks=hooks, metrics=f"127.0.0.1:{port}")
     before = await anyio.to_thread.run_sync(scrape, port)  # serving before any session
     assert value(before, "ctlive_receiver_sessions_total") == 0
@@ -72,7 +75,11 @@ async def test_metrics_during_and_after_a_migration(mutator: Mutator, receiver_f
     assert value(during, "ctlive_receiver_migrations_total", outcome="committed") == 0
     assert value(during, "ctlive_receiver_phase_seconds_count", phase="restore") == 1
     assert value(during, "ctlive_receiver_phase_seconds_count", phase="verify") >= 1
-    assert value(during, "ctlive_receiver_state_dir_bytes") > 1 << 20  # the image is there
+    receiving = hooks.at["before-restore"]
+    assert value(receiving, "ctlive_receiver_state_dir_bytes") > 1 << 20  # the image is there
+    # ... and went right after the restore (the copy runs from memory, not from it).
+    assert value(during, "ctlive_receiver_state_dir_bytes") < \
+        value(receiving, "ctlive_receiver_state_dir_bytes") - (1 << 20)
     assert value(during, "ctlive_receiver_received_bytes_total") > 1 << 20
     with anyio.fail_after(10):
         while True:
@@ -92,7 +99,7 @@ async def test_metrics_during_and_after_a_migration(mutator: Mutator, receiver_f
     received = value(after, "ctlive_receiver_received_bytes_total")
     assert received >= sum(i.wire_bytes for i in report.iterations)
     assert value(after, "ctlive_receiver_state_dir_bytes") < \
-        value(during, "ctlive_receiver_state_dir_bytes")  # the image went after COMMIT
+        value(receiving, "ctlive_receiver_state_dir_bytes")  # no image after COMMIT
     assert rx.errors == []
 
 

@@ -189,7 +189,8 @@ async def test_tampered_record_aborts_and_source_resumes(mutator: Mutator,
 
 
 
-async def test_runc_container(receiver_factory: Any, verifier: Any, tmp_path: Any) -> None:
+async def test_runc_container(receiver_factory: Any, verifier: Any, tmp_path: Any,
+                              memory_path: Any) -> None:
     from criu_harness import RuncBundle, require_criu
 
     from ctlive.backends import RestorePolicy
@@ -219,7 +220,7 @@ async def test_runc_container(receiver_factory: Any, verifier: Any, tmp_path: An
         assert box.count() > at_handover >= before
         assert alive(report.destination_summary["restored_pid"])
     finally:
-        box.cleanup(str(tmp_path / "dest-state" / "runc"))
+        box.cleanup(str(memory_path / "dest-state" / "runc"))
 
 
 async def test_podman_container(receiver_factory: Any, verifier: Any, tmp_path: Any) -> None:

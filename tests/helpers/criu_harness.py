@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from ctlive.testing.memory import HIDE_MEMORY
+
 CRIU = os.environ.get("CTLIVE_CRIU") or "/opt/ctlive/criu/usr/sbin/criu"
 
 MUTATOR = r"""
@@ -77,7 +79,8 @@ class Mutator:
         self.script = tmp / f"mutator-{os.getpid()}-{time.monotonic_ns()}.py"
         self.script.write_text(MUTATOR)
         self.counter = tmp / "counter"
-        cmd = f"exec {sys.executable} {self.script} {mib} {frac} {self.counter} " \
+        # HIDE_MEMORY: the receivers' tmpfs must not travel inside this workload's dumps.
+        cmd = f"{HIDE_MEMORY}exec {sys.executable} {self.script} {mib} {frac} {self.counter} " \
               "</dev/null >/dev/null 2>&1"
         # Inherited descriptors from the host mount namespace would make the dump fail.
         subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", cmd],
