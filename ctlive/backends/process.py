@@ -10,6 +10,7 @@ import signal
 import time
 from typing import Any
 
+from ctlive.backends import carry as carried
 from ctlive.backends.criu import find_criu, run_criu
 from ctlive.backends.liveread import live_read_dump
 from ctlive.backends.restore import (
@@ -24,6 +25,7 @@ from ctlive.backends.restore import (
 from ctlive.backends.workload import Backend, DumpMethod, DumpResult, Restored, signal_tree
 from ctlive.errors import CheckpointError, ConfigError, Phase, RestoreError
 from ctlive.images.criu_format import read_stats
+from ctlive.images.tree_apply import TreeReceiver
 
 __all__ = [
     "Process",
@@ -37,15 +39,24 @@ class Process(Backend):
 
     The tree should live in its own PID namespace (``unshare --pid --fork setsid
     CMD``): CRIU then restores it as a whole on the destination.
+
+    ``carry`` lists directories (absolute paths: a user's data directory) pre-copied
+    with the memory and rebuilt at the same paths at the destination before the
+    restore, which checks that every file the tree has open is there with its size.
     """
 
     kind = "process"
 
     def __init__(self, pid: int, *, tcp_established: bool = False,
                  external: tuple[str, ...] = (), shell_job: bool = False,
-                 network_lock: str | None = None, live_read: bool | None = None) -> None:
+                 network_lock: str | None = None, live_read: bool | None = None,
+                 carry: tuple[str, ...] | list[str] = ()) -> None:
         if pid <= 1:
             raise ConfigError(f"refusing to checkpoint pid {pid}")
+        self.carry = tuple(os.path.abspath(p) for p in carry)
+        for p in self.carry:
+            if not os.path.isdir(p) or os.path.islink(p):
+                raise ConfigError(f"carry: {p} is not a directory")
         if not pathlib.Path(f"/proc/{pid}").exists():
             raise ConfigError(f"no process {pid}")
         self.pid = pid
@@ -99,9 +110,15 @@ class Process(Backend):
     async def _kill(self) -> None:
         signal_tree(self.pid, signal.SIGKILL)
 
+    def carried_trees(self) -> dict[str, str]:
+        return {f"carry{i}": p for i, p in enumerate(self.carry)}
+
     def restore_spec(self) -> dict[str, Any]:
-        return {"tcp_established": self.tcp_established, "external": list(self.external),
-                "shell_job": self.shell_job}
+        spec: dict[str, Any] = {"tcp_established": self.tcp_established,
+                                "external": list(self.external), "shell_job": self.shell_job}
+        if self.carry:
+            spec["carry"] = list(self.carry)
+        return spec
 
 
 _IFNAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}"
@@ -120,7 +137,7 @@ def process_restore_args(spec: dict[str, Any], external_map: dict[str, str],
     that name here; attaching it to a bridge, ``@BRIDGE``, only through
     ``external_map``) or ``mnt[KEY]:PATH``, a bind of host path PATH that ``policy``
     must allow; nothing else (devices, files, sockets, other namespaces)."""
-    only_keys(spec, ("tcp_established", "external", "shell_job"), "")
+    only_keys(spec, ("tcp_established", "external", "shell_job", "carry"), "")
     args = []
     if boolean(spec.get("tcp_established", False), "tcp_established"):
         args.append("--tcp-established")
@@ -152,11 +169,29 @@ def process_restore_args(spec: dict[str, Any], external_map: dict[str, str],
 
 
 async def restore_process(images_dir: pathlib.Path, spec: dict[str, Any],
-                          external_map: dict[str, str], policy: RestorePolicy) -> Restored:
+                          external_map: dict[str, str], policy: RestorePolicy, *,
+                          trees: TreeReceiver | None = None) -> Restored:
     """Restore a process tree stopped (``criu restore --leave-stopped``), with the
     options :func:`process_restore_args` allows. The tree is restored into this host's
-    own root (``--root /``): CRIU reopens its files there by path."""
+    own root (``--root /``): CRIU reopens its files there by path. The spec's ``carry``
+    directories are rebuilt from ``trees`` first, where the policy allows
+    (:func:`ctlive.backends.carry.carried_paths`), and every file the dump reopens is
+    checked to be here with its size."""
     extra = process_restore_args(spec, external_map, policy)
+    paths = carried.carried_paths(spec.get("carry", []), policy, images_dir.parent.parent)
+    where = {f"carry{i}": p for i, p in enumerate(paths)}
+    carried.expect_trees(trees, set(where))
+    made = carried.materialize_carried(trees, where) if trees is not None and where else []
+    try:
+        carried.check_open_files(images_dir, made)
+        return await _criu_restore(images_dir, extra, made)
+    except BaseException:
+        carried.remove_carried(made)
+        raise
+
+
+async def _criu_restore(images_dir: pathlib.Path, extra: list[str],
+                        made: list[str]) -> Restored:
     args = ["restore", "-D", str(images_dir), "-d", "--leave-stopped", "--root", "/",
             "--pidfile", str(images_dir / "restored.pid"), *extra]
     try:
@@ -170,4 +205,17 @@ async def restore_process(images_dir: pathlib.Path, spec: dict[str, Any],
     except (OSError, ValueError) as exc:
         raise RestoreError("CRIU did not report the restored pid", phase=Phase.RESTORE,
                            cause=exc) from exc
-    return Restored(pid)
+    return _ProcessRestored(pid, made)
+
+
+class _ProcessRestored(Restored):
+    """A restored process tree; discarding it also removes the carried directories
+    rebuilt for it."""
+
+    def __init__(self, pid: int, carried_dirs: list[str]) -> None:
+        super().__init__(pid)
+        self._carried = carried_dirs
+
+    async def discard(self) -> None:
+        await super().discard()
+        carried.remove_carried(self._carried)

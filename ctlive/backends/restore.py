@@ -11,6 +11,7 @@ mounts, OCI hooks, devices, capabilities and namespaces.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import re
@@ -21,6 +22,7 @@ import attrs
 
 from ctlive.backends.workload import Restored
 from ctlive.errors import ConfigError, Phase, RestoreError, RestoreSpecError, map_os_errors
+from ctlive.images.tree_apply import TreeReceiver
 
 __all__ = [
     "DEFAULT_CAPABILITIES",
@@ -76,6 +78,20 @@ def _absolute_store(inst: Any, attr: attrs.Attribute[Any], value: pathlib.Path |
         raise ConfigError(f"RestorePolicy.store: {value} is not an absolute path")
 
 
+_BRIDGE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
+
+
+def _bridge_pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    """``{"br0": "br1"}``, pairs, or ``"br0=br1"`` strings, as sorted pairs."""
+    items = value.items() if isinstance(value, dict) else value
+    pairs = [tuple(v.split("=", 1)) if isinstance(v, str) else tuple(v) for v in items]
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(n, str) and _BRIDGE.match(n) for n in pair):
+            raise ConfigError(f"RestorePolicy.bridge_map: {pair!r} is not a pair of "
+                              "interface names (SOURCE=LOCAL)")
+    return tuple(sorted((str(a), str(b)) for a, b in pairs))
+
+
 @attrs.frozen
 class RestorePolicy:
     """What this receiver lets a source's restore spec ask for; set by the destination's
@@ -111,6 +127,21 @@ class RestorePolicy:
     """Join existing namespaces by path, or lack one of ``REQUIRED_NAMESPACES`` (and so
     share this receiver's)."""
 
+    bridge_map: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_bridge_pairs)
+    """Which bridge of this host a restored container's veth joins when it was a port
+    of another name on the source (source name, local name); unmapped names join the
+    bridge of the same name, which must exist."""
+
+    allowed_carry_prefixes: tuple[str, ...] = attrs.field(
+        default=("/tmp", "/var/tmp", "/dev/shm"), converter=tuple, validator=_absolute)
+    """Where a process tree's carried directories may be rebuilt (absolute paths, and
+    what is below them; compared after resolving symlinks). They must also be on a
+    memory filesystem, outside the state directory, and not exist yet (or be empty)."""
+
+    def bridge_for(self, source_bridge: str) -> str:
+        """The bridge here for a veth that was a port of ``source_bridge``."""
+        return dict(self.bridge_map).get(source_bridge, source_bridge)
+
     def store_for(self, state_dir: pathlib.Path) -> pathlib.Path:
         """The rootfs store of a receiver whose state directory is ``state_dir``."""
         return self.store if self.store is not None else state_dir / "bundles"
@@ -118,7 +149,8 @@ class RestorePolicy:
 
 async def restore(kind: str, images_dir: pathlib.Path, spec: dict[str, Any], *,
                   external_map: dict[str, str] | None = None,
-                  policy: RestorePolicy | None = None) -> Restored:
+                  policy: RestorePolicy | None = None,
+                  trees: TreeReceiver | None = None) -> Restored:
     """Restore a dump stopped; returns the handle the two-phase commit drives. Every
     failure is a ctlive error (an ``OSError`` becomes :class:`RestoreError`); a spec
     that asks for what ``policy`` (None: ``RestorePolicy()``, the defaults) refuses, or
@@ -127,7 +159,8 @@ async def restore(kind: str, images_dir: pathlib.Path, spec: dict[str, Any], *,
     ``external_map`` renames external resources for this host, e.g.
     ``{"veth[eth0]:vh0": "veth[eth0]:vh1"}`` when the outer end of the workload's veth
     has another name here; its keys are also the externals a spec may name beyond the
-    plain forms (see ``restore_process``)."""
+    plain forms (see ``restore_process``). ``trees`` holds the carried trees received
+    with the dump: runc and process trees materialize and verify them first."""
     # The backends use this module's checks, so they are imported here, not at the top.
     from ctlive.backends.podman import restore_podman
     from ctlive.backends.process import restore_process
@@ -135,13 +168,16 @@ async def restore(kind: str, images_dir: pathlib.Path, spec: dict[str, Any], *,
 
     restorers: dict[str, Callable[[pathlib.Path, dict[str, Any], dict[str, str], RestorePolicy],
                                   Awaitable[Restored]]] = {
-        "process": restore_process, "runc": restore_runc, "podman": restore_podman}
+        "process": functools.partial(restore_process, trees=trees),
+        "runc": functools.partial(restore_runc, trees=trees), "podman": restore_podman}
     restorer = restorers.get(kind) if isinstance(kind, str) else None
     if restorer is None:
         refuse("kind", f"this receiver cannot restore workloads of kind {kind!r} "
                        f"(it knows {', '.join(sorted(restorers))})")
     if not isinstance(spec, dict):
         refuse("spec", f"the restore spec is a {type(spec).__name__}, not an object")
+    if trees is not None and trees.labels and kind not in ("process", "runc"):
+        refuse("kind", f"a {kind} workload cannot carry directory trees")
     with map_os_errors(RestoreError, f"restoring the {kind} workload", phase=Phase.RESTORE):
         return await restorer(images_dir, spec, external_map or {}, policy or RestorePolicy())
 

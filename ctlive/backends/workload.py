@@ -131,6 +131,11 @@ class Backend:
                            phase=Phase.COMMIT):
             await self._kill()
 
+    def carried_trees(self) -> dict[str, str]:
+        """The directory trees pre-copied with the workload's memory, by label (a plain
+        name): none unless the backend says so (:mod:`ctlive.images.tree`)."""
+        return {}
+
     async def _dump(self, images_dir: pathlib.Path, *, final: bool,
                     parent: pathlib.Path | None) -> DumpResult:
         raise NotImplementedError

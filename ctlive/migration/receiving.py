@@ -14,8 +14,9 @@ import anyio
 import attrs
 
 from ctlive.errors import RemoteProtocolError
-from ctlive.images.changes import decode_change
+from ctlive.images.changes import ChangeKind, decode_change
 from ctlive.images.rebuild import Rebuilder
+from ctlive.images.tree_apply import TreeReceiver
 from ctlive.protocol.frames import Abort, Change, Error, IterationBegin, IterationEnd, Reassembler
 from ctlive.transport.session import Session
 
@@ -41,6 +42,12 @@ class MigrationRecord:
     """Seconds spent in the final phase: ``verify`` (completing and checking the last
     image once its last item arrived), ``restore``, ``post_restore``, ``resume``,
     ``post_resume``."""
+    trees: TreeReceiver | None = attrs.field(default=None, repr=False)
+    """The carried trees received so far (their blobs and last manifests), which the
+    restore materializes."""
+
+
+_TREE_KINDS = (ChangeKind.TREE_BLOB, ChangeKind.TREE_MANIFEST)
 
 
 def _image_size(d: pathlib.Path) -> int:
@@ -62,6 +69,7 @@ async def receive_iterations(session: Session, rec: MigrationRecord, workdir: pa
     item, with ``rec.image_bytes`` up to date (it raises to refuse the image)."""
     prev: pathlib.Path | None = None
     hashes: dict[str, bytes] = {}
+    trees = rec.trees = TreeReceiver(workdir)
     while True:
         event = await session.receive()
         if isinstance(event, Abort):
@@ -85,10 +93,12 @@ async def receive_iterations(session: Session, rec: MigrationRecord, workdir: pa
                 rec.bytes_received += len(ev.data)
                 item = frags.feed(ev.lane, ev.data)
                 if item is not None:
-                    await anyio.to_thread.run_sync(rb.apply, decode_change(item))
+                    change = decode_change(item)
+                    apply = trees.apply if change.kind in _TREE_KINDS else rb.apply
+                    await anyio.to_thread.run_sync(apply, change)
                     # Pages files are sized in full when their first window arrives, so an
                     # oversized image is refused before it is written.
-                    rec.image_bytes = _image_size(out)
+                    rec.image_bytes = _image_size(out) + trees.bytes_held
                     check_size(rec)
                 await session.grant(len(ev.data))
                 if event.index == 1:
@@ -96,6 +106,7 @@ async def receive_iterations(session: Session, rec: MigrationRecord, workdir: pa
             frags.end_iteration()
             t = time.monotonic()
             await anyio.to_thread.run_sync(rb.finish)
+            await anyio.to_thread.run_sync(trees.end_iteration, ev.final)
             if ev.final:
                 rec.timings["verify"] = time.monotonic() - t
             hashes = rb.page_hashes
