@@ -168,8 +168,10 @@ async def restore(kind: str, images_dir: pathlib.Path, spec: dict[str, Any], *,
 
     restorers: dict[str, Callable[[pathlib.Path, dict[str, Any], dict[str, str], RestorePolicy],
                                   Awaitable[Restored]]] = {
-        "process": functools.partial(restore_process, trees=trees),
-        "runc": functools.partial(restore_runc, trees=trees), "podman": restore_podman}
+        "process": restore_process, "runc": restore_runc, "podman": restore_podman}
+    if trees is not None and trees.labels and kind in ("process", "runc"):
+        # Only then: a restorer that cannot take trees never has any to take.
+        restorers[kind] = functools.partial(restorers[kind], trees=trees)  # type: ignore[call-arg]
     restorer = restorers.get(kind) if isinstance(kind, str) else None
     if restorer is None:
         refuse("kind", f"this receiver cannot restore workloads of kind {kind!r} "
