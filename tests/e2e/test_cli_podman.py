@@ -1,0 +1,97 @@
+"""`ctlive migrate podman:NAME HOST:PORT --key K --policy P` as a user runs it on two
+machines: the receiver is `ctlive serve --config FILE.toml` inside host B (its state on
+B's own tmpfs), the source the command line inside host A, where the container and its
+image live. It exits 0 with the report on stdout, and the container runs in B, its named
+volume carried with every line."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+pytestmark = pytest.mark.criu
+CTLIVE = str(pathlib.Path(sys.executable).with_name("ctlive"))
+IMAGE = "localhost/ctlive-cli-only-a:test"
+LOOP = "i=0; while true; do i=$((i+1)); echo $i >> /data/log; sleep 0.05; done"
+
+
+@pytest.fixture
+def shared(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Keys, the policy and the config: where both hosts see them (not their /tmp)."""
+    d = pathlib.Path("/var/lib") / f"ctlive-test-{tmp_path.name}"
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def test_migrate_a_podman_container_between_two_hosts(shared: pathlib.Path) -> None:
+    from criu_harness import require_criu
+
+    from ctlive.testing.hosts import Network
+
+    require_criu()
+    busybox = shutil.which("busybox")
+    if busybox is None or shutil.which("podman") is None:
+        pytest.skip("podman or busybox-static missing: run scripts/install-criu")
+    rootfs = shared / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    shutil.copy(busybox, rootfs / "bin" / "busybox")
+    for tool in ("sh", "sleep"):
+        (rootfs / "bin" / tool).symlink_to("busybox")
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(shared / "rootfs.tar"), "."],
+                   check=True)
+    for key in ("src.key", "dst.key"):
+        ok(subprocess.run([CTLIVE, "keygen", "-o", str(shared / key)], capture_output=True,
+                          text=True))
+    (shared / "allow.txt").write_text((shared / "src.key.pub").read_text())
+    (shared / "serve.toml").write_text(
+        f'[serve]\nlisten = "0.0.0.0:7791"\nkey = "{shared / "dst.key"}"\n'
+        f'allow = "{shared / "allow.txt"}"\nstate = "/run/ctlive-rx"\n'
+        f'provider = "simulated"\nsimulated_chain = "{shared / "chain.pem"}"\n')
+    (shared / "policy.toml").write_text('[snp]\nallow_any_measurement = true\n'
+                                        'simulated_chain = "chain.pem"\n')
+    with Network(index=238) as net:
+        a, b = net.host("cli-a"), net.host("cli-b")
+        ok(a.run(["podman", "import", "--quiet", str(shared / "rootfs.tar"), IMAGE]))
+        ok(a.run(["podman", "volume", "create", "data"]))
+        ok(a.run(["podman", "run", "-d", "--name", "web", "--network", "none", "--ulimit",
+                  "nofile=1024:1024", "--ulimit", "nproc=4096:4096", "-v", "data:/data",
+                  IMAGE, "sh", "-c", LOOP]))
+        rx = b.popen([CTLIVE, "serve", "--config", str(shared / "serve.toml")],
+                     stderr=subprocess.PIPE, text=True)
+        assert rx.stderr is not None
+        banner, deadline = "", time.monotonic() + 60
+        while "listening on" not in banner:
+            assert time.monotonic() < deadline and rx.poll() is None, banner
+            banner += rx.stderr.readline()
+        time.sleep(0.3)
+        out = a.run([CTLIVE, "migrate", "podman:web", f"{b.ip}:7791", "--key",
+                     str(shared / "src.key"), "--policy", str(shared / "policy.toml"),
+                     "--max-iterations", "3", "--json"], timeout=180)
+        report = json.loads(ok(out))
+        assert report["workload"] == "podman" and len(report["iterations"]) == 3
+        restored = f"web-{report['migration_id'][:8]}"
+        assert ok(a.run(["podman", "ps", "--all", "--quiet"])) == ""
+        assert ok(b.run(["podman", "inspect", "--format", "{{.State.Status}}",
+                         restored])) == "running"
+        log = ok(b.run(["podman", "volume", "inspect", "--format", "{{.Mountpoint}}",
+                        "data"])) + "/log"
+        time.sleep(0.3)
+        got = [int(x) for x in b.path(log).read_text().splitlines()[:-1]]
+        assert got == list(range(1, len(got) + 1)) and len(got) > 10
+        rx.kill()
+        rx.wait()
