@@ -91,6 +91,8 @@ class Phase(enum.StrEnum):
     """Connecting and running the handshake."""
     ATTEST = "attest"
     """The destination's evidence was verified; the migration is announced."""
+    PREFLIGHT = "preflight"
+    """Both sides compare what a restore depends on (CPU, CRIU, mounts, cgroups)."""
     ITERATE = "iterate"
     """Pre-copy iterations while the workload runs."""
     FINAL_DUMP = "final-dump"

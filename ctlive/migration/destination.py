@@ -1,14 +1,11 @@
 """``await ctlive.serve(...)``: the destination receiver, inside the guest.
 
-For each authenticated session it rebuilds every iteration's image in its state
-directory (tmpfs: encrypted guest memory inside an SEV-SNP VM), verifies the final image
-end to end against the source's manifest, restores the workload *stopped*, answers
-READY, and on COMMIT resumes it and answers COMMIT_ACK.
-
-Every decision goes to the journal (``state_dir/journal.sqlite``) before it is acted
-on; the rules (until COMMIT the copy never runs, a READY copy goes only on ABORT, an
-abort by RESOLVE or an operator's discard, nothing after COMMIT discards it, and what a
-restarted receiver does) are in docs/operations.md, "The receiver's journal".
+For each authenticated session it answers the source's preflight, rebuilds every
+iteration's image in its state directory (tmpfs: encrypted guest memory inside an SEV-SNP
+VM), verifies the final image end to end against the source's manifest, restores the
+workload *stopped*, answers READY, and on COMMIT resumes it and answers COMMIT_ACK.
+Every decision goes to the journal before it is acted on (docs/operations.md, "The
+receiver's journal": until COMMIT the copy never runs, after COMMIT nothing discards it).
 """
 
 from __future__ import annotations
@@ -40,6 +37,7 @@ from ctlive.errors import (
 )
 from ctlive.fs import private_dir
 from ctlive.identity import Identity
+from ctlive.migration import preflight
 from ctlive.migration.journal import DestinationState as DS
 from ctlive.migration.journal import Entry, Journal, arecord
 from ctlive.migration.limits import ReceiverLimits, refusal_code
@@ -161,7 +159,8 @@ class Destination:
     async def handle(self, session: Session) -> None:
         """One authenticated session, whatever it carries."""
         with self.obs.session(session):
-            first = await session.receive()
+            if (first := await preflight.first_frame(session)) is None:
+                return  # the source stopped after the preflight (`migrate --check`, refusal)
             mid = first.data.get("id") if isinstance(first, MigrationMeta) else getattr(
                 first, "migration_id", None)
             with bind_migration(mid):
@@ -228,7 +227,7 @@ class Destination:
             t = final_at = time.monotonic()
             restored = await backends.restore(kind, final_dir, spec,
                                               external_map=self.external_map,
-                                              policy=self.restore_policy)
+                                              policy=self.restore_policy, trees=rec.trees)
             rec.restored_pid = restored.pid
             rec.timings["restore"] = time.monotonic() - t
             wipe_images(workdir)  # the copy runs from memory now, not from its images

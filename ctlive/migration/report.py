@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypedDict
 
 import attrs
 
 from ctlive.backends.workload import DumpMethod
 from ctlive.errors import Phase
+from ctlive.images.criu_format import DumpStats
 
 __all__ = [
+    "CriuFigures",
     "Decision",
     "IterationReport",
     "MigrationReport",
@@ -70,6 +72,35 @@ class IterationReport:
     freeze), ``dump`` (CRIU ``dump --leave-running``: the workload is frozen while all
     its memory is written), ``live-read`` (memory read while the workload runs: no
     freeze), ``final``; None when unknown."""
+    file_bytes: int = 0
+    """Bytes of carried files (their zstd blobs and manifests) sent in the iteration."""
+    pages_written: int | None = None
+    """Pages CRIU wrote in this dump (its ``stats-dump``). After a ``pre-dump`` with
+    soft-dirty tracking, the pages dirtied since the previous one; None when unknown."""
+
+    @property
+    def freeze_seconds(self) -> float | None:
+        """How long this iteration froze the workload: CRIU's frozen time (short for a
+        ``pre-dump``, the whole memory write for a ``dump``), 0 for a live read, None
+        when unknown."""
+        if self.method == DumpMethod.LIVE_READ:
+            return 0.0
+        return None if self.frozen_time_us is None else self.frozen_time_us / 1e6
+
+    @staticmethod
+    def criu_figures(stats: DumpStats | None) -> CriuFigures:
+        """The fields taken from CRIU's ``stats-dump`` (None each when it is missing)."""
+        return {"frozen_time_us": stats.frozen_time if stats else None,
+                "memdump_time_us": stats.memdump_time if stats else None,
+                "pages_written": stats.pages_written if stats else None}
+
+
+class CriuFigures(TypedDict):
+    """:meth:`IterationReport.criu_figures`: CRIU's own figures for one dump."""
+
+    frozen_time_us: int | None
+    memdump_time_us: int | None
+    pages_written: int | None
 
 
 @attrs.frozen
@@ -89,6 +120,10 @@ class MigrationReport:
     cipher: str
     lanes: int
     attestation: dict[str, Any]
+    preflight: dict[str, Any] = attrs.field(factory=dict)
+    """What the preflight found (:meth:`~ctlive.migration.preflight.PreflightResult.summary`):
+    the destination's kernel, CRIU and cgroup version, the CPU features the workload
+    needs, and the differences that did not refuse it."""
     destination_summary: dict[str, Any] = attrs.field(factory=dict)
     downtime_phases: dict[str, float] = attrs.field(factory=dict)
     """Where the downtime went, in seconds on the source's clock: ``dump`` (the final

@@ -1,11 +1,10 @@
 """``await ctlive.migrate(...)``: iterative pre-copy with two-phase commit, source side.
 
-One :class:`_Migration` runs one migration; its methods are the phases, in order:
-connect and attest (no image byte leaves before the verifier accepts), iterate (dump
-while running, diff against the previous dump, send), final-dump (the workload is
-stopped from here) and send, restore (wait for the destination's READY), commit (kill
-the source copy, COMMIT, wait for COMMIT_ACK). Each phase is announced as a
-:class:`~ctlive.errors.Phase` in a progress event, and names the phase of any error.
+One :class:`_Migration` runs one migration; its methods are the phases, in order: connect,
+attest and preflight (no image byte leaves before both pass), iterate (dump while running,
+diff, send), final-dump (the workload stops here) and send, restore (the destination's
+READY), commit (kill the source copy, COMMIT until COMMIT_ACK). Each :class:`Phase
+<ctlive.errors.Phase>` is announced in a progress event and names the phase of an error.
 
 Failure rules (the source never loses its workload):
 
@@ -45,8 +44,9 @@ from ctlive.fs import private_dir, private_tempdir, tighten_tree
 from ctlive.identity import Identity
 from ctlive.images.chain import flatten, has_parent_pages
 from ctlive.images.diff import DiffStats
+from ctlive.migration import preflight
 from ctlive.migration.convergence import Convergence, ConvergencePolicy
-from ctlive.migration.iteration import send_iteration
+from ctlive.migration.iteration import send_iteration, tree_sender
 from ctlive.migration.journal import Journal, SourceState, arecord
 from ctlive.migration.recovery import (
     DEFAULT_SOURCE_STATE,
@@ -110,6 +110,7 @@ class _Migration:
         self.attest_summary: dict[str, Any] = {}
         self.downtime_phases: dict[str, float] = {}
         self.wire_total = 0
+        self.trees = tree_sender(source)  # carried files, pre-copied with the memory
         self.t_start = self.t_freeze = time.monotonic()
 
     async def _send_watched(self, s: Session, k: int, final: bool,
@@ -136,7 +137,7 @@ class _Migration:
 
             tg.start_soon(watch)
             try:
-                result = await send_iteration(s, k, final, prev, d, lane_rr)
+                result = await send_iteration(s, k, final, prev, d, lane_rr, self.trees)
             except Exception as exc:  # re-raised below, outside the task group
                 failure = exc
             tg.cancel_scope.cancel()
@@ -230,8 +231,7 @@ class _Migration:
                 cleanup_workdir(dict(e.data))
 
     async def attested(self, s: Session) -> None:
-        """The verifier accepted the destination inside the handshake: record what it
-        established, then say what is migrated."""
+        """Record what the verifier established, run the preflight, say what is migrated."""
         await self.progress(Phase.ATTEST)
         await self.record(SourceState.ATTESTED)
         att = s.attestation
@@ -243,6 +243,7 @@ class _Migration:
                 extra={"peer": peer_name(s.remote_static), "verdict": "accepted",
                        "platform": att.platform if att else None,
                        "insecure": att.insecure if att else None})
+        self.preflight = await preflight.exchange(s, self.source)  # refusals raise here
         await s.send(MigrationMeta({"id": self.mid, "kind": self.source.kind,
                                     "spec": self.source.restore_spec()}))
 
@@ -291,16 +292,14 @@ class _Migration:
             transfer = time.monotonic() - t_send
             if final:
                 self.downtime_phases.update(dump=t_send - self.t_freeze, send=transfer)
-            stats = res.stats
             self.iterations.append(IterationReport(
                 index=k, final=final, dump_seconds=res.duration, transfer_seconds=transfer,
                 pages_total=st.pages_total, pages_changed=st.pages_changed,
                 pages_zero=st.pages_zero, pages_delta=st.pages_delta,
                 pages_raw=st.pages_raw, image_bytes=st.bytes_in,
                 wire_bytes=s.statistics().bytes_sent - wire_before,
-                frozen_time_us=stats.frozen_time if stats else None,
-                memdump_time_us=stats.memdump_time if stats else None,
-                method=res.method))
+                **IterationReport.criu_figures(res.stats),
+                method=res.method, file_bytes=self.trees.bytes_sent))
             for old in {prev, held} - {d, image, None}:
                 if old is not None and old.parent == self.root:
                     shutil.rmtree(old, ignore_errors=True)
@@ -427,7 +426,7 @@ class _Migration:
             image_bytes=sum(i.image_bytes for i in self.iterations),
             cipher=self.cipher,
             lanes=self.lanes,
-            attestation=self.attest_summary,
+            attestation=self.attest_summary, preflight=self.preflight.summary(),
             destination_summary=self.dest_summary,
             downtime_phases=self.downtime_phases,
         )

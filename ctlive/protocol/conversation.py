@@ -47,6 +47,8 @@ from ctlive.protocol.frames import (
     IterationEnd,
     MigrationMeta,
     Outcome,
+    Preflight,
+    PreflightReply,
     Ready,
     Resolve,
     Role,
@@ -75,6 +77,7 @@ class State(enum.Enum):
     START = "start"
     HELLO_SENT = "hello-sent"
     AWAIT_META = "await-meta"
+    PREFLIGHT = "preflight"
     BETWEEN_ITERATIONS = "between-iterations"
     IN_ITERATION = "in-iteration"
     AWAIT_READY = "await-ready"
@@ -95,6 +98,9 @@ _TABLE: dict[tuple[State, Role, type[Any]], State] = {
     (State.START, S, Hello): State.HELLO_SENT,
     (State.HELLO_SENT, D, Hello): State.AWAIT_META,
     (State.AWAIT_META, S, MigrationMeta): State.BETWEEN_ITERATIONS,
+    # The preflight, once, before META: the source's facts, the destination's answer.
+    (State.AWAIT_META, S, Preflight): State.PREFLIGHT,
+    (State.PREFLIGHT, D, PreflightReply): State.AWAIT_META,
     (State.BETWEEN_ITERATIONS, S, IterationBegin): State.IN_ITERATION,
     (State.IN_ITERATION, S, Change): State.IN_ITERATION,
     (State.IN_ITERATION, S, IterationEnd): State.BETWEEN_ITERATIONS,  # final: AWAIT_READY
@@ -115,7 +121,7 @@ _TABLE: dict[tuple[State, Role, type[Any]], State] = {
 }
 for _st in _FLOW:
     _TABLE[(_st, D, Credit)] = _st
-for _st in (State.HELLO_SENT, State.AWAIT_META, *_FLOW, State.READY):
+for _st in (State.HELLO_SENT, State.AWAIT_META, State.PREFLIGHT, *_FLOW, State.READY):
     _TABLE[(_st, S, Abort)] = State.ABORTED
 
 
@@ -172,6 +178,7 @@ class Conversation:
         """The window (the destination's HELLO) and what is outstanding against it."""
         self._counts: dict[int, list[int]] = {}
         self._next_lane = 0
+        self._preflighted = False
 
     @property
     def peer(self) -> Role:
@@ -195,6 +202,10 @@ class Conversation:
                 self.credit = CreditWindow(_count(
                     event.capabilities.get("window", DEFAULT_WINDOW), "window", 1, 1 << 40,
                     error))
+        elif isinstance(event, Preflight):
+            if self._preflighted:
+                raise error("a second PREFLIGHT in one session")
+            self._preflighted = True
         elif isinstance(event, Change):
             if event.iteration != self.iteration:
                 raise error(f"CHANGE of iteration {event.iteration} inside iteration "

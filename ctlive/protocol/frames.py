@@ -45,6 +45,8 @@ __all__ = [
     "IterationEnd",
     "MigrationMeta",
     "Outcome",
+    "Preflight",
+    "PreflightReply",
     "Ready",
     "Reassembler",
     "Resolve",
@@ -180,12 +182,31 @@ class Outcome:
     state: str
 
 
+@attrs.frozen
+class Preflight:
+    """Source to destination, after attestation and before MIGRATION_META: what a
+    restore of this workload depends on (:mod:`ctlive.migration.preflight`)."""
+
+    facts: dict[str, Any]
+
+
+@attrs.frozen
+class PreflightReply:
+    """The destination's own facts (extensible: owners add keys) and its verdict,
+    ``ok`` or ``refused``, with the differences it found."""
+
+    facts: dict[str, Any]
+    verdict: str
+    differences: list[dict[str, Any]] = attrs.field(factory=list)
+
+
 Event = (Hello | MigrationMeta | IterationBegin | Change | IterationEnd | Credit | Ready
-         | Commit | CommitAck | Abort | Error | Resolve | Outcome)
+         | Commit | CommitAck | Abort | Error | Resolve | Outcome | Preflight | PreflightReply)
 
 _TYPES: dict[type[Any], int] = {
     Hello: 1, MigrationMeta: 2, IterationBegin: 3, Change: 4, IterationEnd: 5, Credit: 6,
     Ready: 7, Commit: 8, CommitAck: 9, Abort: 10, Error: 11, Resolve: 12, Outcome: 13,
+    Preflight: 14, PreflightReply: 15,
 }
 _BY_CODE = {v: k for k, v in _TYPES.items()}
 _CHANGE_HDR = struct.Struct(">II")
@@ -261,6 +282,14 @@ def decode_frame(frame: bytes) -> Event:
         return Resolve(_field(body, "migration_id", str), action)
     if cls is Outcome:
         return Outcome(_field(body, "migration_id", str), _field(body, "state", str))
+    if cls is Preflight:
+        return Preflight(_field(body, "facts", dict))
+    if cls is PreflightReply:
+        verdict = _field(body, "verdict", str)
+        if verdict not in ("ok", "refused"):
+            raise RemoteProtocolError(f"unknown PREFLIGHT_REPLY verdict {verdict!r}")
+        return PreflightReply(_field(body, "facts", dict), verdict,
+                              _field(body, "differences", list))
     return Error(_field(body, "code", str), _field(body, "message", str))
 
 

@@ -1,0 +1,62 @@
+"""The preflight on a real migration: the same machine passes it, and a destination
+without a CPU feature the workload needs refuses it before any image byte, with an
+error that names the feature, while the workload runs on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from criu_harness import Mutator, state
+from mitm import Mitm
+
+from ctlive import errors
+from ctlive.backends.process import Process
+from ctlive.migration import preflight as pf
+from ctlive.migration.convergence import Convergence
+from ctlive.migration.source import migrate
+from tests.e2e.conftest import SRC
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_same_machine_passes_and_reports(mutator: Mutator, receiver_factory: Any,
+                                               verifier: Any) -> None:
+    rx = await receiver_factory()
+    report = await migrate(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier,
+                           convergence=Convergence(max_iterations=2))
+    assert report.preflight["criu"] and report.preflight["cpu_needs"]
+    assert report.preflight["notes"] == []
+    assert all(i.freeze_seconds is not None for i in report.iterations)
+
+
+async def test_missing_cpu_feature_refused_before_any_image_byte(
+        mutator: Mutator, receiver_factory: Any, verifier: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    needs = sorted(pf.cpu_needs(pf.cpu_flags(), [mutator.pid]))
+    assert needs, "the workload needs no glibc-selected CPU feature"
+    gone = needs[-1]
+    real = pf.destination_facts
+
+    def without(*a: Any, **kw: Any) -> dict[str, Any]:
+        facts = real(*a, **kw)
+        facts["cpu"]["flags"] = [f for f in facts["cpu"]["flags"] if f != gone]
+        return facts
+
+    monkeypatch.setattr(pf, "destination_facts", without)
+    rx = await receiver_factory()
+    async with anyio.create_task_group() as tg:
+        mitm = Mitm(rx.addr)
+        paddr = await tg.start(mitm.serve)
+        with pytest.raises(pf.PreflightError) as info:
+            await migrate(Process(mutator.pid), paddr, identity=SRC, attestation=verifier)
+        tg.cancel_scope.cancel()
+    assert info.value.phase == errors.Phase.PREFLIGHT
+    assert f"CPU features missing at the destination: {gone}" in str(info.value)
+    assert [d.fact for d in info.value.differences if d.refuse] == ["cpu"]
+    # Only HELLO, PREFLIGHT, ABORT and the channel's CLOSE record went out: no
+    # MIGRATION_META, no CHANGE (the image is 16 MiB).
+    assert mitm.records_seen <= 4 and mitm.bytes_after_msg1 < 32 << 10
+    assert state(mutator.pid) in ("S", "R", "D")
+    assert rx.errors == []
