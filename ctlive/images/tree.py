@@ -132,9 +132,11 @@ def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
     return tuple((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)
 
 
-def read_data(path: str, st: os.stat_result) -> tuple[Entry, list[bytes]]:
+def read_data(path: str, st: os.stat_result, *, keep: bool = True
+              ) -> tuple[Entry, list[bytes]]:
     """A regular file's entry and its blob (data extents, concatenated), read once so
-    that the two agree even while the file changes; the blob as MAX_PART-sized chunks."""
+    that the two agree even while the file changes; the blob as MAX_PART-sized chunks
+    (none unless ``keep``)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
     try:
         size = os.fstat(fd).st_size
@@ -149,7 +151,8 @@ def read_data(path: str, st: os.stat_result) -> tuple[Entry, list[bytes]]:
                 if not data:  # shrank while read: what was read is the entry
                     break
                 h.update(data)
-                buf += data
+                if keep:
+                    buf += data
                 done += len(data)
                 while len(buf) >= MAX_PART:
                     chunks.append(bytes(buf[:MAX_PART]))
@@ -171,10 +174,12 @@ def read_data(path: str, st: os.stat_result) -> tuple[Entry, list[bytes]]:
     return entry, chunks
 
 
-def scan(root: str | os.PathLike[str], *, with_data: bool = True
+def scan(root: str | os.PathLike[str], *, with_data: bool = True,
+         held: set[str] | frozenset[str] = frozenset(),
          ) -> Iterator[tuple[Entry, list[bytes] | None]]:
     """Every entry of the tree at ``root``, parents before children, names sorted;
-    regular files with their blob chunks (``with_data``) or None. Mount points below
+    regular files with their blob chunks (``with_data``), or None when their content
+    is one of ``held`` (then only hashed, never held in memory). Mount points below
     ``root`` (another filesystem), sockets, FIFOs and device nodes are not carried."""
     base = os.fspath(root)
     st = os.lstat(base)
@@ -211,9 +216,12 @@ def scan(root: str | os.PathLike[str], *, with_data: bool = True
                 if est.st_nlink > 1 and key in links:
                     yield Entry(rpath, "hardlink", target=links[key]), None
                     continue
+                chunks: list[bytes] | None = None
                 try:
                     if with_data:
-                        e, chunks = read_data(full, est)
+                        e, _ = read_data(full, est, keep=False)
+                        if e.digest not in held:  # read again, keeping what is read
+                            e, chunks = read_data(full, est)
                     else:
                         e, chunks = Entry("", "file", stat.S_IMODE(mode), est.st_uid,
                                           est.st_gid, est.st_mtime_ns, est.st_size), None
@@ -403,16 +411,16 @@ class TreeSender:
         cctx = zstandard.ZstdCompressor(level=3, write_content_size=True)
         self.bytes_sent = 0
         manifests = []
-        sent_now: set[str] = set()
+        known = set(self.held)  # held there, or sent in this iteration
         for label, root in self.trees.items():
             entries = []
             with map_os_errors(CheckpointError, f"reading carried tree {label} at {root}",
                                phase=Phase.ITERATE):
-                for e, chunks in scan(root):
+                for e, chunks in scan(root, held=known):
                     entries.append(e)
-                    if chunks is None or e.digest in self.held or e.digest in sent_now:
+                    if chunks is None or e.digest in known:
                         continue
-                    sent_now.add(e.digest)
+                    known.add(e.digest)
                     off = 0
                     for c in chunks:
                         item = ChangeItem(ChangeKind.TREE_BLOB, e.digest, size=e.data_length,
