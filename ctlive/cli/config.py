@@ -53,6 +53,14 @@ def _convert(action: argparse.Action, value: Any, label: str) -> Any:
             raise bad("an array of strings")
         return list(value)
     kind = action.type
+    if callable(kind) and kind not in (int, float, str, pathlib.Path):
+        # A parser of its own (a size such as "64G"): a string, or an integer as is.
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise bad("a string or an integer")
+        try:
+            return kind(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise bad(str(exc) or "a valid value") from None
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")

@@ -8,14 +8,19 @@ exits 0 only when the workload runs at the destination; the other exit codes are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pathlib
 import sys
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ctlive.errors import ConfigError
+from ctlive.errors import ConfigError, CtliveError, InDoubtError
 from ctlive.ops.logs import add_arguments as add_log_arguments
+
+if TYPE_CHECKING:
+    from ctlive.cli.source_metrics import SourceMetrics
 
 __all__ = ["parse_target", "register"]
 
@@ -47,12 +52,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m.add_argument("--runc-root", help="runc's --root for a runc: target")
     m.add_argument("--lanes", type=int, default=1)
     m.add_argument("--cipher", choices=["AESGCM", "ChaChaPoly"], default="AESGCM")
-    m.add_argument("--max-downtime", type=float, default=0.3)
-    m.add_argument("--max-iterations", type=int, default=8)
+    conv = m.add_argument_group("convergence (ctlive.Convergence; docs/operations.md)")
+    conv.add_argument("--max-downtime", type=float, default=0.3,
+                      help="target downtime in seconds")
+    conv.add_argument("--max-iterations", type=int, default=8,
+                      help="dumps including the final one")
+    conv.add_argument("--min-shrink", type=float, default=0.1,
+                      help="stop when the changed-page count shrinks by less than this "
+                      "fraction")
+    conv.add_argument("--smoothing", type=float, default=0.5,
+                      help="weight of the newest sample in the rate averages (1: none)")
+    conv.add_argument("--restore-rate", type=float, default=1.0e9,
+                      help="assumed restore speed, image bytes per second")
+    conv.add_argument("--freeze-cost", type=float, default=1.0,
+                      help="with --criu-precopy: stop once the final transfer is below this "
+                      "multiple of another iteration's freeze (0: off)")
     m.add_argument("--tcp-established", action="store_true",
-                   help="keep the tree's established TCP connections (pid: targets)")
+                   help="keep the workload's established TCP connections (runc: by default "
+                   "when the container joins a named network namespace)")
     m.add_argument("--external", action="append", default=[], metavar="RESOURCE",
                    help="CRIU --external resource of a pid: target, e.g. veth[eth0]:vh0")
+    m.add_argument("--carry", action="append", default=[], metavar="DIR",
+                   help="a directory a pid: target needs (its data), pre-copied with its "
+                   "memory and rebuilt at the same path at the destination (repeatable)")
+    m.add_argument("--no-carry-rootfs", action="store_true",
+                   help="runc: send the rootfs's path, not the rootfs (the destination "
+                   "already has it at that path in its store)")
+    m.add_argument("--shell-job", action="store_true",
+                   help="CRIU --shell-job, for a pid: target attached to a terminal session")
+    m.add_argument("--network-lock", choices=["iptables", "nftables", "skip"],
+                   help="CRIU --network-lock of a pid: target (default: CRIU's)")
     m.add_argument("--criu-precopy", action="store_true",
                    help="pre-copy with CRIU dumps even without soft-dirty tracking (each "
                    "iteration then freezes the workload for a whole dump) instead of "
@@ -69,13 +98,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m.add_argument("--workdir", type=pathlib.Path,
                    help="where the dumps go (default: a private directory in /var/tmp)")
     m.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    m.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve this migration's Prometheus metrics over HTTP here while it "
+                   "runs (docs/operations.md)")
     add_log_arguments(m)
     m.set_defaults(func=_migrate, parser=m)
 
 
 def parse_target(text: str | None, *, pid: int | None = None, runc_root: str | None = None,
                  tcp_established: bool = False, external: tuple[str, ...] = (),
-                 criu_precopy: bool = False) -> Any:
+                 criu_precopy: bool = False, shell_job: bool = False,
+                 network_lock: str | None = None, carry: tuple[str, ...] = (),
+                 no_carry_rootfs: bool = False) -> Any:
     """The workload a ``TARGET`` string names; ConfigError if it names none."""
     from ctlive.backends import PodmanContainer, Process, RuncContainer
 
@@ -89,24 +123,31 @@ def parse_target(text: str | None, *, pid: int | None = None, runc_root: str | N
         if not name.isdigit():
             raise ConfigError(f"TARGET {text!r}: pid:N takes a process id")
         return Process(int(name), tcp_established=tcp_established, external=external,
-                       live_read=live_read)
+                       live_read=live_read, shell_job=shell_job, network_lock=network_lock,
+                       carry=carry)
     if not name:
         raise ConfigError(f"TARGET {text!r}: expected pid:N, runc:ID or podman:NAME")
+    if external or shell_job or network_lock or carry:
+        raise ConfigError("--external, --carry, --shell-job and --network-lock go with a pid: "
+                          "TARGET (a container's files and resources come from its config)")
+    # Without --tcp-established: the backend's own rule (runc keeps the connections when the
+    # container joins a named network namespace).
+    extra: dict[str, Any] = {"tcp_established": True} if tcp_established else {}
     if kind == "runc":
-        return RuncContainer(name, root=runc_root, live_read=not criu_precopy)
+        if no_carry_rootfs:
+            extra["carry_rootfs"] = False
+        return RuncContainer(name, root=runc_root, live_read=not criu_precopy, **extra)
+    if no_carry_rootfs:
+        raise ConfigError("--no-carry-rootfs goes with a runc: TARGET")
     if kind == "podman":
-        return PodmanContainer(name, live_read=not criu_precopy)
+        return PodmanContainer(name, live_read=not criu_precopy, **extra)
     raise ConfigError(f"TARGET {text!r}: expected pid:N, runc:ID or podman:NAME")
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ctlive.attest import SnpPolicy
     from ctlive.identity import Identity
     from ctlive.migration.convergence import Convergence
-    from ctlive.migration.source import migrate
     from ctlive.ops.logs import configure
 
     configure(args.log_level, args.log_format)
@@ -116,8 +157,46 @@ def _migrate(args: argparse.Namespace) -> int:
     apply(args.parser, args, args.argv, "migrate", required=("key", "policy"))
     workload = parse_target(args.target, pid=args.pid, runc_root=args.runc_root,
                             tcp_established=args.tcp_established,
-                            external=tuple(args.external), criu_precopy=args.criu_precopy)
+                            external=tuple(args.external), criu_precopy=args.criu_precopy,
+                            shell_job=args.shell_job, network_lock=args.network_lock,
+                            carry=tuple(args.carry), no_carry_rootfs=args.no_carry_rootfs)
     identity, policy = Identity.load(args.key), SnpPolicy.from_toml(args.policy)
+    convergence = Convergence(
+        max_downtime=args.max_downtime, max_iterations=args.max_iterations,
+        min_shrink=args.min_shrink, smoothing=args.smoothing, restore_rate=args.restore_rate,
+        freeze_cost=args.freeze_cost)
+    with _exporter(args.metrics) as metrics:
+        return _run(args, workload, identity, policy, convergence, metrics)
+
+
+@contextlib.contextmanager
+def _exporter(listen: str | None) -> Iterator[SourceMetrics | None]:
+    """The ``--metrics`` endpoint (None without the flag), closed on exit."""
+    if listen is None:
+        yield None
+        return
+    from ctlive.cli.source_metrics import SourceMetrics
+    from ctlive.ops.metrics import MetricsServer, parse_address
+
+    try:
+        parse_address(listen)
+    except ValueError as exc:
+        raise ConfigError(f"--metrics: {exc}") from exc
+    metrics = SourceMetrics()
+    server = MetricsServer(metrics.registry, listen)
+    try:
+        yield metrics
+    finally:
+        server.close()
+
+
+def _run(args: argparse.Namespace, workload: Any, identity: Any, policy: Any,
+         convergence: Any, metrics: SourceMetrics | None) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ctlive.migration.source import migrate
+
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn())
@@ -129,6 +208,8 @@ def _migrate(args: argparse.Namespace) -> int:
         plain = not args.json and not sys.stderr.isatty()
 
         def show(ev: Any) -> None:
+            if metrics is not None:
+                metrics.progress(ev)
             if plain:  # not a terminal: one whole line per event, no bar
                 print(f"{ev.phase} iteration {ev.iteration}: {ev.bytes_done / 1e6:.1f} MB sent, "
                       f"dirty {ev.dirty_rate / 1e6:.1f} MB/s, link {ev.link_rate / 1e6:.0f} "
@@ -141,14 +222,24 @@ def _migrate(args: argparse.Namespace) -> int:
                             f"{ev.dirty_rate / 1e6:.1f} MB/s, link {ev.link_rate / 1e6:.0f} MB/s, "
                             f"predicted downtime {ev.predicted_downtime * 1000:.0f} ms")
 
-        report = anyio.run(lambda: migrate(
-            workload, args.destination, identity=identity, attestation=policy,
-            convergence=Convergence(max_downtime=args.max_downtime,
-                                    max_iterations=args.max_iterations),
-            lanes=args.lanes, cipher=args.cipher, on_progress=show, state_dir=args.state,
-            workdir=args.workdir, connect_timeout=args.connect_timeout,
-            ready_timeout=args.ready_timeout, commit_timeout=args.commit_timeout,
-            abort_timeout=args.abort_timeout, progress_timeout=args.progress_timeout))
+        try:
+            report = anyio.run(lambda: migrate(
+                workload, args.destination, identity=identity, attestation=policy,
+                convergence=convergence, lanes=args.lanes, cipher=args.cipher,
+                on_progress=show, state_dir=args.state, workdir=args.workdir,
+                connect_timeout=args.connect_timeout, ready_timeout=args.ready_timeout,
+                commit_timeout=args.commit_timeout, abort_timeout=args.abort_timeout,
+                progress_timeout=args.progress_timeout))
+        except InDoubtError:
+            if metrics is not None:
+                metrics.finished("in-doubt")
+            raise
+        except CtliveError:
+            if metrics is not None:
+                metrics.finished("failed")
+            raise
+        if metrics is not None:
+            metrics.finished("committed", report.downtime)
         bar.update(task, completed=args.max_iterations, description="done")
     if args.json:
         print(report.to_json(indent=2))

@@ -40,7 +40,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     s = sub.add_parser("serve", help="receive migrations (run inside the SEV-SNP guest)")
     s.add_argument("--listen", default="0.0.0.0:7788")
-    s.add_argument("--state", type=pathlib.Path, default=pathlib.Path("/run/ctlive"))
+    s.add_argument("--state", type=pathlib.Path, default=pathlib.Path("/run/ctlive"),
+                   help="the receiver's state: images, journal (memory: a tmpfs or ramfs; "
+                   "a directory on disk is refused)")
+    s.add_argument("--spool", type=pathlib.Path, metavar="FILE",
+                   help="keep the state in an encrypted spool in FILE instead (fscrypt v2 "
+                   "on a loop device, a key made here and never written; for images larger "
+                   "than memory; docs/backends.md)")
+    s.add_argument("--spool-size", type=_size, default="4G", metavar="SIZE",
+                   help="the spool's size, e.g. 64G (default 4G)")
     s.add_argument("--config", type=pathlib.Path, metavar="FILE",
                    help="settings from the [serve] table of FILE (flags override it)")
     s.add_argument("--key", type=pathlib.Path, help="this receiver's identity (required)")
@@ -57,6 +65,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--simulated-chain", type=pathlib.Path, metavar="CHAIN.pem",
                    help="with --provider simulated: write the simulated platform's ARK+ASK "
                    "here, for a source policy's simulated_chain")
+    s.add_argument("--external-map", action="append", default=[], metavar="RESOURCE=NAME",
+                   help="rename an external resource for this host, e.g. veth[eth0]=vh7 "
+                   "(repeatable; serve(external_map=...))")
     lim = s.add_argument_group("limits (defaults: ctlive.migration.limits.ReceiverLimits)")
     lim.add_argument("--max-sessions", type=int, default=16)
     lim.add_argument("--max-sessions-per-peer", type=int, default=None)
@@ -82,10 +93,43 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="one host path sources may bind-mount (repeatable)")
     rp.add_argument("--allow-devices", action="store_true",
                     help="devices beyond the OCI default set")
+    rp.add_argument("--allow-capability", action="append", default=[], metavar="CAP",
+                    help="a capability beyond the default set, e.g. CAP_NET_ADMIN "
+                    "(repeatable)")
+    rp.add_argument("--allow-new-privileges", action="store_true",
+                    help="keep a process's setuid gains (default: noNewPrivileges on)")
+    rp.add_argument("--allow-host-namespaces", action="store_true",
+                    help="namespaces shared with other containers or given by path")
+    rp.add_argument("--carry-prefix", action="append", default=[], metavar="DIR",
+                    help="where a process tree's carried directories may be rebuilt "
+                    "(repeatable; default /tmp, /var/tmp, /dev/shm)")
+    rp.add_argument("--bridge-map", action="append", default=[], metavar="SOURCE=LOCAL",
+                    help="a restored container's veth that was a port of bridge SOURCE joins "
+                    "LOCAL here (default: the bridge of the same name; repeatable)")
     s.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics over HTTP here (docs/operations.md)")
     add_log_arguments(s)
     s.set_defaults(func=_serve, parser=s)
+
+def _size(text: str) -> int:
+    from ctlive.migration.spool import parse_size
+
+    try:
+        return parse_size(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            "a size such as 64G (bytes, or a number with K, M, G or T)") from None
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ConfigError(f"{flag} {item!r}: expected RESOURCE=NAME")
+        out[key] = value
+    return out
+
 
 def _serve(args: argparse.Namespace) -> int:
     from ctlive.attest import auto_provider
@@ -97,6 +141,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     apply(args.parser, args, args.argv, "serve", required=("key", "allow"))
     configure(args.log_level, args.log_format)
+    if args.spool is None:  # before anything is written there
+        from ctlive.migration.spool import check_state_dir
+
+        check_state_dir(args.state)
     if args.metrics is not None:
         from ctlive.ops.metrics import parse_address
 
@@ -127,11 +175,17 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.allow} lists no source keys: nobody could migrate here")
 
     from ctlive.backends import RestorePolicy
+    from ctlive.backends.restore import DEFAULT_CAPABILITIES
 
     restore_policy = RestorePolicy(
         store=args.restore_store, allow_hooks=args.allow_hooks,
         allow_host_mounts=args.allow_host_mounts, allow_devices=args.allow_devices,
-        allowed_bind_sources=tuple(args.allow_bind))
+        allowed_bind_sources=tuple(args.allow_bind),
+        allowed_capabilities=DEFAULT_CAPABILITIES + tuple(args.allow_capability),
+        no_new_privileges=not args.allow_new_privileges,
+        allow_host_namespaces=args.allow_host_namespaces, bridge_map=tuple(args.bridge_map),
+        **({"allowed_carry_prefixes": tuple(args.carry_prefix)} if args.carry_prefix else {}))
+    external_map = _pairs(args.external_map, "--external-map")
     limits = ReceiverLimits(
         max_sessions=args.max_sessions, max_handshakes=args.max_handshakes,
         max_sessions_per_peer=args.max_sessions_per_peer,
@@ -145,8 +199,8 @@ def _serve(args: argparse.Namespace) -> int:
                 args.listen, identity=Identity.load(args.key), provider=provider, allow=allow,
                 state_dir=args.state, limits=limits, ready_alert_after=args.ready_alert_after,
                 restore_policy=restore_policy, metrics=args.metrics, window=args.window,
-                discard_ready_after=args.discard_ready_after,
-                task_status=task_status))
+                discard_ready_after=args.discard_ready_after, external_map=external_map or None,
+                spool=args.spool, spool_size=args.spool_size, task_status=task_status))
             print(f"ctlive receiver listening on {addr[0]}:{addr[1]}", file=sys.stderr)
 
     anyio.run(run)

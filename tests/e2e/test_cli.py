@@ -137,3 +137,135 @@ def test_migrate_a_runc_container(receiver: Receiver, tmp_path: pathlib.Path) ->
         assert box.count() > before
     finally:
         box.cleanup(str(receiver.state / "runc"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PausingReceiver:
+    """A receiver process (tests/helpers/fault_procs.py) that stops at a receiver stage
+    until told to go, so that a test can kill it there."""
+
+    def __init__(self, tmp: pathlib.Path, state: pathlib.Path, port: int, src_pub: str,
+                 pause_at: str | None) -> None:
+        from ctlive.attest import SimulatedSnpPlatform
+
+        self.ctl = tmp / f"ctl-{time.monotonic_ns()}"
+        self.ctl.mkdir()
+        platform = tmp / "fault-platform.pem"
+        SimulatedSnpPlatform(key_file=platform).write_chain(tmp / "fault-chain.pem")
+        cfg = {"ctl": str(self.ctl), "platform": str(platform), "port": port,
+               "key": bytes(range(33, 65)).hex(), "allow": src_pub, "state": str(state),
+               "pause_at": pause_at, "backend": "asyncio"}
+        helper = pathlib.Path(__file__).parents[1] / "helpers" / "fault_procs.py"
+        self.proc = subprocess.Popen([sys.executable, str(helper), "receiver", json.dumps(cfg)],
+                                     start_new_session=True)
+        self.wait_for("rx-addr.json", 30)
+
+    def wait_for(self, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.ctl / name).exists():
+            assert time.monotonic() < deadline and self.proc.poll() is None, name
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_exit_code_in_doubt_then_recover(tmp_path: pathlib.Path, memory_path: pathlib.Path
+                                         ) -> None:
+    """The receiver dies after COMMIT reached it, before it resumed its copy: the source's
+    copy is already gone, so `ctlive migrate` cannot know the outcome: exit 4, which
+    names `ctlive recover`; its --metrics endpoint showed the commit phase meanwhile.
+    `ctlive recover`, once the receiver is back, finishes the migration (exit 0)."""
+    require_criu()
+    assert run("keygen", "-o", str(tmp_path / "src.key")).returncode == 0
+    src_pub = (tmp_path / "src.key.pub").read_text().strip()
+    port, state = free_port(), memory_path / "rx-state"
+    rx = PausingReceiver(tmp_path, state, port, src_pub, "before-resume")
+    (tmp_path / "policy.toml").write_text('[snp]\nallow_any_measurement = true\n'
+                                          'simulated_chain = "fault-chain.pem"\n')
+    m = Mutator(tmp_path, mib=8)
+    try:
+        metrics = free_port()
+        mig = subprocess.Popen(
+            [CTLIVE, "migrate", f"pid:{m.pid}", f"127.0.0.1:{port}", "--key",
+             str(tmp_path / "src.key"), "--policy", str(tmp_path / "policy.toml"), "--state",
+             str(tmp_path / "src-state"), "--max-iterations", "2", "--commit-timeout", "4",
+             "--metrics", f"127.0.0.1:{metrics}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        rx.wait_for("rx-before-resume", 120)
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+            scraped = r.read().decode()
+        assert 'ctlive_source_phase{phase="commit"} 1.0' in scraped
+        sent = [ln for ln in scraped.splitlines() if ln.startswith("ctlive_source_sent_bytes ")]
+        assert float(sent[0].split()[1]) > 1 << 20
+        rx.kill()
+        _, err = mig.communicate(timeout=120)
+        assert mig.returncode == 4, err
+        assert "ctlive recover" in err
+        assert workload_pids(m.script) == []  # stopped at the destination, gone here
+        rx = PausingReceiver(tmp_path, state, port, src_pub, None)  # back, adopts the copy
+        rec = run("recover", "--key", str(tmp_path / "src.key"), "--policy",
+                  str(tmp_path / "policy.toml"), "--state", str(tmp_path / "src-state"))
+        assert rec.returncode == 0, rec.stderr
+        pids = workload_pids(m.script)
+        assert len(pids) == 1 and pids[0] != m.pid
+        before = m.count()
+        time.sleep(0.3)
+        assert m.count() > before  # it runs at the destination
+    finally:
+        rx.kill()
+        m.kill()
+        for pid in workload_pids(m.script):
+            os.kill(pid, 9)
+
+
+def test_exit_code_other_error_and_refused_at_restore(receiver: Receiver,
+                                                      tmp_path: pathlib.Path) -> None:
+    """1: another ctlive error (here the source's journal directory cannot be made), and
+    nothing moved. 5: the receiver refuses the container's spec at the restore, after the
+    final dump stopped the container: the container runs again at the source."""
+    from criu_harness import RuncBundle
+
+    (tmp_path / "afile").write_text("")
+    m = Mutator(tmp_path, mib=8)
+    try:
+        other = run("migrate", f"pid:{m.pid}", receiver.addr, "--key",
+                    str(tmp_path / "src.key"), "--policy", str(tmp_path / "policy.toml"),
+                    "--state", str(tmp_path / "afile" / "state"))
+        assert other.returncode == 1, other.stderr
+        assert "afile" in other.stderr
+        assert workload_pids(m.script) == [m.pid]
+    finally:
+        m.kill()
+    name = f"ctlive-cli-hook-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    box = RuncBundle(tmp_path, name)
+    try:
+        # The container asks for a hook (read at migrate time): this receiver allows none.
+        cfg = json.loads((box.bundle / "config.json").read_text())
+        cfg["hooks"] = {"prestart": [{"path": "/bin/true"}]}
+        (box.bundle / "config.json").write_text(json.dumps(cfg))
+        failed = receiver.migrate(f"runc:{name}")
+        assert failed.returncode == 5, failed.stderr
+        assert "restore-spec-refused" in failed.stderr and "hooks" in failed.stderr
+        state = subprocess.run(["runc", "state", name], capture_output=True, text=True)
+        assert json.loads(state.stdout)["status"] == "running"
+        before = box.count()
+        time.sleep(0.3)
+        assert box.count() > before
+        # Nothing of the refused copy is left at the receiver: no images, no bundle.
+        left = [p for p in receiver.state.rglob("*") if p.name != "journal.sqlite"
+                and not p.name.startswith("journal.sqlite") and p.name != "simulated-platform.pem"
+                and p.is_file()]
+        assert left == []
+    finally:
+        box.cleanup(str(receiver.state / "runc"))
