@@ -231,3 +231,76 @@ def test_materializing_refuses_a_non_empty_destination(shm: pathlib.Path) -> Non
 def test_unknown_labels_are_not_names(shm: pathlib.Path) -> None:
     with pytest.raises(DeltaFormatError, match="unsafe"):
         TreeSender({"../x": str(shm)})
+
+
+# --- a process tree's carried directories at the destination -------------------------
+
+def _varint_field(num: int, v: int) -> bytes:
+    from ctlive.images.criu_format import encode_varint
+
+    return encode_varint(num << 3) + encode_varint(v)
+
+
+def _bytes_field(num: int, b: bytes) -> bytes:
+    from ctlive.images.criu_format import encode_varint
+
+    return encode_varint(num << 3 | 2) + encode_varint(len(b)) + b
+
+
+def _files_img(d: pathlib.Path, files: list[tuple[str, int, int]]) -> None:
+    """A files.img of regular-file entries (path, size, st_mode), as CRIU writes it."""
+    from ctlive.backends.carry import FILES_MAGIC
+    from ctlive.images.criu_format import write_image
+
+    msgs = []
+    for i, (path, size, mode) in enumerate(files, 1):
+        reg = (_varint_field(1, i) + _varint_field(2, 0) + _varint_field(3, 0)
+               + _bytes_field(6, path.encode()) + _varint_field(8, size)
+               + _varint_field(10, mode))
+        msgs.append(_varint_field(1, 1) + _varint_field(2, i) + _bytes_field(3, reg))
+    write_image(d / "files.img", FILES_MAGIC, msgs)
+
+
+def test_open_files_are_checked_against_the_dump(shm: pathlib.Path) -> None:
+    from ctlive.backends.carry import check_open_files
+
+    data = shm / "data"
+    data.mkdir()
+    (data / "log").write_text("12345")
+    (shm / "elsewhere").write_text("x")
+    images = shm / "img"
+    images.mkdir()
+    _files_img(images, [(str(data / "log"), 5, 0o100644), ("/dev/null", 0, 0o20666)])
+    check_open_files(images, [str(data)])  # all there, sizes as dumped
+    _files_img(images, [(str(data / "log"), 9, 0o100644), (str(data / "gone"), 3, 0o100644),
+                        (str(shm / "elsewhere"), 2, 0o100644)])
+    with pytest.raises(RestoreError) as exc:
+        check_open_files(images, [str(data)])
+    msg = str(exc.value)
+    assert f"{data}/log (5 bytes here, 9 in the dump; carried)" in msg
+    assert f"{data}/gone (missing here; carried)" in msg
+    assert f"{shm}/elsewhere (1 bytes here, 2 in the dump; not carried" in msg
+
+
+def test_carried_directories_go_only_where_the_policy_allows(shm: pathlib.Path) -> None:
+    from ctlive.backends import RestorePolicy
+    from ctlive.backends.carry import carried_paths
+    from ctlive.errors import RestoreSpecError
+
+    state = shm / "state"
+    policy = RestorePolicy(allowed_carry_prefixes=(str(shm), "/var/lib"))
+    assert carried_paths([f"{shm}/a", f"{shm}/b"], policy, state) == [f"{shm}/a", f"{shm}/b"]
+    for paths, field, why in [
+            (["/etc/cron.d"], "carry[0]", "allowed_carry_prefixes"),
+            ([f"{shm}/../etc"], "carry[0]", "climbs out"),
+            (["relative"], "carry[0]", "not an absolute path"),
+            ([str(shm)], "carry[0]", "outside the places"),     # the prefix itself
+            ([f"{state}/x"], "carry[0]", "state directory"),
+            ([f"{shm}/a", f"{shm}/a/b"], "carry[1]", "overlaps another"),
+            (["/var/lib/ctlive-x"], "carry[0]", "not on a memory filesystem"),
+    ]:
+        with pytest.raises(RestoreSpecError, match=why) as exc:
+            carried_paths(paths, policy, state)
+        assert exc.value.field == field
+    # The default allows /tmp and /dev/shm, which are where user data lives in a guest.
+    assert carried_paths(["/dev/shm/x"], RestorePolicy(), state) == ["/dev/shm/x"]
