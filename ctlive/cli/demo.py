@@ -1,33 +1,33 @@
-"""``ctlive demo`` (a real migration on this machine) and ``ctlive bench``."""
+"""``ctlive demo`` (a real migration between two hosts of :mod:`ctlive.testing.hosts` on
+this machine, driven by ``ctlive serve`` and ``ctlive migrate``) and ``ctlive bench``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import pathlib
 import subprocess
 import sys
-import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
-import anyio
-
-from ctlive.attest import INSECURE_BANNER, SimulatedSnpPlatform, SnpPolicy, SnpVerifier
+from ctlive.attest import INSECURE_BANNER
 from ctlive.backends.criu import find_criu
-from ctlive.errors import ConfigError, Phase
-from ctlive.identity import Identity
-from ctlive.migration.convergence import Convergence
-from ctlive.migration.destination import serve
-from ctlive.migration.report import MigrationReport, ProgressEvent
-from ctlive.migration.source import migrate
-from ctlive.testing.memory import memory_dir
-from ctlive.testing.workloads import SampleService
+from ctlive.errors import ConfigError
+from ctlive.testing.hosts import Host, Network
+from ctlive.testing.hostservice import HostService
 
 __all__ = ["register", "run_demo"]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``ctlive demo`` and ``ctlive bench``."""
-    d = sub.add_parser("demo", help="migrate a sample workload on this machine (needs root)")
+    d = sub.add_parser("demo", help="migrate a sample TCP service between two hosts on this "
+                       "machine (needs root)")
     d.add_argument("--lanes", type=int, default=1)
     d.add_argument("--mib", type=int, default=32, help="workload size")
     d.add_argument("--json", action="store_true")
@@ -40,100 +40,149 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b.set_defaults(func=_bench)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        status = pathlib.Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "State:\tZ" not in status
+def _alive_in(host: Host, pid: int) -> bool:
+    """Whether ``pid`` (as ``host`` numbers it) runs there, not stopped and not a zombie."""
+    state = host.run(["sh", "-c", f"grep '^State:' /proc/{pid}/status"]).stdout.split()
+    return len(state) > 1 and state[1] in ("R", "S", "D")
 
 
-async def run_demo(*, lanes: int = 1, mib: int = 32, json_out: bool = False) -> MigrationReport:
-    """Run the demo; returns the report after checking the outcome."""
+class _Lines:
+    """A subprocess's stderr, echoed line by line with a prefix (plain, unwrapped)."""
+
+    def __init__(self, proc: subprocess.Popen[str], prefix: str, echo: Callable[[str], None]
+                 ) -> None:
+        self.lines: list[str] = []
+        assert proc.stderr is not None
+        self._stream, self._prefix, self._echo = proc.stderr, prefix, echo
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self._stream:
+            self.lines.append(line.rstrip("\n"))
+            self._echo(f"{self._prefix} {line.rstrip()}")
+
+    def wait_for(self, text: str, timeout: float, proc: subprocess.Popen[str]) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            for line in self.lines:
+                if text in line:
+                    return line
+            time.sleep(0.05)
+        raise ConfigError(f"{self._prefix} did not say {text!r}: "
+                          + " | ".join(self.lines[-5:]))
+
+
+def run_demo(*, lanes: int = 1, mib: int = 32, json_out: bool = False) -> dict[str, Any]:
+    """Run the demo on two hosts of :mod:`ctlive.testing.hosts`; returns the migration
+    report (as ``ctlive migrate --json`` prints it) after checking the outcome."""
     if os.geteuid() != 0:
         raise ConfigError("the demo needs root (CRIU checkpoints other processes)")
     find_criu()
-    from rich.console import Console
+    out = sys.stderr if json_out else sys.stdout
 
-    # soft_wrap: piped to a file, lines stay whole instead of breaking at 80 columns.
-    console = Console(stderr=json_out, soft_wrap=True)
-    console.print(f"[bold red]{INSECURE_BANNER}[/] (there is no SEV hardware here)")
-    work = pathlib.Path(tempfile.mkdtemp(prefix="ctlive-demo-", dir="/var/tmp"))
-    platform = SimulatedSnpPlatform()
-    verifier = SnpVerifier(SnpPolicy(measurements=[platform.measurement]),
-                           trusted_roots=[platform.trusted_root()])
-    src, dst = Identity.generate(), Identity.generate()
-    svc = SampleService(work, net=200 + os.getpid() % 50, mib=mib)
-    # The receiver's state: memory (a receiver refuses a disk), hidden from the workload.
-    rx_state = memory_dir("ctlive-demo-")
-    try:
-        console.print(f"workload: pid {svc.pid}, TCP service on {svc.ip}:7000 with {mib} MiB "
-                      f"of changing memory; a client on this host has one connection open "
-                      f"({len(svc.replies)} replies so far)")
-        async with anyio.create_task_group() as tg:
-            addr = await tg.start(lambda task_status: serve(
-                ("127.0.0.1", 0), identity=dst, provider=platform, allow={src.public_key},
-                state_dir=rx_state, task_status=task_status,
-                **svc.receiver_options()))
-            console.print(f"receiver (simulated SNP guest) listening on {addr[0]}:{addr[1]}")
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
 
-            def show(ev: ProgressEvent) -> None:
-                if ev.phase is not Phase.ITERATE:
-                    console.print(f"  {ev.phase:<10} {ev.bytes_done / 1e6:7.2f} MB sent")
-                    return
-                console.print(f"  {ev.phase:<10} iteration {ev.iteration}: "
-                              f"{ev.bytes_done / 1e6:7.2f} MB sent, dirty "
-                              f"{ev.dirty_rate / 1e6:6.1f} MB/s, predicted downtime "
-                              f"{ev.predicted_downtime * 1000:6.0f} ms")
-
-            report = await migrate(svc.workload(), addr, identity=src, attestation=verifier,
-                                   convergence=Convergence(max_downtime=0.3, max_iterations=6),
-                                   lanes=lanes, on_progress=show)
-            new_pid = int(report.destination_summary["restored_pid"])
+    say(f"{INSECURE_BANNER} (there is no SEV hardware here)")
+    ctlive = [sys.executable, "-m", "ctlive"]
+    with Network() as net:
+        a, b = net.host("host-a"), net.host("host-b")
+        say(f"two hosts on bridge {net.bridge} ({net.prefix}.0/24): host-a {a.ip} (source), "
+            f"host-b {b.ip} (destination, stands for the SEV-SNP guest); each has its own "
+            "network, mount, PID and UTS namespaces, private /tmp, /var/tmp and /run, and "
+            f"its own bridge {a.bridge} for its containers")
+        # Each side's files are its own host's (/run is private to each).
+        for h, name in ((a, "source"), (b, "receiver")):
+            h.path("/run/ctlive-demo").mkdir(mode=0o700, exist_ok=True)
+            r = h.run([*ctlive, "keygen", "-o", f"/run/ctlive-demo/{name}.key"])
+            if r.returncode:
+                raise ConfigError(f"keygen in {h.name} failed: {r.stderr.strip()}")
+        b.path("/run/ctlive-demo/allow.txt").write_text(
+            a.path("/run/ctlive-demo/source.key.pub").read_text())
+        serve = b.popen([*ctlive, "serve", "--listen", "0.0.0.0:7788",
+                         "--key", "/run/ctlive-demo/receiver.key",
+                         "--allow", "/run/ctlive-demo/allow.txt", "--state", "/run/ctlive",
+                         "--provider", "simulated",
+                         "--simulated-chain", "/run/ctlive-demo/chain.pem",
+                         *HostService.serve_args(b.bridge)],
+                        stderr=subprocess.PIPE, text=True)
+        svc: HostService | None = None
+        try:
+            _Lines(serve, "  [host-b serve]", say).wait_for("listening on", 60, serve)
+            # The source trusts this simulated platform only because its policy says so.
+            a.path("/run/ctlive-demo/chain.pem").write_bytes(
+                b.path("/run/ctlive-demo/chain.pem").read_bytes())
+            a.path("/run/ctlive-demo/policy.toml").write_text(
+                '[snp]\nallow_any_measurement = true\nsimulated_chain = "chain.pem"\n')
+            svc = HostService(a, f"{net.prefix}.100", mib=mib)
+            say(f"workload in host-a: pid {svc.host_pid} there, a TCP service on "
+                f"{svc.ip}:7000 with {mib} MiB of changing memory, its veth a port of "
+                f"host-a's {a.bridge}; a client outside every host has one connection open "
+                f"({len(svc.replies)} replies so far)")
+            target, *options = svc.migrate_args()
+            argv = [*ctlive, "migrate", target, f"{b.ip}:7788", *options,
+                    "--key", "/run/ctlive-demo/source.key",
+                    "--policy", "/run/ctlive-demo/policy.toml", "--state", "/run/ctlive-src",
+                    "--max-downtime", "0.3", "--max-iterations", "6", "--lanes", str(lanes),
+                    "--json"]
+            say("$ " + " ".join(argv[2:]) + "    (in host-a)")
+            mig = a.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            _Lines(mig, "  [host-a migrate]", say)  # its stderr; stdout is the report
+            assert mig.stdout is not None
+            stdout = mig.stdout.read()
+            mig.wait(timeout=600)
+            if mig.returncode != 0:
+                raise ConfigError(f"ctlive migrate exited {mig.returncode}")
+            report: dict[str, Any] = json.loads(stdout)
             handed_over = len(svc.replies)
-            with anyio.move_on_after(60):
-                while len(svc.replies) < handed_over + 20 and not svc.errors:
-                    await anyio.sleep(0.1)
-            tg.cancel_scope.cancel()
-        survived = not svc.errors and len(svc.replies) >= handed_over + 20
-        ok = survived and not _alive(svc.pid) and _alive(new_pid)
-        it = report.iterations
-        console.print(f"\nmigrated in {report.total_time:.2f} s, downtime "
-                      f"{report.downtime * 1000:.0f} ms ({len(it)} iterations)")
-        for i in it:
-            console.print(f"  iteration {i.index}{' (final)' if i.final else ''}: "
-                          f"{i.pages_changed}/{i.pages_total} pages changed, "
-                          f"{i.wire_bytes / 1e6:.2f} MB on the wire for "
-                          f"{i.image_bytes / 1e6:.1f} MB of image; CRIU frozen "
-                          f"{(i.frozen_time_us or 0) / 1000:.0f} ms")
-        for d in report.decisions:
-            console.print(f"  after iteration {d.after_iteration}: {d.reason}")
-        console.print(f"wire bytes {report.bytes_on_wire / 1e6:.2f} MB for "
-                      f"{report.image_bytes / 1e6:.1f} MB of dumped image; attestation: "
-                      f"{report.attestation.get('platform')}")
-        last = svc.replies[-1][1] if svc.replies else 0
-        console.print(
-            f"TCP client: {len(svc.replies)} replies, last {last}, longest gap "
-            f"{svc.max_gap() * 1000:.0f} ms, "
-            + ("no reset and no lost reply" if not svc.errors else f"ERRORS {svc.errors}"))
-        console.print(f"source pid {svc.pid} {'gone' if not _alive(svc.pid) else 'STILL RUNNING'}"
-                      f", restored pid {new_pid} {'running' if _alive(new_pid) else 'DEAD'}")
-        if not ok:
-            raise ConfigError("the demo's checks failed (see above)")
-        console.print("[bold green]OK[/]: the service moved and its client's connection "
-                      "survived")
-        if json_out:
-            print(report.to_json(indent=2))
-        return report
-    finally:
-        svc.cleanup()
-        subprocess.run(["rm", "-rf", str(work), str(rx_state)], check=False)
+            svc.wait_replies(20, timeout=60)
+            new_pid = int(report["destination_summary"]["restored_pid"])
+            survived = not svc.errors and len(svc.replies) >= handed_over + 20
+            src_gone = not _alive_in(a, svc.host_pid)
+            ok = survived and src_gone and _alive_in(b, new_pid)
+            _summary(say, report, svc)
+            say(f"source pid {svc.host_pid} in host-a {'gone' if src_gone else 'STILL RUNNING'}"
+                f", restored pid {new_pid} in host-b "
+                f"{'running' if _alive_in(b, new_pid) else 'NOT RUNNING'}")
+            if not ok:
+                raise ConfigError("the demo's checks failed (see above)")
+            say("OK: the service moved from host-a to host-b and its client's connection "
+                "survived")
+            if json_out:
+                print(json.dumps(report, indent=2))
+            return report
+        finally:
+            if svc is not None:
+                svc.cleanup()
+            serve.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                serve.wait(10)
+            serve.kill()
+
+
+def _summary(say: Callable[[str], None], report: dict[str, Any], svc: HostService) -> None:
+    it = report["iterations"]
+    say(f"\nmigrated in {report['total_time']:.2f} s, downtime "
+        f"{report['downtime'] * 1000:.0f} ms ({len(it)} iterations)")
+    for i in it:
+        say(f"  iteration {i['index']}{' (final)' if i['final'] else ''}: "
+            f"{i['pages_changed']}/{i['pages_total']} pages changed, "
+            f"{i['wire_bytes'] / 1e6:.2f} MB on the wire for "
+            f"{i['image_bytes'] / 1e6:.1f} MB of image; CRIU frozen "
+            f"{(i['frozen_time_us'] or 0) / 1000:.0f} ms")
+    for d in report["decisions"]:
+        say(f"  after iteration {d['after_iteration']}: {d['reason']}")
+    say(f"wire bytes {report['bytes_on_wire'] / 1e6:.2f} MB for "
+        f"{report['image_bytes'] / 1e6:.1f} MB of dumped image; attestation: "
+        f"{report['attestation'].get('platform')}")
+    last = svc.replies[-1][1] if svc.replies else 0
+    say(f"TCP client (outside every host): {len(svc.replies)} replies, last {last}, longest "
+        f"gap {svc.max_gap() * 1000:.0f} ms, "
+        + ("no reset and no lost reply" if not svc.errors else f"ERRORS {svc.errors}"))
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ctlive.cli.demo import run_demo
-
-    anyio.run(lambda: run_demo(lanes=args.lanes, mib=args.mib, json_out=args.json))
+    run_demo(lanes=args.lanes, mib=args.mib, json_out=args.json)
     return 0
 
 

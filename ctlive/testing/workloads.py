@@ -101,15 +101,11 @@ class SampleService:
         self.outer, self.outer2 = f"vh{net}a", f"vh{net}b"
         self.host_ip, self.ip = f"10.77.{net}.1", f"10.77.{net}.2"
         self.script = install_script(workdir / f"service-{os.getpid()}-{net}.py")
+        self._start()
+
+    def _start(self) -> None:
         self.pid = self.launch(self.command())
-        # The namespace's network: a veth whose inner end lives with the workload.
-        for cmd in (f"ip link add {self.outer} type veth peer name ceth0 netns {self.net_pid}",
-                    f"nsenter -t {self.net_pid} -n ip addr add {self.ip}/24 dev ceth0",
-                    f"nsenter -t {self.net_pid} -n ip link set ceth0 up",
-                    f"nsenter -t {self.net_pid} -n ip link set lo up",
-                    f"ip addr add {self.host_ip}/24 dev {self.outer}",
-                    f"ip link set {self.outer} up"):
-            subprocess.run(cmd.split(), check=True, capture_output=True)
+        self.plumb_network()
         self.replies: list[tuple[float, int]] = []
         self.probes: list[float] = []
         self.errors: list[str] = []
@@ -124,6 +120,16 @@ class SampleService:
         if not self.replies:
             self.cleanup()
             raise ConfigError(f"the sample service's client got no reply: {self.errors}")
+
+    def plumb_network(self) -> None:
+        """The namespace's network: a veth whose inner end lives with the workload."""
+        for cmd in (f"ip link add {self.outer} type veth peer name ceth0 netns {self.net_pid}",
+                    f"nsenter -t {self.net_pid} -n ip addr add {self.ip}/24 dev ceth0",
+                    f"nsenter -t {self.net_pid} -n ip link set ceth0 up",
+                    f"nsenter -t {self.net_pid} -n ip link set lo up",
+                    f"ip addr add {self.host_ip}/24 dev {self.outer}",
+                    f"ip link set {self.outer} up"):
+            subprocess.run(cmd.split(), check=True, capture_output=True)
 
     @property
     def net_pid(self) -> int:
