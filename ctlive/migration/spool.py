@@ -1,10 +1,11 @@
 """An encrypted spool for images larger than the guest's memory.
 
 A receiver keeps images in memory by default (inside an SEV-SNP guest that memory is
-encrypted). For a workload larger than memory it can spool to a disk, encrypted with a
-key made in the guest and never written anywhere: an ext4 filesystem with fscrypt v2 on a
-loop device (this kernel has no dm-crypt; a guest that has it can use LUKS with an
-ephemeral key the same way). :meth:`EncryptedSpool.close` removes the key from the
+encrypted), and :func:`check_state_dir` refuses a state directory on a disk. For a
+workload larger than memory it can spool to a disk, encrypted with a key made in the
+guest and never written anywhere: an ext4 filesystem with fscrypt v2 on a loop device
+(this kernel has no dm-crypt; a filesystem on a dm-crypt mapping, LUKS with an ephemeral
+key set up by the guest's operator, is accepted too). :meth:`EncryptedSpool.close` removes the key from the
 kernel, which makes every byte in the image unreadable, then unmounts and deletes it.
 
 The ioctls are the kernel's fscrypt UAPI (``linux/fscrypt.h``):
@@ -26,7 +27,8 @@ from collections.abc import Iterator
 
 from ctlive.errors import ConfigError, StorageError
 
-__all__ = ["EncryptedSpool", "check_state_dir", "closed_on_error", "memory_backed", "parse_size"]
+__all__ = ["EncryptedSpool", "check_state_dir", "closed_on_error", "dm_crypt_backed",
+           "memory_backed", "parse_size"]
 
 
 def _ioc(direction: int, nr: int, size: int) -> int:
@@ -143,17 +145,37 @@ def memory_backed(path: str | os.PathLike[str]) -> bool:
     return _fstype(path) in ("tmpfs", "ramfs")
 
 
-def _fstype(path: str | os.PathLike[str]) -> str:
+def _mount_of(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """(filesystem type, source device) of the mount holding ``path``."""
     p = os.path.realpath(path)
-    best, fstype = "", "?"
+    best, found = "", ("?", "")
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             mount_point = fields[4]
             if (p == mount_point or p.startswith(mount_point.rstrip("/") + "/")) and len(
                     mount_point) >= len(best):
-                best, fstype = mount_point, fields[fields.index("-") + 1]
-    return fstype
+                sep = fields.index("-")
+                best, found = mount_point, (fields[sep + 1], fields[sep + 2])
+    return found
+
+
+def _fstype(path: str | os.PathLike[str]) -> str:
+    return _mount_of(path)[0]
+
+
+def dm_crypt_backed(path: str | os.PathLike[str], sys_root: str = "/sys") -> bool:
+    """Whether ``path`` lies on a filesystem whose device is a dm-crypt mapping (LUKS or
+    plain): device-mapper's uuid of such a mapping starts with ``CRYPT-``."""
+    device = os.path.realpath(_mount_of(path)[1])
+    name = os.path.basename(device)
+    if not name.startswith("dm-"):
+        return False
+    try:
+        with open(os.path.join(sys_root, "block", name, "dm", "uuid")) as f:
+            return f.read().startswith("CRYPT-")
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -169,7 +191,8 @@ def closed_on_error(spool: EncryptedSpool | None) -> Iterator[None]:
 
 def check_state_dir(path: str | os.PathLike[str], spool: EncryptedSpool | None = None) -> None:
     """ConfigError unless a receiver may keep its state in ``path``: memory (tmpfs or
-    ramfs), or inside the open encrypted ``spool``. The state directory holds the
+    ramfs), a filesystem on a dm-crypt mapping (LUKS with an ephemeral key, set up by the
+    guest's operator), or inside the open encrypted ``spool``. The state directory holds the
     workload's memory images in plaintext; on a disk they would stay readable after the
     migration, outside the guest's encrypted memory."""
     real = os.path.realpath(path)
@@ -179,13 +202,14 @@ def check_state_dir(path: str | os.PathLike[str], spool: EncryptedSpool | None =
             raise ConfigError(f"the state directory {path} is not inside the open encrypted "
                               f"spool {spool.path}")
         return
-    if not memory_backed(path):
+    if not memory_backed(path) and not dm_crypt_backed(path):
         raise ConfigError(
             f"the receiver's state directory {path} is on a disk-backed filesystem "
             f"({_fstype(path)}): it would hold the workload's memory images in plaintext at "
             "rest. Give a directory on a tmpfs or ramfs (--state, e.g. /run/ctlive where /run "
             "is a tmpfs, or a tmpfs mounted for it), or an encrypted spool for images larger "
-            "than memory (ctlive serve --spool FILE --spool-size SIZE; serve(spool=...))")
+            "than memory (ctlive serve --spool FILE --spool-size SIZE; serve(spool=...)), or "
+            "a filesystem on a dm-crypt (LUKS) mapping")
 
 
 def parse_size(text: str | int) -> int:

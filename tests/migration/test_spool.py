@@ -54,3 +54,40 @@ def test_memory_check(tmp_path: pathlib.Path) -> None:
     assert memory_backed("/proc") is False
     with pytest.raises(ConfigError):
         EncryptedSpool(tmp_path / "tiny.img", 1 << 20)
+
+
+def test_sizes() -> None:
+    from ctlive.migration.spool import parse_size
+
+    assert parse_size("64G") == 64 << 30 and parse_size("512MiB") == 512 << 20
+    assert parse_size("65536") == 65536 and parse_size(4096) == 4096
+    assert parse_size("1.5k") == 1536
+    for bad in ("12Q", "", "G", "-1M", "0"):
+        with pytest.raises(ConfigError, match="not a size"):
+            parse_size(bad)
+
+
+def test_the_state_directory_must_be_memory_or_encrypted(tmp_path: pathlib.Path) -> None:
+    from ctlive.migration.spool import check_state_dir
+
+    check_state_dir("/dev/shm/some/state")  # need not exist yet
+    with pytest.raises(ConfigError, match="disk-backed") as info:
+        check_state_dir(tmp_path / "state")
+    assert "plaintext" in str(info.value) and "--spool" in str(info.value)
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_dm_crypt_mapping_is_recognized(tmp_path: pathlib.Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device-mapper names a dm-crypt mapping's uuid CRYPT-...; any other mapping (LVM,
+    a plain disk) is not encryption."""
+    from ctlive.migration import spool
+
+    sys_root = tmp_path / "sys"
+    for dm, uuid in (("dm-0", "CRYPT-LUKS2-0123-ctlive"), ("dm-1", "LVM-abcdef")):
+        (sys_root / "block" / dm / "dm").mkdir(parents=True)
+        (sys_root / "block" / dm / "dm" / "uuid").write_text(uuid + "\n")
+    for device, want in (("/dev/dm-0", True), ("/dev/dm-1", False), ("/dev/sda1", False),
+                         ("/dev/dm-7", False)):
+        monkeypatch.setattr(spool, "_mount_of", lambda _p, d=device: ("ext4", d))
+        assert spool.dm_crypt_backed("/x", sys_root=str(sys_root)) is want, device
