@@ -53,9 +53,10 @@ class Process(Backend):
                  carry: tuple[str, ...] | list[str] = ()) -> None:
         if pid <= 1:
             raise ConfigError(f"refusing to checkpoint pid {pid}")
-        self.carry = tuple(os.path.abspath(p) for p in carry)
+        # The real paths: CRIU records the files the tree holds open by those.
+        self.carry = tuple(os.path.realpath(p) for p in carry)
         for p in self.carry:
-            if not os.path.isdir(p) or os.path.islink(p):
+            if not os.path.isdir(p):
                 raise ConfigError(f"carry: {p} is not a directory")
         if not pathlib.Path(f"/proc/{pid}").exists():
             raise ConfigError(f"no process {pid}")
