@@ -11,5 +11,8 @@ no side effects; import what you need from them:
   ``FakeDestination``, a session handler playing a one-iteration destination;
 - ``ctlive.testing.hooks``: ``FaultHooks``, for ``serve(hooks=...)``, which runs a
   function when the receiver reaches a named stage (``STAGES``), e.g. to break it
-  there.
+  there;
+- ``ctlive.testing.memory``: ``memory_dir``, a directory on a tmpfs of its own for a
+  receiver's state (a receiver refuses a disk), and ``HIDE_MEMORY``, the shell prefix
+  that keeps that tmpfs out of a workload's mount namespace (and so out of its dumps).
 """

@@ -135,6 +135,21 @@ def test_migrate_a_runc_container(receiver: Receiver, tmp_path: pathlib.Path) ->
         assert subprocess.run(["runc", "state", name], capture_output=True).returncode != 0
         time.sleep(0.5)
         assert box.count() > before
+        # What is left: at the receiver only the running container's own (its bundle,
+        # runc's state, the journal); at the source no dump.
+        deadline = time.monotonic() + 10
+        while True:
+            tops = {p.relative_to(receiver.state).parts[0] for p in receiver.state.rglob("*")
+                    if p.is_file()}
+            if tops <= {"journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm",
+                        "simulated-platform.pem", "bundles", "runc"}:
+                break
+            assert time.monotonic() < deadline, tops
+            time.sleep(0.1)
+        assert {p.name for p in (receiver.state / "bundles").iterdir()} == {name}
+        status = run("status", "--state", str(tmp_path / "src-state"), "--all", "--json")
+        for e in json.loads(status.stdout):
+            assert not pathlib.Path(e["data"]["workdir"]).exists()
     finally:
         box.cleanup(str(receiver.state / "runc"))
 
