@@ -274,14 +274,22 @@ def _int(v: Any, lo: int, hi: int, label: str, what: str) -> int:
     return v
 
 
+def _fs_len(s: str, label: str) -> int:
+    """Bytes of ``s`` as a file name (undecodable bytes travel as surrogate escapes)."""
+    try:
+        return len(s.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        raise _bad(label, f"{s[:80]!r} is not a file name") from None
+
+
 def check_path(p: Any, label: str) -> str:
     """``p`` if it is a relative path without ``.``, ``..``, empty parts or NUL."""
-    if not isinstance(p, str) or not p or len(p.encode()) > _MAX_PATH or "\0" in p:
+    if not isinstance(p, str) or not p or _fs_len(p, label) > _MAX_PATH or "\0" in p:
         raise _bad(label, f"bad path {str(p)[:80]!r}")
     if p == ".":
         return p
     parts = p.split("/")
-    if any(c in ("", ".", "..") or len(c.encode()) > 255 for c in parts):
+    if any(c in ("", ".", "..") or _fs_len(c, label) > 255 for c in parts):
         raise _bad(label, f"path {p[:80]!r} is absolute or climbs out of the tree "
                           "('', '.' or '..' parts)")
     return p
@@ -340,8 +348,8 @@ def _entry(label: str, p: str, kind: str, d: dict[str, Any], kinds: dict[str, st
     xattrs = _xattr_list(label, where, d.get("x", []))
     if kind == "symlink":
         text = d.get("l")
-        if not isinstance(text, str) or not text or "\0" in text or len(
-                text.encode()) > _MAX_PATH:
+        if not isinstance(text, str) or not text or "\0" in text or _fs_len(
+                text, label) > _MAX_PATH:
             raise _bad(label, f"{where}: bad symlink target")
         return Entry(p, kind, mode, uid, gid, mtime, target=text, xattrs=xattrs)
     if kind == "dir":

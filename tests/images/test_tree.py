@@ -304,3 +304,18 @@ def test_carried_directories_go_only_where_the_policy_allows(shm: pathlib.Path) 
         assert exc.value.field == field
     # The default allows /tmp and /dev/shm, which are where user data lives in a guest.
     assert carried_paths(["/dev/shm/x"], RestorePolicy(), state) == ["/dev/shm/x"]
+
+
+def test_names_that_are_not_utf8_round_trip(shm: pathlib.Path) -> None:
+    src = shm / "src"
+    src.mkdir()
+    odd = os.fsdecode(b"caf\xe9")  # Latin-1 bytes, not UTF-8
+    (src / odd).write_text("x")
+    (src / "ln").symlink_to(odd)
+    rx = TreeReceiver(shm / "work")
+    send(TreeSender({"data": str(src)}), rx, final=True)
+    rx.materialize("data", shm / "dst")
+    assert sorted(os.listdir(os.fsencode(shm / "dst"))) == [b"caf\xe9", b"ln"]
+    bad = [ROOT, {**ROOT, "p": "\ud800"}]  # a lone surrogate names no file
+    with pytest.raises(DeltaFormatError, match="not a file name"):
+        rx.apply(manifest_item("data", bad))
