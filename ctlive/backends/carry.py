@@ -137,7 +137,8 @@ def open_files(images_dir: pathlib.Path) -> list[tuple[str, int]]:
                 or not isinstance(size[-1], int) or not name or not isinstance(name[0], bytes)
                 or reg.get(1, [None])[-1] in remapped):
             continue
-        mnt = reg.get(7, [-1])[-1]
+        raw = reg.get(7, [1])[-1]  # sint32, zigzag: absent means -1
+        mnt = (raw >> 1) ^ -(raw & 1) if isinstance(raw, int) else -1
         if mounts is not None and mnt not in mounts:
             continue
         try:
