@@ -25,6 +25,7 @@ import json
 import os
 import re
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "EMPTY_DIGEST",
     "MAX_ENTRIES",
     "MAX_EXTENTS",
+    "Blob",
     "Entry",
     "TreeSender",
     "decode_manifest",
@@ -132,16 +134,57 @@ def _xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
     return tuple((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)
 
 
+class Blob:
+    """A file's blob as read, in MAX_PART-sized chunks: in memory up to ``SPILL`` bytes,
+    beyond that in an unnamed temporary file (so one large changed file does not take
+    its size in memory)."""
+
+    SPILL = 64 << 20
+
+    def __init__(self) -> None:
+        self._mem: list[bytes] = []
+        self._held = 0
+        self._file: Any = None
+
+    def append(self, chunk: bytes) -> None:
+        """Add the next chunk (at most MAX_PART bytes)."""
+        if self._file is None and self._held + len(chunk) > self.SPILL:
+            # The source's own disk, like its dumps (/tmp may be memory); closed by close().
+            self._file = tempfile.TemporaryFile(  # noqa: SIM115
+                dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
+            for c in self._mem:
+                self._file.write(c)
+            self._mem = []
+        if self._file is not None:
+            self._file.write(chunk)
+        else:
+            self._mem.append(chunk)
+        self._held += len(chunk)
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._file is None:
+            yield from self._mem
+            return
+        self._file.seek(0)
+        while chunk := self._file.read(MAX_PART):
+            yield chunk
+
+    def close(self) -> None:
+        """Drop the data."""
+        self._mem = []
+        if self._file is not None:
+            self._file.close()
+
+
 def read_data(path: str, st: os.stat_result, *, keep: bool = True
-              ) -> tuple[Entry, list[bytes]]:
+              ) -> tuple[Entry, Blob]:
     """A regular file's entry and its blob (data extents, concatenated), read once so
-    that the two agree even while the file changes; the blob as MAX_PART-sized chunks
-    (none unless ``keep``)."""
+    that the two agree even while the file changes (empty unless ``keep``)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
     try:
         size = os.fstat(fd).st_size
         h = hashlib.blake2b(digest_size=32)
-        chunks: list[bytes] = []
+        chunks = Blob()
         got: list[tuple[int, int]] = []
         buf = bytearray()
         for off, length in _extents(fd, size):
@@ -176,7 +219,7 @@ def read_data(path: str, st: os.stat_result, *, keep: bool = True
 
 def scan(root: str | os.PathLike[str], *, with_data: bool = True,
          held: set[str] | frozenset[str] = frozenset(),
-         ) -> Iterator[tuple[Entry, list[bytes] | None]]:
+         ) -> Iterator[tuple[Entry, Blob | None]]:
     """Every entry of the tree at ``root``, parents before children, names sorted;
     regular files with their blob chunks (``with_data``), or None when their content
     is one of ``held`` (then only hashed, never held in memory). Mount points below
@@ -216,7 +259,7 @@ def scan(root: str | os.PathLike[str], *, with_data: bool = True,
                 if est.st_nlink > 1 and key in links:
                     yield Entry(rpath, "hardlink", target=links[key]), None
                     continue
-                chunks: list[bytes] | None = None
+                chunks: Blob | None = None
                 try:
                     if with_data:
                         e, _ = read_data(full, est, keep=False)
@@ -430,12 +473,16 @@ class TreeSender:
                         continue
                     known.add(e.digest)
                     off = 0
-                    for c in chunks:
-                        item = ChangeItem(ChangeKind.TREE_BLOB, e.digest, size=e.data_length,
-                                          offset=off, data=cctx.compress(c))
-                        off += len(c)
-                        self.bytes_sent += len(item.data)
-                        yield item
+                    try:
+                        for c in chunks:
+                            item = ChangeItem(ChangeKind.TREE_BLOB, e.digest,
+                                              size=e.data_length, offset=off,
+                                              data=cctx.compress(c))
+                            off += len(c)
+                            self.bytes_sent += len(item.data)
+                            yield item
+                    finally:
+                        chunks.close()
             manifests.append(entries)
             m = ChangeItem(ChangeKind.TREE_MANIFEST, label, data=encode_manifest(label, entries))
             self.bytes_sent += len(m.data)

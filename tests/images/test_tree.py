@@ -319,3 +319,28 @@ def test_names_that_are_not_utf8_round_trip(shm: pathlib.Path) -> None:
     bad = [ROOT, {**ROOT, "p": "\ud800"}]  # a lone surrogate names no file
     with pytest.raises(DeltaFormatError, match="not a file name"):
         rx.apply(manifest_item("data", bad))
+
+
+def test_a_large_changed_file_goes_through_a_spill_file(shm: pathlib.Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    from ctlive.images.tree import Blob
+
+    monkeypatch.setattr(Blob, "SPILL", 1 * MiB)
+    spills = []
+    real = tempfile.TemporaryFile
+
+    def counted(*a: object, **kw: object) -> object:
+        spills.append(kw.get("dir"))
+        return real(*a, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", counted)
+    src = shm / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(9 * MiB + 123))
+    rx = TreeReceiver(shm / "work")
+    send(TreeSender({"data": str(src)}), rx, final=True)
+    rx.materialize("data", shm / "dst")
+    assert (shm / "dst" / "big").read_bytes() == (src / "big").read_bytes()
+    assert spills == ["/var/tmp"]  # on disk, not in the source's memory
