@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import signal
 import sys
 from typing import Any
 
@@ -193,8 +194,18 @@ def _serve(args: argparse.Namespace) -> int:
         max_state_bytes=args.max_state_bytes, handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout)
 
+    async def stop_on_sigterm(scope: anyio.CancelScope) -> None:
+        # systemd stops a service with SIGTERM: shut down as on Ctrl-C, so that serve()
+        # closes its journal and removes the spool's key instead of dying with them.
+        with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                print("ctlive serve: SIGTERM, stopping", file=sys.stderr)
+                scope.cancel()
+                return
+
     async def run() -> None:
         async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_on_sigterm, tg.cancel_scope)
             addr = await tg.start(lambda task_status: serve(
                 args.listen, identity=Identity.load(args.key), provider=provider, allow=allow,
                 state_dir=args.state, limits=limits, ready_alert_after=args.ready_alert_after,

@@ -188,3 +188,51 @@ async def test_a_migration_into_the_encrypted_spool(
     finally:
         for p in workload_pids(script):
             os.kill(p, 9)
+
+
+def test_ctlive_serve_with_a_spool_removes_it_on_sigterm(tmp_path: pathlib.Path,
+                                                         memory_path: pathlib.Path) -> None:
+    """`ctlive serve --spool FILE --spool-size SIZE`: a migration lands in the spool, and
+    the SIGTERM systemd stops the service with removes the key, the mount and FILE."""
+    require_criu()
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CTLIVE, *args], capture_output=True, text=True, timeout=120)
+
+    for name in ("dst", "src"):
+        assert ctl("keygen", "-o", str(tmp_path / f"{name}.key")).returncode == 0
+    (tmp_path / "allow.txt").write_text((tmp_path / "src.key.pub").read_text())
+    image = tmp_path / "spool.img"
+    # The workload first: its mount namespace must not hold a copy of the spool's mount.
+    m = Mutator(tmp_path, mib=8)
+    rx = subprocess.Popen([CTLIVE, "serve", "--listen", "127.0.0.1:0", "--key",
+                           str(tmp_path / "dst.key"), "--allow", str(tmp_path / "allow.txt"),
+                           "--spool", str(image), "--spool-size", "96M", "--state",
+                           str(memory_path / "rx"), "--provider", "simulated",
+                           "--simulated-chain", str(tmp_path / "chain.pem")],
+                          stderr=subprocess.PIPE, text=True)
+    assert rx.stderr is not None
+    try:
+        banner = ""
+        while "listening on" not in banner:
+            assert rx.poll() is None, banner
+            banner += rx.stderr.readline()
+        addr = banner.rsplit("listening on ", 1)[1].split()[0]
+        (tmp_path / "policy.toml").write_text('[snp]\nallow_any_measurement = true\n'
+                                              'simulated_chain = "chain.pem"\n')
+        out = ctl("migrate", f"pid:{m.pid}", addr, "--key", str(tmp_path / "src.key"),
+                  "--policy", str(tmp_path / "policy.toml"), "--state",
+                  str(tmp_path / "src-state"), "--max-iterations", "2")
+        assert out.returncode == 0, out.stderr
+        assert image.is_file() and str(image) + ".mnt" in pathlib.Path("/proc/mounts").read_text()
+        rx.terminate()
+        assert rx.wait(timeout=30) == 0
+        assert "SIGTERM" in rx.stderr.read()
+        assert not image.exists() and not image.with_name("spool.img.mnt").exists()
+        assert str(image) + ".mnt" not in pathlib.Path("/proc/mounts").read_text()
+        pids = workload_pids(m.script)
+        assert len(pids) == 1 and pids[0] != m.pid  # the migrated copy runs on
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+        m.kill()
