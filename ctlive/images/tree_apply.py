@@ -326,6 +326,18 @@ def _mismatches(dirs: _Dirs, root: int, e: Entry, inodes: dict[str, int]) -> Ite
     if e.kind == "symlink":
         if os.readlink(name, dir_fd=pfd) != e.target:
             yield "symlink target"
+        for n, v in e.xattrs:
+            if os.getxattr(f"/proc/self/fd/{pfd}/{name}", n, follow_symlinks=False) != v:
+                yield f"xattr {n}"
+        return
+    if e.kind == "dir":
+        fd = os.dup(root) if e.path == "." else os.open(name, _OPEN_DIR, dir_fd=pfd)
+        try:
+            for n, v in e.xattrs:
+                if os.getxattr(fd, n) != v:
+                    yield f"xattr {n}"
+        finally:
+            os.close(fd)
         return
     if e.kind == "file":
         if st.st_size != e.size:

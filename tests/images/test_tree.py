@@ -51,6 +51,7 @@ def make_tree(root: pathlib.Path) -> None:
         f.write(b"middle" * 1000)
         f.seek(60 * MiB)
         f.write(b"end")
+    os.setxattr(root / "etc", "user.dir", b"too")
     os.chmod(root / "etc", 0o750)
     os.utime(root / "etc", ns=(1_000_000_000, 1_500_000_123))
 
@@ -91,6 +92,7 @@ def test_round_trip_keeps_links_modes_owners_xattrs_and_holes(shm: pathlib.Path)
     assert os.readlink(dst / "bin" / "sh") == "tool"
     assert os.readlink(dst / "escape") == "/etc"
     assert os.getxattr(dst / "etc" / "conf", "user.note") == b"kept"
+    assert os.getxattr(dst / "etc", "user.dir") == b"too"
     assert (dst / "etc" / "conf").stat().st_uid == 1234
     assert (dst / "etc").stat().st_mtime_ns == 1_500_000_123
     sparse = (dst / "sparse.img").stat()
