@@ -5,8 +5,9 @@ encrypted), and :func:`check_state_dir` refuses a state directory on a disk. For
 workload larger than memory it can spool to a disk, encrypted with a key made in the
 guest and never written anywhere: an ext4 filesystem with fscrypt v2 on a loop device
 (this kernel has no dm-crypt; a filesystem on a dm-crypt mapping, LUKS with an ephemeral
-key set up by the guest's operator, is accepted too). :meth:`EncryptedSpool.close` removes the key from the
-kernel, which makes every byte in the image unreadable, then unmounts and deletes it.
+key set up by the guest's operator, is accepted too). :meth:`EncryptedSpool.close`
+removes the key from the kernel, which makes every byte in the image unreadable, then
+unmounts and deletes it.
 
 The ioctls are the kernel's fscrypt UAPI (``linux/fscrypt.h``):
 ``FS_IOC_ADD_ENCRYPTION_KEY`` (a 64-byte raw key, identified by the kernel),
