@@ -26,7 +26,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -445,20 +445,25 @@ def _xattr_list(label: str, where: str, value: Any) -> tuple[tuple[str, bytes], 
 @attrs.define
 class TreeSender:
     """The source's view of its carried trees across iterations: which blobs the
-    destination holds. ``trees`` maps labels to root directories."""
+    destination holds. ``trees`` maps labels to root directories, or is a function that
+    returns them, asked on the first :meth:`items` (inside the migration's phases)."""
 
-    trees: dict[str, str]
+    trees: dict[str, str] | Callable[[], dict[str, str]]
     held: set[str] = attrs.field(factory=lambda: {EMPTY_DIGEST})
     bytes_sent: int = 0
     """Change-item data bytes of the last :meth:`items` (blobs and manifests)."""
 
     def __attrs_post_init__(self) -> None:
-        for label in self.trees:
-            safe_name(label)
+        if isinstance(self.trees, dict):
+            for label in self.trees:
+                safe_name(label)
 
     def items(self) -> Iterator[ChangeItem]:
         """This iteration's change items: blobs the destination lacks, then a manifest
         per tree. Call once per iteration (the final one once the workload is frozen)."""
+        if not isinstance(self.trees, dict):
+            self.trees = self.trees()
+            self.__attrs_post_init__()
         cctx = zstandard.ZstdCompressor(level=3, write_content_size=True)
         self.bytes_sent = 0
         manifests = []

@@ -32,7 +32,7 @@ async def _next_item(gen: Iterator[ImageChange]) -> ImageChange | None:
 def tree_sender(workload: object) -> TreeSender:
     """The sender of ``workload``'s carried trees (none for a workload that is not one
     of ctlive's backends)."""
-    return TreeSender(workload.carried_trees() if isinstance(workload, Backend) else {})
+    return TreeSender(workload.carried_trees if isinstance(workload, Backend) else {})
 
 
 async def send_iteration(s: Session, k: int, final: bool, prev: pathlib.Path | None,
