@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -202,3 +203,26 @@ def test_every_parameter_has_a_knob() -> None:
         for param in _parameters(obj) & set(knobs):
             assert knobs[param] in dests[command], \
                 f"{name}({param}): ctlive {command} has no option {knobs[param]}"
+
+
+def test_options_checked_before_anything_runs(tmp_path: pathlib.Path) -> None:
+    """Exit 2 and a message naming the option, for settings that the file's types cannot
+    catch: a --metrics address, options only a pid: target takes, a disk --state."""
+    key, policy = tmp_path / "k", tmp_path / "p.toml"
+    subprocess.run([CTLIVE, "keygen", "-o", str(key)], check=True, capture_output=True)
+    policy.write_text("[snp]\nallow_any_measurement = true\n")
+    base = ["--key", str(key), "--policy", str(policy), "--state", str(tmp_path / "src")]
+    for target, extra, message in [
+        (f"pid:{os.getpid()}", ["--metrics", "nowhere"], "--metrics"),
+        ("runc:web", ["--external", "veth[eth0]:vh0"], "go with a pid: TARGET"),
+        ("podman:db", ["--carry", str(tmp_path)], "go with a pid: TARGET"),
+        ("podman:db", ["--no-carry-rootfs"], "--no-carry-rootfs goes with a runc: TARGET"),
+    ]:
+        out = subprocess.run([CTLIVE, "migrate", target, "127.0.0.1:9", *base, *extra],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and message in out.stderr, (target, out.stderr)
+    serve = subprocess.run([CTLIVE, "serve", "--key", str(key), "--allow", str(key),
+                            "--state", str(tmp_path / "rx"), "--external-map", "veth0"],
+                           capture_output=True, text=True)
+    assert serve.returncode == 2 and "disk-backed" in serve.stderr
+    assert not (tmp_path / "rx").exists()

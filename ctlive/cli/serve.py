@@ -158,9 +158,10 @@ def _serve(args: argparse.Namespace) -> int:
         from ctlive.attest import INSECURE_BANNER, SimulatedSnpPlatform
         from ctlive.fs import private_dir
 
-        # Kept in the state directory: a restarted receiver presents the same chain.
-        platform = SimulatedSnpPlatform(
-            key_file=private_dir(args.state) / "simulated-platform.pem")
+        # Kept in the state directory: a restarted receiver presents the same chain. With a
+        # spool nothing survives a restart (and --state may be a disk): in memory only.
+        platform = SimulatedSnpPlatform(key_file=None if args.spool is not None else
+                                        private_dir(args.state) / "simulated-platform.pem")
         if args.simulated_chain is not None:
             platform.write_chain(args.simulated_chain)
         print(f"{INSECURE_BANNER}: ctlive serve --provider simulated attests with a "
