@@ -346,3 +346,30 @@ def test_a_large_changed_file_goes_through_a_spill_file(shm: pathlib.Path,
     rx.materialize("data", shm / "dst")
     assert (shm / "dst" / "big").read_bytes() == (src / "big").read_bytes()
     assert spills == ["/var/tmp"]  # on disk, not in the source's memory
+
+
+def _part(digest: str, size: int, offset: int, data: bytes) -> ChangeItem:
+    z = zstandard.ZstdCompressor(write_content_size=True).compress(data)
+    return decode_change(encode_change(
+        ChangeItem(ChangeKind.TREE_BLOB, digest, size=size, offset=offset, data=z)))
+
+
+def test_overlapping_or_missing_blob_parts_are_refused(shm: pathlib.Path) -> None:
+    rx = TreeReceiver(shm / "work")
+    rx.apply(_part("ab" * 32, 8, 0, b"abcd"))
+    with pytest.raises(DeltaFormatError, match="overlaps"):
+        rx.apply(_part("ab" * 32, 8, 2, b"cdef"))
+    with pytest.raises(DeltaFormatError, match="sizes"):
+        rx.apply(_part("ab" * 32, 9, 4, b"efgh"))
+    # The iteration ends with the blob half received.
+    with pytest.raises(DeltaFormatError, match="incomplete"):
+        rx.end_iteration(False)
+
+
+def test_every_iteration_carries_the_same_trees(shm: pathlib.Path) -> None:
+    (shm / "a").mkdir()
+    (shm / "b").mkdir()
+    rx = TreeReceiver(shm / "work")
+    send(TreeSender({"one": str(shm / "a")}), rx)
+    with pytest.raises(DeltaFormatError, match="in the first"):
+        send(TreeSender({"one": str(shm / "a"), "two": str(shm / "b")}), rx)
