@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 import re
 import resource
+import shutil
 import subprocess
 import time
 from typing import Any
 
+import anyio
+
+from ctlive.backends import carry, netns
 from ctlive.backends.criu import run_runtime
 from ctlive.backends.liveread import live_read_dump
 from ctlive.backends.restore import (
@@ -33,9 +38,10 @@ from ctlive.backends.restore import (
     write_private,
 )
 from ctlive.backends.workload import Backend, DumpMethod, DumpResult, Restored
-from ctlive.errors import CheckpointError, CtliveError, Phase
+from ctlive.errors import CheckpointError, CtliveError, Phase, RestoreError
 from ctlive.fs import private_dir
 from ctlive.images.criu_format import read_stats
+from ctlive.images.tree_apply import TreeReceiver
 
 __all__ = [
     "RuncContainer",
@@ -50,17 +56,52 @@ class RuncContainer(Backend):
     Iterations use ``--leave-running``. The final dump first pauses the container
     (cgroup freezer) and then checkpoints it, so it stays frozen and ``resume()``
     (``runc resume``) can bring it back if the migration fails.
+
+    A container that joins a named network namespace (``/run/netns/NAME`` in its
+    config) keeps its TCP connections: the namespace is described in the restore spec
+    and rebuilt at the destination (:mod:`ctlive.backends.netns`), and its veths' outer
+    ends go down from the final dump on (up again on ``resume()``; the namespace is
+    deleted by ``kill()``).
     """
 
     kind = "runc"
 
     def __init__(self, container_id: str, *, root: str | None = None,
-                 live_read: bool = True) -> None:
+                 live_read: bool = True, tcp_established: bool | None = None,
+                 carry_rootfs: bool = True) -> None:
         self.id = container_id
         self.root = root
+        self.carry_rootfs = carry_rootfs
+        """Pre-copy the bundle's rootfs with the memory (:mod:`ctlive.images.tree`); the
+        destination restores from that copy, in a bundle of its own. False: the
+        destination must already hold the rootfs at the same path, in its store."""
+        self.tcp_established = tcp_established
+        """Checkpoint and restore established TCP connections (``--tcp-established``);
+        None: when the container joins a named network namespace, the only case in
+        which they can survive the move."""
         self.live_read = live_read
         """Pre-copy by reading the container's memory while it runs (no freeze) instead
         of ``runc checkpoint --leave-running``."""
+
+    def _config(self) -> dict[str, Any]:
+        state = json.loads(subprocess.run(
+            ["runc"] + (["--root", self.root] if self.root else []) + ["state", self.id],
+            capture_output=True, check=True).stdout)
+        config: dict[str, Any] = json.loads(
+            (pathlib.Path(state["bundle"]) / "config.json").read_text())
+        config["__bundle"] = state["bundle"]
+        return config
+
+    def _netns(self) -> str | None:
+        """The named network namespace the container joins, if any."""
+        for ns in (self._config().get("linux") or {}).get("namespaces") or []:
+            if ns.get("type") == "network" and ns.get("path"):
+                return netns.netns_name(ns["path"])
+        return None
+
+    def _tcp(self) -> list[str]:
+        tcp = self.tcp_established
+        return ["--tcp-established"] if tcp or (tcp is None and self._netns()) else []
 
     async def _state(self) -> dict[str, Any]:
         data = json.loads(await run_runtime(["state", self.id], phase=Phase.ITERATE,
@@ -76,10 +117,15 @@ class RuncContainer(Backend):
         if not final and self.live_read:
             return await live_read_dump(int((await self._state())["pid"]), images_dir)
         t = time.monotonic()
+        name = self._netns()
+        if final and name:
+            # CRIU lifts its network lock after a --leave-running dump: keep packets off
+            # the frozen sockets (their kernel would ACK what the destination never sees).
+            await netns.set_links(netns.describe(name), up=False)
         if final:
             await run_runtime(["pause", self.id], phase=phase, root=self.root)
         await run_runtime(["checkpoint", "--image-path", str(images_dir), "--work-path",
-                           str(images_dir), "--leave-running", self.id],
+                           str(images_dir), "--leave-running", *self._tcp(), self.id],
                           phase=phase, root=self.root)
         stats = None
         with contextlib.suppress(Exception):
@@ -89,34 +135,70 @@ class RuncContainer(Backend):
 
     async def _resume(self) -> None:
         await run_runtime(["resume", self.id], phase=Phase.ABORT, root=self.root)
+        name = self._netns()
+        if name:
+            await netns.set_links(netns.describe(name), up=True, phase=Phase.ABORT)
 
     async def _kill(self) -> None:
+        name = self._netns()
+        ns = netns.describe(name) if name else None
         await run_runtime(["delete", "--force", self.id], phase=Phase.COMMIT, root=self.root)
+        if ns is not None:  # the copy at the destination owns its addresses now
+            await netns.remove(ns)
+
+    def carried_trees(self) -> dict[str, str]:
+        if not self.carry_rootfs:
+            return {}
+        try:
+            config = self._config()
+            return {"rootfs": os.path.realpath(pathlib.Path(config["__bundle"])
+                                               / config["root"]["path"])}
+        except (subprocess.CalledProcessError, OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"cannot find the rootfs of runc container {self.id}: "
+                                  f"{exc}", phase=Phase.ITERATE) from exc
 
     def restore_spec(self) -> dict[str, Any]:
-        state = json.loads(subprocess.run(
-            ["runc"] + (["--root", self.root] if self.root else []) + ["state", self.id],
-            capture_output=True, check=True).stdout)
-        bundle = pathlib.Path(state["bundle"])
-        config = json.loads((bundle / "config.json").read_text())
+        config = self._config()
+        bundle = pathlib.Path(config.pop("__bundle"))
         rootfs = pathlib.Path(config["root"]["path"])
         if not rootfs.is_absolute():
             rootfs = bundle / rootfs
-        return {"id": self.id, "config": config, "rootfs": str(rootfs)}
+        spec: dict[str, Any] = {"id": self.id, "config": config, **(
+            {"carry": "rootfs"} if self.carry_rootfs else {"rootfs": str(rootfs)})}
+        name = self._netns()
+        if name:
+            spec["network"] = netns.describe(name).as_dict()
+        spec["tcp_established"] = bool(self._tcp())
+        return spec
 
 
 class _RuncRestored(Restored):
-    """A runc container restored stopped: discarding it also deletes the container."""
+    """A runc container restored stopped: discarding it also deletes the container (and
+    the network namespace rebuilt for it); resuming it announces its addresses."""
 
-    def __init__(self, pid: int, root: str, container_id: str) -> None:
+    def __init__(self, pid: int, root: str, container_id: str,
+                 network: dict[str, Any] | None = None) -> None:
         super().__init__(pid, container_id=container_id)
         self._root = root
+        self._netns = netns.parse(network) if network is not None else None
+
+    @property
+    def network(self) -> dict[str, Any] | None:
+        """The rebuilt namespace, as JSON (for the receiver's journal)."""
+        return self._netns.as_dict() if self._netns is not None else None
+
+    async def resume(self) -> None:
+        await super().resume()
+        if self._netns is not None:  # traffic may come here now: the source copy is gone
+            await netns.announce(self._netns)
 
     async def discard(self) -> None:
         await super().discard()
         with contextlib.suppress(CtliveError):
             await run_runtime(["delete", "--force", self._id or ""], phase=Phase.ABORT,
                               root=self._root)
+        if self._netns is not None:
+            await netns.remove(self._netns)
 
 
 # --- the receiver's config: its own template, and what it takes from the source ---
@@ -150,17 +232,32 @@ def runc_restore_config(spec: dict[str, Any], policy: RestorePolicy, *, store: p
     mappings, hostname, extra masked and read-only paths, memory/cpu/pids limits and
     seccomp profile; hooks and devices only as ``policy`` allows. The rootfs must be in
     ``store``; the cgroup (``/ctlive/ID-MIGRATION``) and the CRIU config
-    (``bundles/ID/criu.conf``) are the receiver's. Everything else is dropped."""
-    only_keys(obj(spec, "spec"), ("id", "config", "rootfs"), "")
+    (``bundles/ID/criu.conf``) are the receiver's. A ``network`` description
+    (:func:`ctlive.backends.netns.parse`) makes the container join the named network
+    namespace the receiver rebuilds from it. Everything else is dropped."""
+    only_keys(obj(spec, "spec"), ("id", "config", "rootfs", "network", "tcp_established",
+                                  "carry"), "")
+    net = netns.parse(spec["network"]) if spec.get("network") is not None else None
+    if "tcp_established" in spec:
+        boolean(spec["tcp_established"], "tcp_established")
     cid = string(spec.get("id"), "id", max_len=64, pattern=_ID)
     src = obj(spec.get("config"), "config")
-    rootfs = in_store(spec.get("rootfs"), "rootfs", store)
+    if spec.get("carry") not in (None, "rootfs"):
+        refuse("carry", "carry must be \"rootfs\" (the carried rootfs) or absent")
+    # A carried rootfs is rebuilt in the receiver's own bundle: root.path is relative.
+    rootfs = pathlib.Path("rootfs") if spec.get("carry") else in_store(
+        spec.get("rootfs"), "rootfs", store)
     linux = obj(src.get("linux") or {}, "config.linux")
     root = obj(src.get("root") or {}, "config.root")
     hooks = check_hooks(src, policy, "config.")
     nodes, rules = check_devices(linux, policy, "config.")
+    own: tuple[str, ...] = (f"{netns.NETNS_DIR}/{net.name}",) if net is not None else ()
+    namespaces = check_namespaces(linux, policy, "config.", runtime_paths=own)
+    if net is not None:  # the namespace this receiver rebuilt, whatever the config says
+        namespaces = [n for n in namespaces if n["type"] != "network"]
+        namespaces.append({"type": "network", "path": own[0]})
     out_linux: dict[str, Any] = {
-        "namespaces": check_namespaces(linux, policy, "config."),
+        "namespaces": namespaces,
         "resources": _resources(obj(linux.get("resources") or {}, "config.linux.resources"),
                                 rules),
         "maskedPaths": _paths(_MASKED, linux.get("maskedPaths"), "config.linux.maskedPaths"),
@@ -307,22 +404,56 @@ def _seccomp(sc: dict[str, Any], policy: RestorePolicy) -> dict[str, Any]:
 
 
 async def restore_runc(images_dir: pathlib.Path, spec: dict[str, Any],
-                       external_map: dict[str, str], policy: RestorePolicy) -> Restored:
+                       external_map: dict[str, str], policy: RestorePolicy, *,
+                       trees: TreeReceiver | None = None) -> Restored:
     """Restore a runc container stopped, into a bundle of the receiver's own: the config
     :func:`runc_restore_config` builds (nothing is written before the spec passed), and
-    a CRIU config that says ``leave-stopped``."""
+    a CRIU config that says ``leave-stopped``. A carried rootfs (``trees``) is rebuilt
+    and verified as ``BUNDLE/rootfs`` first."""
     # Outside the per-migration directory, which is wiped after COMMIT; the container
     # keeps running from them.
     state_dir = images_dir.parent.parent
     bundles = state_dir / "bundles"
     cid, config = runc_restore_config(spec, policy, store=policy.store_for(state_dir),
                                       bundles=bundles, migration=images_dir.parent.name)
+    net = netns.parse(spec["network"]) if spec.get("network") is not None else None
     bundle = private_dir(bundles / cid)
+    await _carry_rootfs(bundle, cid, spec, trees, str(state_dir / "runc"))
     write_private(bundle / "criu.conf", "leave-stopped\n")
     write_private(bundle / "config.json", json.dumps(config))
     root = str(state_dir / "runc")
-    await run_runtime(["restore", "--detach", "--image-path", str(images_dir), "--work-path",
-                       str(images_dir), "--bundle", str(bundle), cid], phase=Phase.RESTORE,
-                      root=root)
-    state = json.loads(await run_runtime(["state", cid], phase=Phase.RESTORE, root=root))
-    return _RuncRestored(int(state["pid"]), root, cid)
+    tcp = ["--tcp-established"] if spec.get("tcp_established") else []
+    if net is not None:  # before the restore: CRIU reconnects the sockets inside it
+        await netns.rebuild(net, policy.bridge_for)
+    try:
+        await run_runtime(["restore", "--detach", "--image-path", str(images_dir),
+                           "--work-path", str(images_dir), *tcp, "--bundle", str(bundle), cid],
+                          phase=Phase.RESTORE, root=root)
+        state = json.loads(await run_runtime(["state", cid], phase=Phase.RESTORE, root=root))
+    except BaseException:
+        if spec.get("carry"):
+            shutil.rmtree(bundle / "rootfs", ignore_errors=True)
+        if net is not None:
+            with anyio.CancelScope(shield=True):
+                await netns.remove(net)
+        raise
+    return _RuncRestored(int(state["pid"]), root, cid, net.as_dict() if net else None)
+
+
+async def _carry_rootfs(bundle: pathlib.Path, cid: str, spec: dict[str, Any],
+                        trees: TreeReceiver | None, root: str) -> None:
+    """Rebuild and verify the carried rootfs as ``bundle/rootfs`` (one a discarded copy
+    left there goes first, unless a container of that id runs here)."""
+    carry.expect_trees(trees, {"rootfs"} if spec.get("carry") else set())
+    if trees is None or not spec.get("carry"):
+        return
+    try:
+        await run_runtime(["state", cid], phase=Phase.RESTORE, root=root)
+    except CtliveError:
+        pass  # none of that id: what is left in the bundle is a discarded copy's
+    else:
+        raise RestoreError(f"a runc container {cid} already runs on this receiver",
+                           phase=Phase.RESTORE)
+    await anyio.to_thread.run_sync(shutil.rmtree, bundle / "rootfs", True)
+    await anyio.to_thread.run_sync(carry.materialize_carried, trees,
+                                   {"rootfs": str(bundle / "rootfs")})

@@ -1,0 +1,270 @@
+"""A runc container keeps its TCP connection when it moves between two hosts of
+`ctlive.testing.hosts`.
+
+The container joins a named network namespace of host A (`/run/netns/NAME`, its veth's
+outer end a port of host A's `br0`); a client on the shared bridge outside every host
+sends a request every 50 ms over one connection while the container moves to host B
+(the source inside host A, the receiver a process of its own inside host B). The
+container also appends a line to a file in its rootfs every 50 ms. Afterwards: no reset,
+no lost reply, the connection is held by host B's copy (its socket, and the shared
+bridge forwards the container's MAC to host B), host A runs no container and has no
+namespace left, and the file has every line once and goes on growing.
+
+Run as `python test_runc_tcp_hosts.py receiver|source CONFIG_JSON` it is one of the two
+processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.criu
+PORT = 9000
+SRC_KEY, DST_KEY = bytes(range(1, 33)), bytes(range(33, 65))
+# Replies echo the request; the appender writes one numbered line per 50 ms.
+SERVER = "#!/bin/sh\nwhile read l; do echo \"$l\"; done\n"
+MAIN = ("i=0; (while true; do i=$((i+1)); echo $i >> /data/log; sleep 0.05; done) & "
+        f"exec nc -l -p {PORT} -e /bin/srv")
+
+
+class Client:
+    """One connection; a request every 50 ms, each reply checked, gaps measured."""
+
+    def __init__(self, addr: tuple[str, int]) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.sock = socket.create_connection(addr, timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"nothing listens on {addr}"
+                time.sleep(0.1)
+        self.sock.settimeout(30)
+        self.replies: list[float] = []
+        self.error: str | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        f = self.sock.makefile("rb")
+        n = 0
+        try:
+            while not self.stop.is_set():
+                n += 1
+                self.sock.sendall(f"{n}\n".encode())
+                line = f.readline()
+                if line != f"{n}\n".encode():
+                    self.error = f"request {n} got {line!r}"
+                    return
+                self.replies.append(time.monotonic())
+                time.sleep(0.05)
+        except OSError as exc:
+            self.error = f"request {n}: {type(exc).__name__}: {exc}"
+
+    def longest_gap(self) -> float:
+        return max(b - a for a, b in zip(self.replies, self.replies[1:], strict=False))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=35)
+        self.sock.close()
+
+
+def _make_rootfs(rootfs: pathlib.Path) -> None:
+    busybox = shutil.which("busybox")
+    assert busybox is not None
+    for d in ("bin", "tmp", "proc", "dev", "sys", "data"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy(busybox, rootfs / "bin" / "busybox")
+    for tool in ("sh", "sleep", "nc", "cat"):
+        (rootfs / "bin" / tool).symlink_to("busybox")
+    (rootfs / "bin" / "srv").write_text(SERVER)
+    (rootfs / "bin" / "srv").chmod(0o755)
+
+
+def _make_bundle(bundle: pathlib.Path, inside: str, netns: str) -> None:
+    """A bundle at ``bundle`` (seen from here) whose rootfs is ``inside``/rootfs in its
+    host."""
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["process"]["terminal"] = False
+    cfg["process"]["args"] = ["sh", "-c", MAIN]
+    cfg["root"] = {"path": f"{inside}/rootfs", "readonly": False}
+    for ns in cfg["linux"]["namespaces"]:
+        if ns["type"] == "network":
+            ns["path"] = f"/run/netns/{netns}"
+    (bundle / "config.json").write_text(json.dumps(cfg))
+
+
+def _lines(text: str) -> list[int]:
+    return [int(x) for x in text.split()]
+
+
+def _container_net(host: Any, cid: str, addr: str, gateway: str) -> str:
+    """Named namespace ``cid`` in ``host``, its veth's outer end on the host's br0;
+    returns the veth's MAC."""
+    for argv in (["netns", "add", cid],
+                 ["link", "add", f"v{cid}", "type", "veth", "peer", "name", "eth0", "netns",
+                  cid],
+                 ["link", "set", f"v{cid}", "master", host.bridge, "up"],
+                 ["-n", cid, "link", "set", "lo", "up"],
+                 ["-n", cid, "addr", "add", f"{addr}/24", "dev", "eth0"],
+                 ["-n", cid, "link", "set", "eth0", "up"],
+                 ["-n", cid, "route", "add", "default", "via", gateway]):
+        host.run(["ip", *argv], check=True)
+    out = host.run(["ip", "-n", cid, "-j", "link", "show", "eth0"], check=True).stdout
+    return str(json.loads(out)[0]["address"])
+
+
+def test_runc_keeps_tcp_between_two_hosts(anyio_backend: str, tmp_path: pathlib.Path) -> None:
+    loop = anyio_backend  # the loop both processes run under
+    from criu_harness import require_criu
+
+    require_criu()
+    if shutil.which("busybox") is None or shutil.which("runc") is None:
+        pytest.skip("runc or busybox-static missing: run scripts/install-criu")
+    from ctlive.attest import SimulatedSnpPlatform
+    from ctlive.testing.hosts import Network
+
+    # Control files outside /tmp (the hosts' /tmp are private, the machine's root is
+    # shared); the container's bundle in host A's own /var/tmp, which host B cannot see.
+    shared = pathlib.Path("/var/lib") / f"ctlive-tcp-{os.getpid()}-{loop}"
+    ctl = shared / "ctl"
+    ctl.mkdir(parents=True)
+    cid = f"tcp{os.getpid()}"
+    inside = f"/var/tmp/{cid}"
+    platform = shared / "platform.pem"
+    SimulatedSnpPlatform(key_file=platform)
+    me = str(pathlib.Path(__file__).resolve())
+    client = None
+    try:
+        with Network(index=246 if loop == "asyncio" else 245) as net:
+            a, b = net.host("host-a"), net.host("host-b")
+            bundle = a.path(inside)
+            _make_rootfs(bundle / "rootfs")
+            _make_bundle(bundle, inside, cid)
+            addr = f"{net.prefix}.100"
+            mac = _container_net(a, cid, addr, net.gateway)
+            # stdio on /dev/null: a host log file would be outside the container's mounts.
+            assert a.popen(["runc", "run", "--detach", "--bundle", inside, cid],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
+            client = Client((addr, PORT))
+            time.sleep(0.5)
+            rx = {"ctl": str(ctl), "platform": str(platform), "key": DST_KEY.hex(),
+                  "allow": SRC_KEY.hex(), "state": "/run/ctlive", "loop": loop}
+            receiver = b.popen([sys.executable, me, "receiver", json.dumps(rx)])
+            deadline = time.monotonic() + 30
+            while not (ctl / "rx-addr.json").exists():
+                assert time.monotonic() < deadline and receiver.poll() is None, \
+                    "the receiver did not start"
+                time.sleep(0.05)
+            src = {"ctl": str(ctl), "platform": str(platform), "id": cid,
+                   "destination": [b.ip, 7788], "key": SRC_KEY.hex(),
+                   "state": "/run/ctlive-src", "loop": loop}
+            out = a.run([sys.executable, me, "source", json.dumps(src)], timeout=180)
+            result = json.loads((ctl / "src-result.json").read_text())
+            assert result["ok"], (result, out.stderr[-3000:])
+            time.sleep(1.0)
+            # Host A runs no container and keeps no namespace; host B's copy holds the
+            # connection, and the shared bridge takes the container's MAC to host B.
+            assert cid not in a.run(["runc", "list", "-q"]).stdout.split()
+            assert not a.path(f"/run/netns/{cid}").exists()
+            state = b.run(["runc", "--root", "/run/ctlive/runc", "state", cid])
+            assert state.returncode == 0, state.stderr
+            pid = json.loads(state.stdout)["pid"]
+            held = b.run(["ip", "netns", "exec", cid, "ss", "-tnH", "state", "established"])
+            port = client.sock.getsockname()[1]
+            assert addr in held.stdout and f":{port}" in held.stdout, held
+            fdb = subprocess.run(["bridge", "fdb", "show", "br", net.bridge],
+                                 capture_output=True, text=True).stdout
+            assert any(mac in ln and b.outer in ln for ln in fdb.splitlines()), fdb
+            # The rootfs came along (host B never saw host A's); its file has every
+            # line once, in order, and grows at the destination.
+            assert not b.path(inside).exists()
+            log = f"/proc/{pid}/root/data/log"
+            lines = _lines(b.run(["cat", log]).stdout)
+            assert lines == list(range(1, len(lines) + 1))
+            time.sleep(0.3)
+            assert len(_lines(b.run(["cat", log]).stdout)) > len(lines) > 20
+            client.close()  # (the container's server, and so the container, ends with it)
+            assert client.error is None, client.error
+            gap = client.longest_gap()
+            print(f"\nrunc across hosts ({loop}): longest reply gap {gap:.2f} s, "
+                  f"downtime {result['downtime']:.2f} s, {len(client.replies)} replies")
+            assert client.replies[-1] > time.monotonic() - 1.0, "replies stopped"
+            # No image left behind on either host.
+            left = [p for h, d in ((a, "/var/tmp"), (a, "/run"), (b, "/run/ctlive"))
+                    for p in h.path(d).rglob("pages-*.img")]
+            assert left == []
+    finally:
+        if client is not None:
+            client.close()
+        shutil.rmtree(shared, ignore_errors=True)
+        for cg in pathlib.Path("/sys/fs/cgroup").glob(f"**/{cid}*"):
+            with contextlib.suppress(OSError):
+                cg.rmdir()
+
+
+# --- the two processes ---------------------------------------------------------------
+
+async def _receiver(cfg: dict[str, Any]) -> None:
+    import anyio
+
+    from ctlive.attest import SimulatedSnpPlatform
+    from ctlive.identity import Identity
+    from ctlive.migration.destination import serve
+
+    async with anyio.create_task_group() as tg:
+        addr = await tg.start(lambda task_status: serve(
+            ("0.0.0.0", 7788), identity=Identity(bytes.fromhex(cfg["key"])),
+            provider=SimulatedSnpPlatform(key_file=cfg["platform"]),
+            allow={Identity(SRC_KEY).public_key}, state_dir=cfg["state"],
+            task_status=task_status))
+        (pathlib.Path(cfg["ctl"]) / "rx-addr.json").write_text(json.dumps(list(addr)))
+        await anyio.sleep_forever()
+
+
+async def _source(cfg: dict[str, Any]) -> None:
+    import hashlib
+
+    from ctlive.attest import SnpPolicy, SnpVerifier
+    from ctlive.attest.verifier import simulated_root
+    from ctlive.backends import RuncContainer
+    from ctlive.errors import CtliveError
+    from ctlive.identity import Identity
+    from ctlive.migration.convergence import Convergence
+    from ctlive.migration.source import migrate
+
+    measurement = hashlib.sha384(b"ctlive simulated guest").digest()
+    verifier = SnpVerifier(SnpPolicy(measurements=[measurement]),
+                           trusted_roots=[simulated_root(cfg["platform"])])
+    try:
+        report = await migrate(
+            RuncContainer(cfg["id"]), tuple(cfg["destination"]),
+            identity=Identity(bytes.fromhex(cfg["key"])), attestation=verifier,
+            convergence=Convergence(max_iterations=3, max_downtime=0.3),
+            state_dir=cfg["state"], connect_timeout=5)
+        result: dict[str, Any] = {"ok": True, "downtime": report.downtime}
+    except CtliveError as exc:
+        result = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+    (pathlib.Path(cfg["ctl"]) / "src-result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    import anyio
+
+    role, conf = sys.argv[1], json.loads(sys.argv[2])
+    anyio.run({"receiver": _receiver, "source": _source}[role], conf, backend=conf["loop"])
