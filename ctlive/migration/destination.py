@@ -43,7 +43,7 @@ from ctlive.migration.journal import Entry, Journal, arecord
 from ctlive.migration.limits import ReceiverLimits, refusal_code
 from ctlive.migration.receiving import MigrationRecord, receive_iterations
 from ctlive.migration.spool import EncryptedSpool, check_state_dir, closed_on_error, parse_size
-from ctlive.migration.wipe import discard_copy, wipe_images
+from ctlive.migration.wipe import discard_copy, wipe_images_soon
 from ctlive.ops.logs import bind_migration, get_logger
 from ctlive.ops.metrics import MetricsServer, ReceiverMetrics, ReceiverObserver
 from ctlive.protocol.evidence import EvidenceProvider
@@ -230,7 +230,7 @@ class Destination:
                                               policy=self.restore_policy, trees=rec.trees)
             rec.restored_pid = restored.pid
             rec.timings["restore"] = time.monotonic() - t
-            wipe_images(workdir)  # the copy runs from memory now, not from its images
+            wipe_images_soon(workdir)  # the copy runs from memory now, not from its images
             # A crash from here on leaves a stopped copy: the journal must know it, so
             # that a restarted receiver discards it.
             await self._record(mid, DS.RECEIVING, restored=_handle(restored))

@@ -3,7 +3,9 @@ needs them (docs/backends.md, "Data at rest").
 
 - An iteration's rebuilt image goes once the next one is rebuilt (``receiving``).
 - The final image, and the archive podman restored from, go right after the restore:
-  the restored copy runs from memory, not from them (:func:`wipe_images`).
+  the restored copy runs from memory, not from them (:func:`wipe_images_soon`, in a
+  thread of its own: freeing a large image takes about 100 ms per 256 MiB, which must
+  not add to the downtime).
 - A discarded copy takes with it its per-migration directory and, for a runc copy, the
   bundle the receiver made for it (:func:`discard_copy`). A committed copy keeps only
   what it runs from (its bundle and root filesystem).
@@ -15,27 +17,34 @@ import contextlib
 import pathlib
 import re
 import shutil
+import threading
 from typing import Any
 
 from ctlive import backends
 from ctlive.errors import CtliveError
 
-__all__ = ["discard_copy", "wipe_images"]
+__all__ = ["discard_copy", "wipe_images", "wipe_images_soon"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # runc's container ids
 
 
 def wipe_images(workdir: pathlib.Path) -> None:
     """Delete everything in a migration's directory (the images its copy was restored
-    from), keeping the directory."""
-    if not workdir.is_dir():
-        return
-    for p in workdir.iterdir():
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                p.unlink()
+    from), keeping the directory (which COMMIT or a discard may remove meanwhile)."""
+    with contextlib.suppress(OSError):
+        for p in list(workdir.iterdir()):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
+def wipe_images_soon(workdir: pathlib.Path) -> threading.Thread:
+    """:func:`wipe_images` in a daemon thread, started now; returns the thread."""
+    t = threading.Thread(target=wipe_images, args=(workdir,), name="ctlive-wipe", daemon=True)
+    t.start()
+    return t
 
 
 async def discard_copy(state_dir: pathlib.Path, migration_id: str,

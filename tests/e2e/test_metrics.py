@@ -77,9 +77,6 @@ async def test_metrics_during_and_after_a_migration(mutator: Mutator, receiver_f
     assert value(during, "ctlive_receiver_phase_seconds_count", phase="verify") >= 1
     receiving = hooks.at["before-restore"]
     assert value(receiving, "ctlive_receiver_state_dir_bytes") > 1 << 20  # the image is there
-    # ... and went right after the restore (the copy runs from memory, not from it).
-    assert value(during, "ctlive_receiver_state_dir_bytes") < \
-        value(receiving, "ctlive_receiver_state_dir_bytes") - (1 << 20)
     assert value(during, "ctlive_receiver_received_bytes_total") > 1 << 20
     with anyio.fail_after(10):
         while True:
