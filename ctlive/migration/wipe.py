@@ -6,9 +6,9 @@ needs them (docs/backends.md, "Data at rest").
   the restored copy runs from memory, not from them (:func:`wipe_images_soon`, in a
   thread of its own: freeing a large image takes about 100 ms per 256 MiB, which must
   not add to the downtime).
-- A discarded copy takes with it its per-migration directory and, for a runc copy, the
-  bundle the receiver made for it (:func:`discard_copy`). A committed copy keeps only
-  what it runs from (its bundle and root filesystem).
+- A discarded copy takes with it its per-migration directory (in a thread, as above)
+  and, for a runc copy, the bundle the receiver made for it (:func:`discard_copy`). A
+  committed copy keeps only what it runs from (its bundle and root filesystem).
 """
 
 from __future__ import annotations
@@ -60,4 +60,6 @@ async def discard_copy(state_dir: pathlib.Path, migration_id: str,
     # A container of that id still known to runc here is another copy's: keep its bundle.
     if isinstance(cid, str) and _ID.match(cid) and not (state_dir / "runc" / cid).exists():
         shutil.rmtree(state_dir / "bundles" / cid, ignore_errors=True)
-    shutil.rmtree(state_dir / migration_id, ignore_errors=True)
+    # The images may be large: the source waits for the refusal to resume its copy.
+    threading.Thread(target=shutil.rmtree, args=(state_dir / migration_id, True),
+                     name="ctlive-wipe", daemon=True).start()
