@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -129,93 +130,149 @@ def _container_net(host: Any, cid: str, addr: str, gateway: str) -> str:
     return str(json.loads(out)[0]["address"])
 
 
-def test_runc_keeps_tcp_between_two_hosts(anyio_backend: str, tmp_path: pathlib.Path) -> None:
-    loop = anyio_backend  # the loop both processes run under
+class Scene:
+    """Two hosts; in host A a runc container (rootfs in host A's own /var/tmp, which host
+    B cannot see) in named namespace ``cid`` with a client connected from outside."""
+
+    def __init__(self, net: Any, shared: pathlib.Path) -> None:
+        self.net, self.shared = net, shared
+        self.a, self.b = net.host("host-a"), net.host("host-b")
+        self.cid = f"tcp{os.getpid()}"
+        self.inside = f"/var/tmp/{self.cid}"
+        bundle = self.a.path(self.inside)
+        _make_rootfs(bundle / "rootfs")
+        _make_bundle(bundle, self.inside, self.cid)
+        self.addr = f"{net.prefix}.100"
+        self.mac = _container_net(self.a, self.cid, self.addr, net.gateway)
+        # stdio on /dev/null: a host log file would be outside the container's mounts.
+        assert self.a.popen(["runc", "run", "--detach", "--bundle", self.inside, self.cid],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
+        self.client = Client((self.addr, PORT))
+        time.sleep(0.5)
+
+    def check_moved(self, label: str, downtime: float) -> None:
+        """What the user relies on after the migration."""
+        a, b, cid, client = self.a, self.b, self.cid, self.client
+        time.sleep(1.0)
+        # Host A runs no container and keeps no namespace; host B's copy holds the
+        # connection, and the shared bridge takes the container's MAC to host B.
+        assert cid not in a.run(["runc", "list", "-q"]).stdout.split()
+        assert not a.path(f"/run/netns/{cid}").exists()
+        state = b.run(["runc", "--root", "/run/ctlive/runc", "state", cid])
+        assert state.returncode == 0, state.stderr
+        pid = json.loads(state.stdout)["pid"]
+        held = b.run(["ip", "netns", "exec", cid, "ss", "-tnH", "state", "established"])
+        port = client.sock.getsockname()[1]
+        assert self.addr in held.stdout and f":{port}" in held.stdout, held
+        fdb = subprocess.run(["bridge", "fdb", "show", "br", self.net.bridge],
+                             capture_output=True, text=True).stdout
+        assert any(self.mac in ln and b.outer in ln for ln in fdb.splitlines()), fdb
+        # The rootfs came along (host B never saw host A's); its file has every line
+        # once, in order, and grows at the destination.
+        assert not b.path(self.inside).exists()
+        log = f"/proc/{pid}/root/data/log"
+        lines = _lines(b.run(["cat", log]).stdout)
+        assert lines == list(range(1, len(lines) + 1))
+        time.sleep(0.3)
+        assert len(_lines(b.run(["cat", log]).stdout)) > len(lines) > 20
+        client.close()  # (the container's server, and so the container, ends with it)
+        assert client.error is None, client.error
+        print(f"\nrunc across hosts ({label}): longest reply gap {client.longest_gap():.2f} s,"
+              f" downtime {downtime:.2f} s, {len(client.replies)} replies")
+        assert client.replies[-1] > time.monotonic() - 1.0, "replies stopped"
+        # No image left behind on either host.
+        left = [p for h, d in ((a, "/var/tmp"), (a, "/run"), (b, "/run/ctlive"))
+                for p in h.path(d).rglob("pages-*.img")]
+        assert left == []
+
+
+@contextlib.contextmanager
+def scene(tag: str, index: int) -> Iterator[Scene]:
     from criu_harness import require_criu
 
     require_criu()
     if shutil.which("busybox") is None or shutil.which("runc") is None:
         pytest.skip("runc or busybox-static missing: run scripts/install-criu")
-    from ctlive.attest import SimulatedSnpPlatform
     from ctlive.testing.hosts import Network
 
-    # Control files outside /tmp (the hosts' /tmp are private, the machine's root is
-    # shared); the container's bundle in host A's own /var/tmp, which host B cannot see.
-    shared = pathlib.Path("/var/lib") / f"ctlive-tcp-{os.getpid()}-{loop}"
-    ctl = shared / "ctl"
-    ctl.mkdir(parents=True)
-    cid = f"tcp{os.getpid()}"
-    inside = f"/var/tmp/{cid}"
-    platform = shared / "platform.pem"
-    SimulatedSnpPlatform(key_file=platform)
-    me = str(pathlib.Path(__file__).resolve())
-    client = None
+    # Control files outside /tmp: the hosts' /tmp are private, the machine's root shared.
+    shared = pathlib.Path("/var/lib") / f"ctlive-tcp-{os.getpid()}-{tag}"
+    shared.mkdir(parents=True)
+    sc = None
     try:
-        with Network(index=246 if loop == "asyncio" else 245) as net:
-            a, b = net.host("host-a"), net.host("host-b")
-            bundle = a.path(inside)
-            _make_rootfs(bundle / "rootfs")
-            _make_bundle(bundle, inside, cid)
-            addr = f"{net.prefix}.100"
-            mac = _container_net(a, cid, addr, net.gateway)
-            # stdio on /dev/null: a host log file would be outside the container's mounts.
-            assert a.popen(["runc", "run", "--detach", "--bundle", inside, cid],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
-            client = Client((addr, PORT))
-            time.sleep(0.5)
-            rx = {"ctl": str(ctl), "platform": str(platform), "key": DST_KEY.hex(),
-                  "allow": SRC_KEY.hex(), "state": "/run/ctlive", "loop": loop}
-            receiver = b.popen([sys.executable, me, "receiver", json.dumps(rx)])
-            deadline = time.monotonic() + 30
-            while not (ctl / "rx-addr.json").exists():
-                assert time.monotonic() < deadline and receiver.poll() is None, \
-                    "the receiver did not start"
-                time.sleep(0.05)
-            src = {"ctl": str(ctl), "platform": str(platform), "id": cid,
-                   "destination": [b.ip, 7788], "key": SRC_KEY.hex(),
-                   "state": "/run/ctlive-src", "loop": loop}
-            out = a.run([sys.executable, me, "source", json.dumps(src)], timeout=180)
-            result = json.loads((ctl / "src-result.json").read_text())
-            assert result["ok"], (result, out.stderr[-3000:])
-            time.sleep(1.0)
-            # Host A runs no container and keeps no namespace; host B's copy holds the
-            # connection, and the shared bridge takes the container's MAC to host B.
-            assert cid not in a.run(["runc", "list", "-q"]).stdout.split()
-            assert not a.path(f"/run/netns/{cid}").exists()
-            state = b.run(["runc", "--root", "/run/ctlive/runc", "state", cid])
-            assert state.returncode == 0, state.stderr
-            pid = json.loads(state.stdout)["pid"]
-            held = b.run(["ip", "netns", "exec", cid, "ss", "-tnH", "state", "established"])
-            port = client.sock.getsockname()[1]
-            assert addr in held.stdout and f":{port}" in held.stdout, held
-            fdb = subprocess.run(["bridge", "fdb", "show", "br", net.bridge],
-                                 capture_output=True, text=True).stdout
-            assert any(mac in ln and b.outer in ln for ln in fdb.splitlines()), fdb
-            # The rootfs came along (host B never saw host A's); its file has every
-            # line once, in order, and grows at the destination.
-            assert not b.path(inside).exists()
-            log = f"/proc/{pid}/root/data/log"
-            lines = _lines(b.run(["cat", log]).stdout)
-            assert lines == list(range(1, len(lines) + 1))
-            time.sleep(0.3)
-            assert len(_lines(b.run(["cat", log]).stdout)) > len(lines) > 20
-            client.close()  # (the container's server, and so the container, ends with it)
-            assert client.error is None, client.error
-            gap = client.longest_gap()
-            print(f"\nrunc across hosts ({loop}): longest reply gap {gap:.2f} s, "
-                  f"downtime {result['downtime']:.2f} s, {len(client.replies)} replies")
-            assert client.replies[-1] > time.monotonic() - 1.0, "replies stopped"
-            # No image left behind on either host.
-            left = [p for h, d in ((a, "/var/tmp"), (a, "/run"), (b, "/run/ctlive"))
-                    for p in h.path(d).rglob("pages-*.img")]
-            assert left == []
+        with Network(index=index) as net:
+            sc = Scene(net, shared)
+            yield sc
     finally:
-        if client is not None:
-            client.close()
+        if sc is not None:
+            sc.client.close()
         shutil.rmtree(shared, ignore_errors=True)
-        for cg in pathlib.Path("/sys/fs/cgroup").glob(f"**/{cid}*"):
+        for cg in pathlib.Path("/sys/fs/cgroup").glob(f"**/tcp{os.getpid()}*"):
             with contextlib.suppress(OSError):
                 cg.rmdir()
+
+
+def _wait_for(path: pathlib.Path, proc: subprocess.Popen[Any]) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the receiver did not start"
+        time.sleep(0.05)
+
+
+def test_runc_keeps_tcp_between_two_hosts(anyio_backend: str) -> None:
+    loop = anyio_backend  # the loop both processes run under
+    from ctlive.attest import SimulatedSnpPlatform
+
+    with scene(loop, 246 if loop == "asyncio" else 245) as sc:
+        ctl = sc.shared / "ctl"
+        ctl.mkdir()
+        platform = sc.shared / "platform.pem"
+        SimulatedSnpPlatform(key_file=platform)
+        me = str(pathlib.Path(__file__).resolve())
+        rx = {"ctl": str(ctl), "platform": str(platform), "key": DST_KEY.hex(),
+              "allow": SRC_KEY.hex(), "state": "/run/ctlive", "loop": loop}
+        _wait_for(ctl / "rx-addr.json", sc.b.popen([sys.executable, me, "receiver",
+                                                    json.dumps(rx)]))
+        src = {"ctl": str(ctl), "platform": str(platform), "id": sc.cid,
+               "destination": [sc.b.ip, 7788], "key": SRC_KEY.hex(),
+               "state": "/run/ctlive-src", "loop": loop}
+        out = sc.a.run([sys.executable, me, "source", json.dumps(src)], timeout=180)
+        result = json.loads((ctl / "src-result.json").read_text())
+        assert result["ok"], (result, out.stderr[-3000:])
+        sc.check_moved(loop, result["downtime"])
+
+
+def test_cli_migrates_a_runc_container_between_two_hosts() -> None:
+    """`ctlive serve` inside host B and `ctlive migrate runc:ID` from host A, as a user
+    would run them on two machines."""
+    ctlive = str(pathlib.Path(sys.executable).with_name("ctlive"))
+    with scene("cli", 244) as sc:
+        d = sc.shared
+        for who in ("src", "dst"):
+            assert subprocess.run([ctlive, "keygen", "-o", str(d / f"{who}.key")],
+                                  capture_output=True).returncode == 0
+        (d / "allow.txt").write_text((d / "src.key.pub").read_text())
+        (d / "policy.toml").write_text('[snp]\nallow_any_measurement = true\n'
+                                       'simulated_chain = "chain.pem"\n')
+        rx = sc.b.popen([ctlive, "serve", "--listen", "0.0.0.0:7788", "--key",
+                         str(d / "dst.key"), "--allow", str(d / "allow.txt"), "--state",
+                         "/run/ctlive", "--provider", "simulated", "--simulated-chain",
+                         str(d / "chain.pem")], stderr=subprocess.PIPE, text=True)
+        banner = ""
+        deadline = time.monotonic() + 60
+        while "listening on" not in banner:
+            assert time.monotonic() < deadline and rx.poll() is None, banner
+            banner += rx.stderr.readline()
+        assert "INSECURE" in banner
+        # The source's journal in host A's own /run.
+        env = dict(os.environ, CTLIVE_STATE_DIR="/run/ctlive-src")
+        out = sc.a.run([ctlive, "migrate", f"runc:{sc.cid}", f"{sc.b.ip}:7788", "--key",
+                        str(d / "src.key"), "--policy", str(d / "policy.toml"), "--json"],
+                       env=env, timeout=180)
+        assert out.returncode == 0, out.stderr[-3000:]
+        report = json.loads(out.stdout)
+        assert report["workload"] == "runc" and report["downtime"] > 0
+        sc.check_moved("cli", report["downtime"])
 
 
 # --- the two processes ---------------------------------------------------------------
