@@ -94,7 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
         if text:
             p.epilog = "examples:\n" + "\n".join("  " + ln for ln in text.splitlines())
             p.formatter_class = argparse.RawDescriptionHelpFormatter
+    for p in sub.choices.values():
+        _show_defaults(p)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's --help states its default (named knobs with documented defaults)."""
+    for a in parser._actions:
+        if (a.option_strings and a.help != argparse.SUPPRESS
+                and a.default not in (None, False, [], argparse.SUPPRESS)
+                and "%(default)" not in (a.help or "") and "default" not in (a.help or "")):
+            a.help = f"{a.help} (default: %(default)s)" if a.help else "default: %(default)s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
