@@ -16,7 +16,9 @@ from typing import Any
 import anyio
 
 import ctlive.backends.podman_archive as archive
+import ctlive.backends.podman_store as store
 import ctlive.backends.restore as checks  # the module (the package's `restore` is its function)
+from ctlive.backends import netns
 from ctlive.backends.criu import run_runtime
 from ctlive.backends.liveread import live_read_dump
 from ctlive.backends.restore import RestorePolicy
@@ -27,7 +29,6 @@ from ctlive.images.criu_format import read_stats
 __all__ = [
     "PodmanContainer",
     "check_podman_archive",
-    "podman_images",
     "podman_restore_name",
     "restore_podman",
 ]
@@ -35,25 +36,6 @@ __all__ = [
 _TOP = archive.TOP  # tests and callers name flattened metadata files with it
 _ID = re.compile(r"^[0-9a-f]{64}$")
 _REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
-
-
-async def _podman_ok(args: list[str]) -> bool:
-    """Whether ``podman ARGS`` succeeds (``image exists``, ``volume exists``)."""
-    proc = await anyio.run_process(["podman", *args], check=False, stdin=subprocess.DEVNULL)
-    return proc.returncode == 0
-
-
-async def podman_images() -> list[str]:
-    """The ids (sha256 hex of their config) of every image in this host's podman store:
-    the destination's ``podman_images`` fact, so a source sends an image only when it is
-    missing. Empty when podman is not installed."""
-    try:
-        proc = await anyio.run_process(["podman", "images", "--all", "--quiet", "--no-trunc"],
-                                       check=False, stdin=subprocess.DEVNULL)
-    except OSError:
-        return []
-    ids = {line.strip().removeprefix("sha256:") for line in proc.stdout.decode().split()}
-    return sorted(i for i in ids if _ID.match(i))
 
 
 class PodmanContainer(Backend):
@@ -65,6 +47,13 @@ class PodmanContainer(Backend):
     options cannot leave a restore stopped, so the destination pauses the restored
     container immediately (see docs/backends.md for what that window means).
 
+    A container that joins a named network namespace (``--network ns:/run/netns/NAME``)
+    keeps its TCP connections: the namespace is described in the restore spec and
+    rebuilt at the destination (:mod:`ctlive.backends.netns`), its veths' outer ends go
+    down from the final dump on (up again on ``resume()``; ``kill()`` deletes it).
+    Podman 4 cannot restore established connections under another name, so such a
+    container keeps its name at the destination.
+
     Every member of the archive travels (the rootfs diff, named volumes, /dev/shm, …),
     and so does the container's base image unless the destination said it has it
     (:meth:`use_destination_facts`). Live-read iterations pre-copy the image and the
@@ -74,20 +63,24 @@ class PodmanContainer(Backend):
     kind = "podman"
 
     def __init__(self, name: str, *, live_read: bool = True,
-                 tcp_established: bool = False) -> None:
+                 tcp_established: bool | None = None) -> None:
         self.name = name
         self.live_read = live_read
         """Pre-copy by reading the container's memory while it runs (no freeze) instead
         of ``podman container checkpoint --leave-running``."""
         self.tcp_established = tcp_established
         """Checkpoint and restore the container's established TCP connections
-        (``--tcp-established``)."""
+        (``--tcp-established``); None: when it joins a named network namespace, the only
+        case in which they can survive the move."""
         self.destination_images: frozenset[str] | None = None
         """Image ids the destination holds (its ``podman_images`` fact); None: unknown,
         so the image travels and the destination loads it only if it lacks it."""
         self._final_archive: pathlib.Path | None = None
         self._image: pathlib.Path | None = None  # the saved base image, linked into dumps
-        self._info: tuple[str, list[str]] | None = None
+        self._info: tuple[str, dict[str, str | None]] | None = None
+        self._ns: netns.Namespace | None = None  # described at the final dump
+        self._netns_name: str | None = None  # "" once known to be none
+        self._described: netns.Namespace | None = None  # what the restore spec says
 
     def use_destination_facts(self, facts: Mapping[str, Any]) -> None:
         """Take what the destination told about itself: with ``podman_images`` (a list of
@@ -96,22 +89,42 @@ class PodmanContainer(Backend):
         if isinstance(images, list) and all(isinstance(i, str) for i in images):
             self.destination_images = frozenset(images)
 
-    async def _inspect(self, phase: Phase) -> tuple[str, list[str]]:
-        """The container's image id and its named volumes (asked once)."""
+    async def _inspect(self, phase: Phase) -> tuple[str, dict[str, str | None]]:
+        """The container's image id and its named volumes with the directory of each that
+        has one here (podman's ``local`` driver), asked once."""
         if self._info is None:
             out = await run_runtime(["container", "inspect", "--format",
                                      "{{.Image}}\n{{json .Mounts}}", self.name], phase=phase,
                                     tool="podman")
             image, _, mounts = out.strip().partition("\n")
-            vols = [m["Name"] for m in json.loads(mounts or "[]")
-                    if m.get("Type") == "volume" and isinstance(m.get("Name"), str)]
+            vols = {m["Name"]: m.get("Source") if m.get("Driver") == "local" else None
+                    for m in json.loads(mounts or "[]")
+                    if m.get("Type") == "volume" and isinstance(m.get("Name"), str)}
             self._info = (image.strip().removeprefix("sha256:"), vols)
         return self._info
 
-    async def _carry(self, images_dir: pathlib.Path, phase: Phase, *, volumes: bool) -> None:
+    def _netns(self) -> str | None:
+        """The named network namespace the container joins (``ns:/run/netns/NAME``),
+        asked once (the container keeps it; the final dump need not ask again)."""
+        if self._netns_name is None:
+            out = subprocess.run(["podman", "container", "inspect", "--format",
+                                  "{{.HostConfig.NetworkMode}}", self.name],
+                                 capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            mode = out.stdout.strip()
+            if out.returncode != 0:
+                return None  # gone (or not yet there): ask again next time
+            self._netns_name = (netns.netns_name(mode[3:]) or "") if mode[:3] == "ns:" else ""
+        return self._netns_name or None
+
+    def _tcp(self) -> bool:
+        tcp = self.tcp_established
+        return bool(tcp or (tcp is None and self._netns()))
+
+    async def _carry(self, images_dir: pathlib.Path, phase: Phase, *, final: bool) -> None:
         """Add the base image (saved once, then hard-linked: unchanged iterations cost no
-        wire bytes) unless the destination has it, and with ``volumes`` a snapshot of
-        each named volume, pre-copied ahead of the final archive's own."""
+        wire bytes) unless the destination has it, and each named volume as a tar laid
+        out for pre-copy (:func:`~ctlive.backends.podman_archive.volume_tar`; it replaces
+        the archive's own in the final dump, so the diff finds what iterations sent)."""
         image, names = await self._inspect(phase)
         if _ID.match(image) and (self.destination_images is None
                                  or image not in self.destination_images):
@@ -122,10 +135,15 @@ class PodmanContainer(Backend):
                                    str(saved), image], phase=phase, tool="podman")
                 self._image = saved
             os.link(self._image, images_dir / f"{archive.IMAGE_PREFIX}{image}.tar")
-        for vol in names if volumes else []:
-            await run_runtime(["volume", "export", "--output",
-                               str(images_dir / f"{_TOP}volumes+{vol}.tar"), vol],
-                              phase=phase, tool="podman")
+        for vol, where in names.items():
+            if where is not None and os.path.isdir(where):
+                await anyio.to_thread.run_sync(archive.volume_tar, pathlib.Path(where),
+                                               images_dir, vol)
+            elif not final:  # not a directory here: podman's own export, the archive's last
+                out = images_dir.parent / f"volume-{vol}.tar"
+                await run_runtime(["volume", "export", "--output", str(out), vol],
+                                  phase=phase, tool="podman")
+                await anyio.to_thread.run_sync(archive.split_volume, out, images_dir, vol)
 
     def _drop_image(self) -> None:
         if self._image is not None:
@@ -139,15 +157,21 @@ class PodmanContainer(Backend):
             pid = await run_runtime(["container", "inspect", "--format", "{{.State.Pid}}",
                                      self.name], phase=phase, tool="podman")
             res = await live_read_dump(int(pid.strip()), images_dir)
-            await self._carry(images_dir, phase, volumes=True)
+            await self._carry(images_dir, phase, final=False)
             return res
         await self._inspect(phase)  # while the container still exists
+        tcp, name = self._tcp(), self._netns()
+        if final and name:
+            # Podman's checkpoint ends the container, and with it the sockets that hold
+            # the connections: keep the client's packets (and so its resets) off it.
+            self._ns = self._described or netns.describe(name)  # as the spec says
+            await netns.set_links(self._ns, up=False)
         archive_path = images_dir.parent / f"{images_dir.name}.tar"
         t = time.monotonic()
         args = ["container", "checkpoint", "--export", str(archive_path), "--compress", "none"]
         if not final:
             args.append("--leave-running")
-        if self.tcp_established:
+        if tcp:
             args.append("--tcp-established")
         await run_runtime([*args, self.name], phase=phase, tool="podman")
         duration = time.monotonic() - t
@@ -156,7 +180,7 @@ class PodmanContainer(Backend):
         await anyio.to_thread.run_sync(archive.flatten, archive_path, images_dir)
         if not final:
             archive_path.unlink()
-        await self._carry(images_dir, phase, volumes=False)
+        await self._carry(images_dir, phase, final=final)
         if final:
             self._drop_image()  # the final dump's link is the last one needed
         stats = None
@@ -169,12 +193,28 @@ class PodmanContainer(Backend):
         self._drop_image()
         if self._final_archive is None:
             return
+        tcp = self._tcp()
+        cid = (await run_runtime(["container", "inspect", "--format", "{{.Id}}", self.name],
+                                 phase=Phase.ABORT, tool="podman")).strip()
         await run_runtime(["rm", "--force", self.name], phase=Phase.ABORT, tool="podman")
-        args = ["container", "restore", "--import", str(self._final_archive), "--name",
-                self.name]
-        if self.tcp_established:
-            args.append("--tcp-established")
-        await run_runtime(args, phase=Phase.ABORT, tool="podman")
+        # The named volumes are still here, as the checkpoint left them.
+        args = ["container", "restore", "--import", str(self._final_archive), "--ignore-volumes"]
+        # Podman restores established connections only under the archive's own name.
+        args += ["--tcp-established"] if tcp else ["--name", self.name]
+        try:
+            await run_runtime(args, phase=Phase.ABORT, tool="podman")
+        except CtliveError as exc:
+            # Seen here once: "container's cgroup unexpectedly frozen" (the dump's freezer
+            # cgroup not yet removed by podman's cleanup); thaw it and try once more.
+            if "frozen" not in str(exc):
+                raise
+            await anyio.to_thread.run_sync(store.thaw, cid)
+            await anyio.sleep(0.5)
+            await run_runtime(["rm", "--force", "--ignore", self.name], phase=Phase.ABORT,
+                              tool="podman")
+            await run_runtime(args, phase=Phase.ABORT, tool="podman")
+        if self._ns is not None:
+            await netns.set_links(self._ns, up=True, phase=Phase.ABORT)
 
     async def _kill(self) -> None:
         self._drop_image()
@@ -183,47 +223,35 @@ class PodmanContainer(Backend):
                           phase=Phase.COMMIT, tool="podman")
         if self._final_archive is not None:
             self._final_archive.unlink(missing_ok=True)
+        if self._ns is not None:  # the copy at the destination owns its addresses now
+            await netns.remove(self._ns)
 
     def restore_spec(self) -> dict[str, Any]:
-        return {"name": self.name, "tcp_established": self.tcp_established}
+        spec: dict[str, Any] = {"name": self.name, "tcp_established": self._tcp()}
+        name = self._netns()
+        if name:
+            self._described = netns.describe(name)
+            spec["network"] = self._described.as_dict()
+        return spec
 
 
 class _PodmanRestored(Restored):
-    def __init__(self, pid: int, *, container_id: str, undo: _Undo | None = None) -> None:
+    """A podman container restored and paused: resuming it unpauses it and announces
+    its addresses; discarding it removes what its restore added (:class:`_Undo`)."""
+
+    def __init__(self, pid: int, *, container_id: str, undo: store.Undo | None = None) -> None:
         super().__init__(pid, container_id=container_id)
         # Adopted by a restarted receiver (no undo record): only the container is known.
-        self._undo = undo or _Undo(container_id)
+        self._undo = undo or store.Undo(container_id)
 
     async def resume(self) -> None:
         assert self._id is not None
         await run_runtime(["unpause", self._id], phase=Phase.COMMIT, tool="podman")
+        if self._undo.netns is not None:  # traffic may come here now: the source is gone
+            await netns.announce(self._undo.netns)
 
     async def discard(self) -> None:
         await self._undo.run()
-
-
-class _Undo:
-    """What a restore added to this host's podman store, removed again on discard: the
-    container, the volumes it created and the image it loaded (or only tagged)."""
-
-    def __init__(self, container: str | None = None) -> None:
-        self.container = container
-        self.volumes: list[str] = []
-        self.image: str | None = None
-        self.tag: str | None = None
-
-    async def run(self) -> None:
-        with anyio.CancelScope(shield=True):
-            steps = ([["rm", "--force", "--time", "0", self.container]] if self.container
-                     else [])
-            steps += [["volume", "rm", "--force", v] for v in self.volumes]
-            if self.image is not None:
-                steps.append(["rmi", "--force", self.image])
-            elif self.tag is not None:
-                steps.append(["untag", self.tag])
-            for step in steps:
-                with contextlib.suppress(CtliveError):
-                    await run_runtime(step, phase=Phase.ABORT, tool="podman")
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -240,9 +268,11 @@ def podman_restore_name(spec: dict[str, Any]) -> str:
     """The container name of a podman restore spec (``{"name": ..., "tcp_established":
     ...}``, a podman name that cannot be read as an option), or a
     :class:`~ctlive.errors.RestoreSpecError`."""
-    checks.only_keys(spec, ("name", "tcp_established"), "")
+    checks.only_keys(spec, ("name", "tcp_established", "network"), "")
     if "tcp_established" in spec:
         checks.boolean(spec["tcp_established"], "tcp_established")
+    if spec.get("network") is not None:
+        netns.parse(spec["network"])
     return checks.string(spec.get("name"), "name", max_len=64, pattern=_NAME)
 
 
@@ -260,7 +290,8 @@ def _metadata(images_dir: pathlib.Path, name: str) -> dict[str, Any]:
 
 
 def check_podman_archive(images_dir: pathlib.Path, policy: RestorePolicy, *,
-                         storage: tuple[str, ...], store: pathlib.Path) -> None:
+                         storage: tuple[str, ...], store: pathlib.Path,
+                         own_netns: str | None = None) -> None:
     """Podman recreates the container from the archive's own ``spec.dump`` (an OCI spec)
     and ``config.dump`` (its container config), so these are the restore spec too:
     the OCI checks of the runc backend apply to both specs (hooks, devices,
@@ -297,7 +328,9 @@ def check_podman_archive(images_dir: pathlib.Path, policy: RestorePolicy, *,
     if config.get("rootfs"):
         checks.in_store(config["rootfs"], "config.dump.rootfs", store)
     # Podman makes a new network namespace for the restored copy and replaces the path.
-    netns = ("/run/netns",) if config.get("createNetNS") is True else ()
+    # (``own_netns``: the named namespace this receiver rebuilt from the spec.)
+    ns_paths: tuple[str, ...] = ("/run/netns",) if config.get("createNetNS") is True else ()
+    ns_paths += (own_netns,) if own_netns else ()
     specs = [("spec.dump.", spec)]
     if config.get("spec") is not None:
         specs.append(("config.dump.spec.", checks.obj(config["spec"], "config.dump.spec")))
@@ -308,7 +341,7 @@ def check_podman_archive(images_dir: pathlib.Path, policy: RestorePolicy, *,
         checks.check_capabilities(process, policy, where)
         checks.check_devices(linux, policy, where)
         checks.check_mounts(oci.get("mounts"), policy, where, runtime_roots=storage)
-        checks.check_namespaces(linux, policy, where, runtime_paths=netns)
+        checks.check_namespaces(linux, policy, where, runtime_paths=ns_paths)
         if policy.no_new_privileges:
             oci["process"] = dict(process, noNewPrivileges=True)
     if policy.no_new_privileges:
@@ -343,34 +376,6 @@ def _image_facts(images_dir: pathlib.Path) -> tuple[str | None, str | None, list
     return image_id, name, vols
 
 
-async def _ensure_image(images_dir: pathlib.Path, image_id: str | None, name: str | None,
-                        undo: _Undo) -> None:
-    """Load the carried base image unless this host has that id already (then its copy
-    is not even read), checked against its digest before and after ``podman load``; tag
-    it with the name config.dump gives when that name is missing (podman's restore would
-    try to pull it)."""
-    carried = archive.image_file(images_dir)
-    if carried is not None and carried[1] != image_id:
-        checks.refuse("image", f"the carried image {carried[1][:12]} is not the container's "
-                               f"({str(image_id)[:12]})")
-    if image_id is None:
-        return
-    if not await _podman_ok(["image", "exists", image_id]):
-        if carried is None:
-            return  # podman pulls it, as its own pull policy says
-        await anyio.to_thread.run_sync(archive.check_image, carried[0], image_id)
-        undo.image = image_id  # from here on a discard removes it
-        await run_runtime(["load", "--quiet", "--input", str(carried[0])], phase=Phase.RESTORE,
-                          tool="podman")
-        got = await run_runtime(["image", "inspect", "--format", "{{.Id}}", image_id],
-                                phase=Phase.RESTORE, tool="podman")
-        if got.strip().removeprefix("sha256:") != image_id:
-            checks.refuse("image", f"podman loaded another image than {image_id[:12]}")
-    if name is not None and not await _podman_ok(["image", "exists", name]):
-        await run_runtime(["tag", image_id, name], phase=Phase.RESTORE, tool="podman")
-        undo.tag = name
-
-
 async def restore_podman(images_dir: pathlib.Path, spec: dict[str, Any],
                          external_map: dict[str, str], policy: RestorePolicy) -> Restored:
     """Restore a podman container from the rebuilt archive (once :func:`podman_restore_name`
@@ -378,26 +383,34 @@ async def restore_podman(images_dir: pathlib.Path, spec: dict[str, Any],
     carried image were checked), then pause it at once. A failure, like a later
     discard, removes what the restore added to the store: container, volumes, image."""
     name = podman_restore_name(spec)
+    net = netns.parse(spec["network"]) if spec.get("network") is not None else None
     check_podman_archive(images_dir, policy, storage=await _podman_storage(),
-                         store=policy.store_for(images_dir.parent.parent))
+                         store=policy.store_for(images_dir.parent.parent),
+                         own_netns=f"{netns.NETNS_DIR}/{net.name}" if net else None)
     carried = await anyio.to_thread.run_sync(
         lambda: archive.check_members(images_dir, allow_devices=policy.allow_devices))
     image_id, image_name, named = _image_facts(images_dir)
-    undo = _Undo()
+    undo = store.Undo()
     rebuilt = images_dir.parent / "restore.tar"
     try:
         for vol in named:
-            if not await _podman_ok(["volume", "exists", vol]):
+            if not await store.podman_ok(["volume", "exists", vol]):
                 undo.volumes.append(vol)  # podman's restore creates it
             elif vol in carried:
                 checks.refuse(f"volumes.{vol}", f"volume {vol} exists on this receiver: the "
                                                 "carried one would be unpacked over it")
-        await _ensure_image(images_dir, image_id, image_name, undo)
+        # Podman 4 restores established connections only under the archive's own name.
+        tcp = bool(spec.get("tcp_established"))
+        new_name = name if tcp else f"{name}-{images_dir.parent.name[:8]}"
+        if await store.podman_ok(["container", "exists", new_name]):
+            checks.refuse("name", f"a container named {new_name} exists on this receiver")
+        await store.ensure_image(images_dir, image_id, image_name, undo)
         await anyio.to_thread.run_sync(archive.unflatten, images_dir, rebuilt)
-        new_name = f"{name}-{images_dir.parent.name[:8]}"
-        args = ["container", "restore", "--import", str(rebuilt), "--name", new_name]
-        if spec.get("tcp_established"):
-            args.append("--tcp-established")
+        args = ["container", "restore", "--import", str(rebuilt)]
+        args += ["--tcp-established"] if tcp else ["--name", new_name]
+        if net is not None:  # before the restore: CRIU reconnects the sockets inside it
+            await netns.rebuild(net, policy.bridge_for)
+            undo.netns = net
         undo.container = new_name
         await run_runtime(args, phase=Phase.RESTORE, tool="podman")
         # Not atomic: the container runs for the moment between restore and pause.

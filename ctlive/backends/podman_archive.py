@@ -2,7 +2,10 @@
 
 The source flattens the archive into one directory for the image diff: CRIU's images of
 ``checkpoint/`` keep their names, every other member gets the ``podman+`` prefix with
-its ``/`` as ``+`` (``volumes/data.tar`` is ``podman+volumes+data.tar``), and the
+its ``/`` as ``+`` (``rootfs-diff.tar`` is ``podman+rootfs-diff.tar``), a named volume's
+tar is cut in chunks of 4 MiB (``volumes/data.tar`` is ``podman+volumes+data.tar+00000``,
+``+00001``, …: the diff sends a file that changed whole, or as a zstd delta when at most
+8 MiB, so an unchanged chunk costs nothing and a changed one a delta), and the
 container's base image, when it travels, is ``podman-image+<image id>.tar`` (a
 ``podman image save --format docker-archive``). The destination checks all of it as
 untrusted input before podman sees any of it: member names and kinds, the tars inside
@@ -13,24 +16,30 @@ the image against its digest (the config's sha256 is the image id, each layer's 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import pathlib
 import re
 import tarfile
-from typing import Any
+from typing import Any, BinaryIO
 
 import ctlive.backends.restore as checks
 from ctlive.errors import CheckpointError, Phase
+from ctlive.images.changes import MAX_PART
 
 __all__ = [
+    "CHUNK",
     "IMAGE_PREFIX",
     "TOP",
     "check_image",
     "check_members",
     "flatten",
     "image_file",
+    "split_volume",
     "unflatten",
+    "volume_tar",
 ]
 
 TOP = "podman+"
@@ -45,6 +54,9 @@ _KNOWN = frozenset({"config.dump", "spec.dump", "status.dump", "network.status",
                     "bind.mounts", "ctr.log"})
 _VOLUME = re.compile(r"^volumes/([A-Za-z0-9][A-Za-z0-9_.-]{0,127})\.tar$")
 _IMAGE = re.compile(r"^podman-image\+([0-9a-f]{64})\.tar$")
+_CHUNK = re.compile(r"^podman\+volumes\+([A-Za-z0-9][A-Za-z0-9_.-]{0,127})\.tar\+([0-9]{5})$")
+CHUNK = MAX_PART
+"""Bytes of a volume tar's chunk (all but the last): the change stream's largest part."""
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MAX_MEMBERS = 1 << 18
 _MAX_LIST = 1 << 16
@@ -63,9 +75,69 @@ def _member_name(name: str) -> str:
                           phase=Phase.ITERATE)
 
 
+class ChunkWriter:
+    """A file written as the chunks of volume ``name`` in directory ``out`` (the old
+    chunks of that volume are removed first)."""
+
+    def __init__(self, out: pathlib.Path, name: str) -> None:
+        self.out, self.name, self.index, self.room = out, name, 0, 0
+        for old in out.glob(f"{TOP}volumes+{name}.tar+*"):
+            old.unlink()
+        self.f: Any = None
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            if self.room == 0:
+                self._next()
+            n = min(self.room, len(view))
+            self.f.write(view[:n])
+            view, self.room = view[n:], self.room - n
+        return len(data)
+
+    def _next(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        # Held open across write() calls, closed by the next chunk or close().
+        self.f = open(self.out / f"{TOP}volumes+{self.name}.tar+{self.index:05d}", "wb")  # noqa: SIM115
+        self.index, self.room = self.index + 1, CHUNK
+
+    def close(self) -> None:
+        if self.f is None:
+            self._next()  # an empty tar is still one (empty) chunk
+        self.f.close()
+
+
+class _Chunks:
+    """The chunk files ``paths`` read as one file."""
+
+    def __init__(self, paths: list[pathlib.Path]) -> None:
+        self.paths = list(paths)
+        self.f: BinaryIO | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        out = bytearray()
+        while size < 0 or len(out) < size:
+            if self.f is None:
+                if not self.paths:
+                    break
+                self.f = open(self.paths.pop(0), "rb")  # noqa: SIM115 (across read() calls)
+            data = self.f.read(-1 if size < 0 else size - len(out))
+            if not data:
+                self.f.close()
+                self.f = None
+            out += data
+        return bytes(out)
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
 def flatten(archive: pathlib.Path, out: pathlib.Path) -> None:
     """Write every file of podman's export ``archive`` into ``out`` under its flattened
-    name (directories are implied; a member that is neither is a CheckpointError)."""
+    name, volume tars in chunks (directories are implied; a member that is neither is a
+    CheckpointError)."""
     with tarfile.open(archive) as tar:
         for m in tar.getmembers():
             name = m.name.removeprefix("./")
@@ -74,11 +146,31 @@ def flatten(archive: pathlib.Path, out: pathlib.Path) -> None:
             if not m.isfile():
                 raise CheckpointError(f"the podman archive's member {name[:120]!r} is not a "
                                       "regular file", phase=Phase.ITERATE)
+            flat = _member_name(name)
+            vol = _VOLUME.match(name)
             src = tar.extractfile(m)
             assert src is not None
-            with src, open(out / _member_name(name), "wb") as dst:
+            with src, contextlib.closing(ChunkWriter(out, vol.group(1))) if vol else \
+                    open(out / flat, "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
+
+
+def split_volume(tar: pathlib.Path, out: pathlib.Path, name: str) -> None:
+    """Cut volume ``name``'s tar ``tar`` into its chunks in ``out``, then delete it."""
+    with open(tar, "rb") as src, contextlib.closing(ChunkWriter(out, name)) as dst:
+        while data := src.read(1 << 20):
+            dst.write(data)
+    tar.unlink()
+
+
+def _volume_chunks(flat: pathlib.Path) -> dict[str, list[pathlib.Path]]:
+    """Volume name -> its chunk files, in order."""
+    vols: dict[str, list[tuple[int, pathlib.Path]]] = {}
+    for p in flat.iterdir():
+        if m := _CHUNK.match(p.name):
+            vols.setdefault(m.group(1), []).append((int(m.group(2)), p))
+    return {v: [p for _, p in sorted(c)] for v, c in sorted(vols.items())}
 
 
 def unflatten(flat: pathlib.Path, archive: pathlib.Path) -> None:
@@ -90,12 +182,74 @@ def unflatten(flat: pathlib.Path, archive: pathlib.Path) -> None:
             info.type = tarfile.DIRTYPE
             info.mode = 0o755
             tar.addfile(info)
+        for vol, chunks in _volume_chunks(flat).items():
+            info = tarfile.TarInfo(f"volumes/{vol}.tar")
+            info.size, info.mode = sum(c.stat().st_size for c in chunks), 0o600
+            tar.addfile(info, _Chunks(chunks))
         for p in sorted(flat.iterdir()):
-            if not p.is_file() or p.name.endswith(".log") or p.name.startswith(IMAGE_PREFIX):
+            if not p.is_file() or p.name.endswith(".log") or p.name.startswith(IMAGE_PREFIX) \
+                    or _CHUNK.match(p.name):
                 continue
             name = (p.name[len(TOP):].replace("+", "/") if p.name.startswith(TOP)
                     else f"checkpoint/{p.name}")
             tar.add(p, arcname=name)
+
+
+class _Exactly:
+    """``n`` bytes of ``f``: a file that shrank while it was read is padded with zeros
+    (a pre-copy tar need not be consistent: the final one, of a stopped container, is)."""
+
+    def __init__(self, f: Any, n: int) -> None:
+        self.f, self.left = f, n
+
+    def read(self, size: int = -1) -> bytes:
+        want = self.left if size < 0 else min(size, self.left)
+        data = self.f.read(want)
+        data += bytes(want - len(data))
+        self.left -= want
+        return bytes(data)
+
+
+def volume_tar(root: pathlib.Path, out: pathlib.Path, name: str) -> None:
+    """The chunks (in ``out``) of a tar of volume ``name``'s directory ``root``, laid out
+    for pre-copy: the root, directories by name, then everything else oldest first
+    (mtime, then name), with fixed owner names. A file that grows or changes then moves
+    only what follows it in the tar, usually little, so the chunks before it stay as
+    they were. (Podman's own volume tars follow the directory order, which on a tmpfs is
+    newest first.)"""
+    dirs: list[tuple[str, pathlib.Path]] = []
+    rest: list[tuple[int, str, pathlib.Path]] = []
+    for top, dnames, fnames in os.walk(root):
+        for n in dnames + fnames:
+            p = pathlib.Path(top) / n
+            rel = p.relative_to(root).as_posix()
+            try:
+                st = p.lstat()
+            except FileNotFoundError:
+                continue  # removed meanwhile: the final tar decides
+            if p.is_dir() and not p.is_symlink():
+                dirs.append((rel, p))
+            else:
+                rest.append((st.st_mtime_ns, rel, p))
+    writer = ChunkWriter(out, name)
+    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.GNU_FORMAT) as tar:  # type: ignore[call-overload]
+        for rel, p in [(".", root), *sorted(dirs), *[(r, q) for _, r, q in sorted(rest)]]:
+            try:
+                info = tar.gettarinfo(str(p), arcname=rel)
+            except FileNotFoundError:
+                continue
+            if info is None:
+                continue  # a socket: nothing a tar can hold
+            info.uname = info.gname = ""
+            if info.isreg():
+                try:
+                    with open(p, "rb") as f:
+                        tar.addfile(info, _Exactly(f, info.size))
+                except FileNotFoundError:
+                    continue
+            else:
+                tar.addfile(info)
+    writer.close()
 
 
 def image_file(images_dir: pathlib.Path) -> tuple[pathlib.Path, str] | None:
@@ -109,9 +263,24 @@ def image_file(images_dir: pathlib.Path) -> tuple[pathlib.Path, str] | None:
 def check_members(images_dir: pathlib.Path, *, allow_devices: bool) -> list[str]:
     """Refuse (RestoreSpecError) a flattened archive with members podman's restore does
     not read, more than one image, malformed tars or lists; returns the volume names."""
-    volumes, images = [], 0
+    images = 0
+    volumes = _volume_chunks(images_dir)
+    for vol, chunks in volumes.items():
+        field = f"archive.{TOP}volumes+{vol}.tar"
+        names = [c.name for c in chunks]
+        if names != [f"{TOP}volumes+{vol}.tar+{i:05d}" for i in range(len(chunks))] or any(
+                c.stat().st_size != CHUNK for c in chunks[:-1]):
+            checks.refuse(field, f"{field}: its chunks are not 0 to {len(chunks) - 1} of "
+                                 f"{CHUNK} bytes each but the last")
+        stream = _Chunks(chunks)
+        try:
+            check_tar(stream, field, allow_devices=allow_devices)
+        finally:
+            stream.close()
     for p in sorted(images_dir.iterdir()):
         field = f"archive.{p.name}"
+        if _CHUNK.match(p.name):
+            continue
         if p.name.startswith(IMAGE_PREFIX):
             images += 1
             if not _IMAGE.match(p.name) or images > 1:
@@ -120,17 +289,15 @@ def check_members(images_dir: pathlib.Path, *, allow_devices: bool) -> list[str]
         if not p.name.startswith(TOP):
             continue  # CRIU's own images: plain names, checked by the change stream
         member = p.name[len(TOP):].replace("+", "/")
-        vol = _VOLUME.match(member)
-        if member not in _KNOWN and vol is None:
+        if member not in _KNOWN:
             checks.refuse(field, f"the podman archive has a member podman's restore does not "
                                  f"read: {member[:120]!r}")
-        if vol is not None:
-            volumes.append(vol.group(1))
         if member.endswith(".tar"):
-            check_tar(p, field, allow_devices=allow_devices)
+            with open(p, "rb") as f:
+                check_tar(f, field, allow_devices=allow_devices)
         elif member in ("deleted.files", "bind.mounts"):
             _check_paths(p, field)
-    return volumes
+    return list(volumes)
 
 
 def _clean(name: str, field: str) -> str:
@@ -141,13 +308,14 @@ def _clean(name: str, field: str) -> str:
     return n.rstrip("/")
 
 
-def check_tar(path: pathlib.Path, field: str, *, allow_devices: bool) -> None:
-    """Refuse a tar that is compressed or malformed, has too many members, names outside
-    its root, writes through a symlink it made, links outside itself, or holds devices
-    (only overlay whiteouts, 0:0, unless ``allow_devices``)."""
+def check_tar(f: Any, field: str, *, allow_devices: bool) -> None:
+    """Refuse a tar (read from file object ``f``, in one pass) that is compressed or
+    malformed, has too many members, names outside its root, writes through a symlink it
+    made, links outside itself, or holds devices (only overlay whiteouts, 0:0, unless
+    ``allow_devices``)."""
     links: set[str] = set()
     try:
-        with tarfile.open(path, "r:") as tar:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
             for i, m in enumerate(tar):
                 if i >= _MAX_MEMBERS:
                     checks.refuse(field, f"{field} has more than {_MAX_MEMBERS} members")

@@ -446,7 +446,13 @@ async def answer(session: Session, request: Preflight,
     return not refused
 
 
-DESTINATION_FACTS: dict[str, Callable[[], Any]] = {}
+def _podman_images() -> list[str]:
+    from ctlive.backends.podman_store import podman_images
+
+    return podman_images()
+
+
+DESTINATION_FACTS: dict[str, Callable[[], Any]] = {"podman_images": _podman_images}
 """Facts a receiver adds to its PREFLIGHT_REPLY, by name (e.g. ``podman_images``: the
 image digests it already holds, so that the source sends a base image only when it is
 missing). Each provider is called in a worker thread and must return JSON data."""

@@ -244,6 +244,7 @@ class _Migration:
                        "platform": att.platform if att else None,
                        "insecure": att.insecure if att else None})
         self.preflight = await preflight.exchange(s, self.source)  # refusals raise here
+        getattr(self.source, "use_destination_facts", lambda _: None)(self.preflight.destination)
         await s.send(MigrationMeta({"id": self.mid, "kind": self.source.kind,
                                     "spec": self.source.restore_spec()}))
 

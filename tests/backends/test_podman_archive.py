@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pathlib
 import tarfile
 from collections.abc import Callable
@@ -52,7 +53,7 @@ def test_every_member_travels_and_the_archive_comes_back(tmp_path: pathlib.Path)
     pa.flatten(src, flat)
     assert sorted(p.name for p in flat.iterdir()) == [
         "pages-1.img", "podman+config.dump", "podman+deleted.files", "podman+rootfs-diff.tar",
-        "podman+volumes+data.tar"]
+        "podman+volumes+data.tar+00000"]
     (flat / f"{pa.IMAGE_PREFIX}{'0' * 64}.tar").write_bytes(b"loaded on its own")
     assert pa.check_members(flat, allow_devices=False) == ["data"]
     out = tmp_path / "restore.tar"
@@ -61,6 +62,34 @@ def test_every_member_travels_and_the_archive_comes_back(tmp_path: pathlib.Path)
         got = {m.name: t.extractfile(m).read() for m in t if m.isfile()}  # type: ignore[union-attr]
     assert got["volumes/data.tar"] == volume and got["checkpoint/pages-1.img"] == b"p"
     assert not any(n.startswith(pa.IMAGE_PREFIX) for n in got)
+
+
+def test_a_volume_travels_in_chunks_that_stay_put_when_a_file_grows(
+        tmp_path: pathlib.Path) -> None:
+    vol, flat = tmp_path / "vol", tmp_path / "flat"
+    (vol / "sub").mkdir(parents=True)
+    flat.mkdir()
+    big = bytes(range(256)) * (pa.CHUNK // 128)  # two chunks' worth, written first
+    (vol / "sub" / "blob").write_bytes(big)
+    os.utime(vol / "sub" / "blob", ns=(1, 1))
+    (vol / "log").write_text("1\n")
+    pa.volume_tar(vol, flat, "data")
+    before = {p.name: p.read_bytes() for p in flat.iterdir()}
+    assert len(before) == 3 and pa.check_members(flat, allow_devices=False) == ["data"]
+    with open(vol / "log", "a") as f:
+        f.write("2\n")
+    pa.volume_tar(vol, flat, "data")
+    after = {p.name: p.read_bytes() for p in flat.iterdir()}
+    # The old blob comes before the growing log: only the last chunk changed.
+    changed = sorted(n for n in after if after[n] != before.get(n))
+    assert changed == ["podman+volumes+data.tar+00002"]
+    out = tmp_path / "restore.tar"
+    pa.unflatten(flat, out)
+    with tarfile.open(out) as t, tarfile.open(fileobj=t.extractfile("volumes/data.tar")) as inner:
+        assert inner.extractfile("sub/blob").read() == big  # type: ignore[union-attr]
+        assert inner.extractfile("log").read() == b"1\n2\n"  # type: ignore[union-attr]
+    (flat / "podman+volumes+data.tar+00001").unlink()
+    refused(flat, "archive.podman+volumes+data.tar", "chunks are not")
 
 
 def test_a_member_ctlive_cannot_carry_is_an_error_not_a_loss(tmp_path: pathlib.Path) -> None:
@@ -93,7 +122,7 @@ BAD_VOLUMES: list[tuple[str, list[tuple[tarfile.TarInfo, bytes]], str]] = [
 def test_a_volume_tar_is_checked(tmp_path: pathlib.Path,
                                  members: list[tuple[tarfile.TarInfo, bytes]],
                                  match: str) -> None:
-    (tmp_path / "podman+volumes+data.tar").write_bytes(tar_bytes(members))
+    (tmp_path / "podman+volumes+data.tar+00000").write_bytes(tar_bytes(members))
     refused(tmp_path, "archive.podman+volumes+data.tar", match)
 
 

@@ -2,7 +2,8 @@
 machines: the receiver is `ctlive serve --config FILE.toml` inside host B (its state on
 B's own tmpfs), the source the command line inside host A, where the container and its
 image live. It exits 0 with the report on stdout, and the container runs in B, its named
-volume carried with every line."""
+volume carried with every line. Host B holds the image already (the preflight says so),
+so it does not travel."""
 
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def test_migrate_a_podman_container_between_two_hosts(shared: pathlib.Path) -> N
         a, b = net.host("cli-a"), net.host("cli-b")
         ok(a.run(["podman", "import", "--quiet", str(shared / "rootfs.tar"), IMAGE]))
         ok(a.run(["podman", "volume", "create", "data"]))
+        ok(a.run(["podman", "save", "--quiet", "--output", str(shared / "image.tar"), IMAGE]))
+        ok(b.run(["podman", "load", "--quiet", "--input", str(shared / "image.tar")]))
+        size = int(ok(b.run(["podman", "image", "inspect", "--format", "{{.Size}}", IMAGE])))
         ok(a.run(["podman", "run", "-d", "--name", "web", "--network", "none", "--ulimit",
                   "nofile=1024:1024", "--ulimit", "nproc=4096:4096", "-v", "data:/data",
                   IMAGE, "sh", "-c", LOOP]))
@@ -84,6 +88,7 @@ def test_migrate_a_podman_container_between_two_hosts(shared: pathlib.Path) -> N
                      "--max-iterations", "3", "--json"], timeout=180)
         report = json.loads(ok(out))
         assert report["workload"] == "podman" and len(report["iterations"]) == 3
+        assert all(i["image_bytes"] < size // 2 for i in report["iterations"])
         restored = f"web-{report['migration_id'][:8]}"
         assert ok(a.run(["podman", "ps", "--all", "--quiet"])) == ""
         assert ok(b.run(["podman", "inspect", "--format", "{{.State.Status}}",

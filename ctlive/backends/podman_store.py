@@ -1,0 +1,116 @@
+"""What a podman restore adds to the destination's store (the base image, its tag,
+volumes, the container, a rebuilt network namespace), so that a discard removes exactly
+that; and the store's facts a source asks for (``podman_images``)."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import re
+import subprocess
+
+import anyio
+
+import ctlive.backends.podman_archive as archive
+import ctlive.backends.restore as checks
+from ctlive.backends import netns
+from ctlive.backends.criu import run_runtime
+from ctlive.errors import CtliveError, Phase
+
+__all__ = ["Undo", "ensure_image", "podman_images", "podman_ok", "thaw"]
+
+_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+async def podman_ok(args: list[str]) -> bool:
+    """Whether ``podman ARGS`` succeeds (``image exists``, ``volume exists``)."""
+    proc = await anyio.run_process(["podman", *args], check=False, stdin=subprocess.DEVNULL)
+    return proc.returncode == 0
+
+
+def podman_images() -> list[str]:
+    """The ids (sha256 hex of their config) of every image in this host's podman store
+    (blocking): the destination's ``podman_images`` preflight fact, so that a source sends
+    an image only when it is missing. Empty when podman is not installed."""
+    try:
+        proc = subprocess.run(["podman", "images", "--all", "--quiet", "--no-trunc"],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    ids = {line.strip().removeprefix("sha256:") for line in proc.stdout.split()}
+    return sorted(i for i in ids if _ID.match(i))
+
+
+class Undo:
+    """What a restore added to this host's podman store, removed again on discard: the
+    container, the network namespace it rebuilt, the volumes it created and the image it
+    loaded (or only tagged)."""
+
+    def __init__(self, container: str | None = None) -> None:
+        self.container = container
+        self.volumes: list[str] = []
+        self.image: str | None = None
+        self.tag: str | None = None
+        self.netns: netns.Namespace | None = None
+
+    async def run(self) -> None:
+        with anyio.CancelScope(shield=True):
+            steps = ([["rm", "--force", "--time", "0", self.container]] if self.container
+                     else [])
+            steps += [["volume", "rm", "--force", v] for v in self.volumes]
+            if self.image is not None:
+                steps.append(["rmi", "--force", self.image])
+            elif self.tag is not None:
+                steps.append(["untag", self.tag])
+            for step in steps:
+                with contextlib.suppress(CtliveError):
+                    await run_runtime(step, phase=Phase.ABORT, tool="podman")
+            if self.netns is not None:
+                await netns.remove(self.netns)
+
+
+
+
+async def ensure_image(images_dir: pathlib.Path, image_id: str | None, name: str | None,
+                        undo: Undo) -> None:
+    """Load the carried base image unless this host has that id already (then its copy
+    is not even read), checked against its digest before and after ``podman load``; tag
+    it with the name config.dump gives when that name is missing (podman's restore would
+    try to pull it)."""
+    carried = archive.image_file(images_dir)
+    if carried is not None and carried[1] != image_id:
+        checks.refuse("image", f"the carried image {carried[1][:12]} is not the container's "
+                               f"({str(image_id)[:12]})")
+    if image_id is None:
+        return
+    if not await podman_ok(["image", "exists", image_id]):
+        if carried is None:
+            return  # podman pulls it, as its own pull policy says
+        await anyio.to_thread.run_sync(archive.check_image, carried[0], image_id)
+        undo.image = image_id  # from here on a discard removes it
+        await run_runtime(["load", "--quiet", "--input", str(carried[0])], phase=Phase.RESTORE,
+                          tool="podman")
+        got = await run_runtime(["image", "inspect", "--format", "{{.Id}}", image_id],
+                                phase=Phase.RESTORE, tool="podman")
+        if got.strip().removeprefix("sha256:") != image_id:
+            checks.refuse("image", f"podman loaded another image than {image_id[:12]}")
+    if name is not None and not await podman_ok(["image", "exists", name]):
+        await run_runtime(["tag", image_id, name], phase=Phase.RESTORE, tool="podman")
+        undo.tag = name
+
+
+def thaw(container_id: str) -> bool:
+    """Thaw and remove the cgroups a checkpointed container left frozen (CRIU froze them
+    for the dump; podman may not have removed them yet, and runc then refuses to restore
+    into them). Whether there was one."""
+    found = False
+    for root in (pathlib.Path("/sys/fs/cgroup/freezer"), pathlib.Path("/sys/fs/cgroup")):
+        for d in root.glob(f"*/libpod-{container_id}*"):
+            for name, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+                with contextlib.suppress(OSError):
+                    (d / name).write_text(value)
+                    found = True
+            with contextlib.suppress(OSError):
+                d.rmdir()
+    return found
