@@ -87,11 +87,11 @@ class Host:
         self._holder = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         start_new_session=True)
-        self.pid = self._pid_1()
-        conf = self.path(PODMAN_STORAGE_CONF)
-        conf.parent.mkdir(mode=0o755, exist_ok=True)
-        conf.write_text(_PODMAN_STORAGE)
-        try:
+        try:  # whatever fails, nothing of the host is left behind
+            self.pid = self._pid_1()
+            conf = self.path(PODMAN_STORAGE_CONF)
+            conf.parent.mkdir(mode=0o755, exist_ok=True)
+            conf.write_text(_PODMAN_STORAGE)
             _ip("link", "add", self.outer, "type", "veth", "peer", "name", "eth0", "netns",
                 str(self.pid))
             _ip("link", "set", self.outer, "master", network.bridge, "up")
@@ -102,9 +102,11 @@ class Host:
                          ["link", "set", HOST_BRIDGE, "up"],
                          ["route", "add", "default", "via", network.gateway]):
                 self.run(["ip", *argv], check=True)
-        except (subprocess.CalledProcessError, OSError) as exc:
+        except BaseException as exc:
             self.close()
-            raise ConfigError(f"cannot set up host {name}: {exc}") from exc
+            if isinstance(exc, subprocess.CalledProcessError | OSError):
+                raise ConfigError(f"cannot set up host {name}: {exc}") from exc
+            raise
 
     def _pid_1(self) -> int:
         """The host's init (the ``sleep`` that holds its namespaces), once it is ready."""
@@ -166,6 +168,7 @@ class Network:
             _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
         except subprocess.CalledProcessError as exc:
+            _ip("link", "del", self.bridge, check=False)
             raise ConfigError(f"cannot make bridge {self.bridge}: {exc.stderr}") from exc
 
     def host(self, name: str) -> Host:
@@ -176,10 +179,11 @@ class Network:
 
     def close(self) -> None:
         """Tear down every host and the bridge."""
-        for h in self.hosts:
-            h.close()
-        self.hosts.clear()
-        _ip("link", "del", self.bridge, check=False)
+        try:
+            while self.hosts:
+                self.hosts.pop().close()
+        finally:
+            _ip("link", "del", self.bridge, check=False)
 
     def __enter__(self) -> Network:
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from ctlive.testing.hosts import Network
+from ctlive.testing.hosts import HOST_BRIDGE, Network
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -51,3 +52,32 @@ def test_two_hosts_on_a_bridge() -> None:
     # Torn down: no bridge, no veth left.
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert "ctbr250" not in links
+
+
+def test_containers_bridge_through_their_hosts_br0() -> None:
+    """Each host's eth0 is a port of its own br0 (the same name on every host), which holds
+    the host's address; a namespace whose veth's outer end is on a host's br0 is on the
+    shared network: reachable from this machine, outside every host."""
+    with Network(index=249) as net:
+        hosts = [net.host("h1"), net.host("h2")]
+        for h in hosts:
+            (eth0,) = json.loads(h.run(["ip", "-j", "link", "show", "eth0"]).stdout)
+            assert eth0["master"] == h.bridge == HOST_BRIDGE
+            addrs = json.loads(h.run(["ip", "-j", "addr", "show", HOST_BRIDGE]).stdout)
+            assert f"{h.ip}/24" in {f"{a['local']}/{a['prefixlen']}"
+                                    for a in addrs[0]["addr_info"]}
+        a = hosts[0]
+        addr = f"{net.prefix}.100"
+        for argv in (["netns", "add", "c1"],
+                     ["link", "add", "vc1", "type", "veth", "peer", "name", "eth0", "netns", "c1"],
+                     ["link", "set", "vc1", "master", HOST_BRIDGE, "up"],
+                     ["-n", "c1", "addr", "add", f"{addr}/24", "dev", "eth0"],
+                     ["-n", "c1", "link", "set", "eth0", "up"]):
+            a.run(["ip", *argv], check=True)
+        # The named namespace is host a's own (its /run).
+        assert a.path("/run/netns/c1").exists() and not hosts[1].path("/run/netns/c1").exists()
+        # Reachable: a port nobody listens on answers with a reset (not a timeout).
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((addr, 9), timeout=5)
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert "ctbr249" not in links
