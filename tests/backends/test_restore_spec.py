@@ -122,9 +122,14 @@ def test_the_spec_of_a_real_runc_container_is_accepted(tmp_path: pathlib.Path) -
     name = f"ctlive-spec-{os.getpid()}"
     box = RuncBundle(tmp_path, name)
     try:
-        spec = json.loads(json.dumps(RuncContainer(name).restore_spec()))
+        carried = json.loads(json.dumps(RuncContainer(name).restore_spec()))
+        spec = json.loads(json.dumps(RuncContainer(name, carry_rootfs=False).restore_spec()))
     finally:
         box.cleanup()
+    # By default the rootfs is carried: the source's path does not travel, and the config
+    # names the rootfs in the receiver's own bundle.
+    assert "rootfs" not in carried and carried["carry"] == "rootfs"
+    assert build(carried, tmp_path / "state" / "bundles")["root"]["path"] == "rootfs"
     config = build(spec, tmp_path, RestorePolicy(store=tmp_path))
     assert config["root"]["path"] == str((box.bundle / "rootfs").resolve())
     assert config["process"]["args"] == spec["config"]["process"]["args"]

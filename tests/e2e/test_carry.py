@@ -1,0 +1,260 @@
+"""Files carried between two hosts of `ctlive.testing.hosts`, pre-copied like memory.
+
+(a) A process tree appends a numbered line every 50 ms to a file it holds open, in a data
+directory in host A's private /tmp, carried with `Process(pid, carry=[dir])`. (b) A runc
+container whose rootfs exists only in host A's private /tmp appends a line every 50 ms to
+a file in its rootfs. Each moves to host B (the source inside host A, the receiver a
+process of its own inside host B, its state on host B's memory /run). Afterwards the
+destination's copy of the file has every line once, in order, and goes on growing; host A
+no longer runs the workload.
+
+Run as `python test_carry.py receiver|source CONFIG_JSON` it is one of the two processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.criu
+SRC_KEY, DST_KEY = bytes(range(1, 33)), bytes(range(33, 65))
+APPENDER = ("import sys, time\nf = open(sys.argv[1], 'a', buffering=1)\ni = 0\n"
+            "while True:\n    i += 1\n    f.write(f'{i}\\n')\n    time.sleep(0.05)\n")
+CONTAINER = "i=0; while true; do i=$((i+1)); echo $i >> /data/lines; sleep 0.05; done"
+
+
+def _lines(path: pathlib.Path) -> list[int]:
+    # The last line may be half written at the moment it is read.
+    text = path.read_text()
+    return [int(x) for x in text[: text.rfind("\n") + 1].split()]
+
+
+def _check_lines(path: pathlib.Path) -> None:
+    lines = _lines(path)
+    assert lines and lines == list(range(1, len(lines) + 1)), lines[-20:]
+    time.sleep(0.5)
+    assert len(_lines(path)) > len(lines), "the file stopped growing at the destination"
+
+
+def _run_pair(a: Any, b: Any, shared: pathlib.Path, src: dict[str, Any], loop: str,
+              ) -> dict[str, Any]:
+    """The receiver inside host B, then the source inside host A; the source's result."""
+    from ctlive.attest import SimulatedSnpPlatform
+
+    ctl = shared / "ctl"
+    ctl.mkdir(parents=True, exist_ok=True)
+    platform = shared / "platform.pem"
+    SimulatedSnpPlatform(key_file=platform)
+    me = str(pathlib.Path(__file__).resolve())
+    rx = {"ctl": str(ctl), "platform": str(platform), "state": "/run/ctlive", "loop": loop}
+    receiver = b.popen([sys.executable, me, "receiver", json.dumps(rx)])
+    deadline = time.monotonic() + 30
+    while not (ctl / "rx-addr.json").exists():
+        assert time.monotonic() < deadline and receiver.poll() is None, \
+            "the receiver did not start"
+        time.sleep(0.05)
+    cfg = {**src, "ctl": str(ctl), "platform": str(platform), "destination": [b.ip, 7788],
+           "state": "/run/ctlive-src", "loop": loop}
+    out = a.run([sys.executable, me, "source", json.dumps(cfg)], timeout=180)
+    result: dict[str, Any] = json.loads((ctl / "src-result.json").read_text())
+    assert result["ok"], (result, out.stderr[-3000:])
+    return result
+
+
+def test_process_carries_its_data_directory(anyio_backend: str, tmp_path: pathlib.Path) -> None:
+    from criu_harness import require_criu
+
+    from ctlive.testing.hosts import Network
+
+    require_criu()
+    loop = anyio_backend
+    shared = pathlib.Path("/var/lib") / f"ctlive-test-{tmp_path.name}"
+    shared.mkdir(parents=True)
+    script = shared / "appender.py"
+    script.write_text(APPENDER)
+    data = f"/tmp/carry-{os.getpid()}"
+    py = sys.executable
+    try:
+        with Network(index=240 if loop == "asyncio" else 241) as net:
+            a, b = net.host("host-a"), net.host("host-b")
+            a.run(["mkdir", "-p", f"{data}/sub"], check=True)
+            a.run(["sh", "-c", f"echo kept > {data}/sub/other; ln -s sub/other {data}/link"],
+                  check=True)
+            # Its own PID namespace, but host A's mount namespace: its files are the
+            # host's, reopened by path at the destination (CRIU's --root /).
+            a.popen(["unshare", "--pid", "--fork", "sh", "-c",
+                     f"exec setsid {py} {script} {data}/log </dev/null >/dev/null 2>&1"],
+                    start_new_session=True)
+            deadline = time.monotonic() + 10
+            # The python itself (pid 1 of its namespace), not the unshare above it.
+            match = f"^{py} {script} {data}/log"
+            while not (pids := a.run(["pgrep", "-f", match]).stdout.split()):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            pid = int(pids[0])
+            time.sleep(0.5)
+            result = _run_pair(a, b, shared, {"kind": "process", "pid": pid, "carry": [data]},
+                               loop)
+            print(f"\nprocess with a carried directory ({loop}): file bytes per iteration "
+                  f"{result['file_bytes']}, downtime {result['downtime']:.3f} s")
+            assert a.run(["pgrep", "-f", match]).stdout.strip() == ""
+            assert b.run(["pgrep", "-f", match]).stdout.split() == [
+                str(result["restored_pid"])]
+            _check_lines(b.path(f"{data}/log"))
+            assert b.path(f"{data}/sub/other").read_text() == "kept\n"
+            assert os.readlink(b.path(f"{data}/link")) == "sub/other"
+            # Later iterations carried only what changed (the log), not the whole tree.
+            assert all(n > 0 for n in result["file_bytes"])
+            # No image left behind in host B's state directory.
+            assert list(b.path("/run/ctlive").rglob("pages-*.img")) == []
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_runc_rootfs_only_on_the_source_host(anyio_backend: str, tmp_path: pathlib.Path) -> None:
+    from criu_harness import require_criu
+
+    from ctlive.testing.hosts import Network
+
+    require_criu()
+    busybox = shutil.which("busybox")
+    if busybox is None or shutil.which("runc") is None:
+        pytest.skip("runc or busybox-static missing: run scripts/install-criu")
+    loop = anyio_backend
+    shared = pathlib.Path("/var/lib") / f"ctlive-test-{tmp_path.name}"
+    shared.mkdir(parents=True)
+    cid = f"carry{os.getpid()}{loop[0]}"
+    try:
+        with Network(index=242 if loop == "asyncio" else 243) as net:
+            a, b = net.host("host-a"), net.host("host-b")
+            # The bundle is in host A's private /tmp: host B cannot see it.
+            bundle = a.path(f"/tmp/{cid}")
+            rootfs = bundle / "rootfs"
+            for d in ("bin", "tmp", "proc", "dev", "sys", "data"):
+                (rootfs / d).mkdir(parents=True)
+            shutil.copy(busybox, rootfs / "bin" / "busybox")
+            for tool in ("sh", "sleep"):
+                (rootfs / "bin" / tool).symlink_to("busybox")
+            a.run(["sh", "-c", f"cd /tmp/{cid} && runc spec"], check=True)
+            cfg = json.loads((bundle / "config.json").read_text())
+            cfg["process"]["terminal"] = False
+            cfg["process"]["args"] = ["sh", "-c", CONTAINER]
+            cfg["root"] = {"path": "rootfs", "readonly": False}
+            (bundle / "config.json").write_text(json.dumps(cfg))
+            # stdio on /dev/null: a host log file would be outside the container's mounts.
+            a.run(["sh", "-c", f"runc run --detach --bundle /tmp/{cid} {cid} "
+                   "</dev/null >/dev/null 2>&1"], check=True)
+            time.sleep(0.5)
+            assert not b.path(f"/tmp/{cid}").exists()
+            result = _run_pair(a, b, shared, {"kind": "runc", "id": cid}, loop)
+            print(f"\nrunc with its rootfs carried ({loop}): file bytes per iteration "
+                  f"{result['file_bytes']}, downtime {result['downtime']:.3f} s")
+            assert cid not in a.run(["runc", "list", "-q"]).stdout.split()
+            assert b.run(["runc", "--root", "/run/ctlive/runc", "state", cid]).returncode == 0
+            copy = b.path(f"/run/ctlive/bundles/{cid}/rootfs")
+            _check_lines(copy / "data" / "lines")
+            assert os.readlink(copy / "bin" / "sh") == "busybox"
+            # The busybox binary went in iteration 0 only.
+            first, *rest = result["file_bytes"]
+            assert first > 100_000 and all(n < first // 4 for n in rest)
+            b.run(["runc", "--root", "/run/ctlive/runc", "delete", "--force", cid])
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+        for cg in pathlib.Path("/sys/fs/cgroup").glob(f"**/{cid}*"):
+            with contextlib.suppress(OSError):
+                cg.rmdir()
+
+
+@pytest.mark.anyio
+async def test_a_carry_the_receiver_refuses_leaves_the_source_running(
+        mutator: Any, receiver_factory: Any, verifier: Any, tmp_path: pathlib.Path) -> None:
+    """A carried directory the receiver will not rebuild (here: /tmp is disk on this
+    machine) is refused before READY with an error that says why; the source resumes."""
+    import anyio
+    from criu_harness import state
+
+    from ctlive.backends import Process
+    from ctlive.errors import MigrationError
+    from ctlive.migration.convergence import Convergence
+    from ctlive.migration.source import migrate
+    from ctlive.migration.spool import memory_backed
+    from tests.e2e.conftest import SRC
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "f").write_text("x")
+    if memory_backed(data):
+        pytest.skip("this machine's /tmp is memory: the refusal needs a disk directory")
+    rx = await receiver_factory()
+    with pytest.raises(MigrationError, match="not on a memory filesystem"):
+        await migrate(Process(mutator.pid, carry=[str(data)]), rx.addr, identity=SRC,
+                      attestation=verifier,
+                      convergence=Convergence(max_iterations=2, max_downtime=0.0))
+    assert state(mutator.pid) in ("S", "R")
+    before = mutator.count()
+    await anyio.sleep(0.4)
+    assert mutator.count() > before
+
+
+# --- the two processes ---------------------------------------------------------------
+
+async def _receiver(cfg: dict[str, Any]) -> None:
+    import anyio
+
+    from ctlive.attest import SimulatedSnpPlatform
+    from ctlive.identity import Identity
+    from ctlive.migration.destination import serve
+
+    async with anyio.create_task_group() as tg:
+        addr = await tg.start(lambda task_status: serve(
+            ("0.0.0.0", 7788), identity=Identity(DST_KEY),
+            provider=SimulatedSnpPlatform(key_file=cfg["platform"]),
+            allow={Identity(SRC_KEY).public_key}, state_dir=cfg["state"],
+            task_status=task_status))
+        (pathlib.Path(cfg["ctl"]) / "rx-addr.json").write_text(json.dumps(list(addr)))
+        await anyio.sleep_forever()
+
+
+async def _source(cfg: dict[str, Any]) -> None:
+    import hashlib
+
+    from ctlive.attest import SnpPolicy, SnpVerifier
+    from ctlive.attest.verifier import simulated_root
+    from ctlive.backends import Process, RuncContainer
+    from ctlive.errors import CtliveError
+    from ctlive.identity import Identity
+    from ctlive.migration.convergence import Convergence
+    from ctlive.migration.source import migrate
+
+    measurement = hashlib.sha384(b"ctlive simulated guest").digest()
+    verifier = SnpVerifier(SnpPolicy(measurements=[measurement]),
+                           trusted_roots=[simulated_root(cfg["platform"])])
+    workload = (Process(cfg["pid"], carry=cfg["carry"]) if cfg["kind"] == "process"
+                else RuncContainer(cfg["id"]))
+    try:
+        report = await migrate(
+            workload, tuple(cfg["destination"]), identity=Identity(SRC_KEY),
+            attestation=verifier, convergence=Convergence(max_iterations=3, max_downtime=0.0),
+            state_dir=cfg["state"], connect_timeout=5)
+        result: dict[str, Any] = {
+            "ok": True, "downtime": report.downtime,
+            "file_bytes": [i.file_bytes for i in report.iterations],
+            "restored_pid": report.destination_summary.get("restored_pid")}
+    except CtliveError as exc:
+        result = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+    (pathlib.Path(cfg["ctl"]) / "src-result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    import anyio
+
+    role, conf = sys.argv[1], json.loads(sys.argv[2])
+    anyio.run({"receiver": _receiver, "source": _source}[role], conf, backend=conf["loop"])
