@@ -242,6 +242,41 @@ def test_runc_keeps_tcp_between_two_hosts(anyio_backend: str) -> None:
         sc.check_moved(loop, result["downtime"])
 
 
+def test_an_aborted_move_keeps_the_connection_at_the_source() -> None:
+    """The receiver fails after the restore (before READY): the source resumes its copy,
+    whose connection goes on (its veth up again, its namespace kept), and the copy at the
+    destination goes with the namespace rebuilt for it."""
+    from ctlive.attest import SimulatedSnpPlatform
+
+    with scene("abort", 243) as sc:
+        ctl = sc.shared / "ctl"
+        ctl.mkdir()
+        platform = sc.shared / "platform.pem"
+        SimulatedSnpPlatform(key_file=platform)
+        me = str(pathlib.Path(__file__).resolve())
+        rx = {"ctl": str(ctl), "platform": str(platform), "key": DST_KEY.hex(),
+              "allow": SRC_KEY.hex(), "state": "/run/ctlive", "loop": "asyncio",
+              "fail_before_ready": True}
+        _wait_for(ctl / "rx-addr.json", sc.b.popen([sys.executable, me, "receiver",
+                                                    json.dumps(rx)]))
+        src = {"ctl": str(ctl), "platform": str(platform), "id": sc.cid,
+               "destination": [sc.b.ip, 7788], "key": SRC_KEY.hex(),
+               "state": "/run/ctlive-src", "loop": "asyncio"}
+        sc.a.run([sys.executable, me, "source", json.dumps(src)], timeout=180)
+        result = json.loads((ctl / "src-result.json").read_text())
+        assert not result["ok"] and "before READY" in result["message"], result
+        assert (ctl / "rx-restored").exists()  # it failed after the namespace was rebuilt
+        n = len(sc.client.replies)
+        time.sleep(1.5)
+        assert len(sc.client.replies) > n + 5 and sc.client.error is None, sc.client.error
+        state = sc.a.run(["runc", "state", sc.cid])
+        assert json.loads(state.stdout)["status"] == "running"
+        assert sc.a.path(f"/run/netns/{sc.cid}").exists()
+        assert not sc.b.path(f"/run/netns/{sc.cid}").exists()
+        assert sc.b.run(["ip", "link", "show", f"v{sc.cid}"]).returncode != 0
+        print(f"\nrunc abort: longest reply gap {sc.client.longest_gap():.2f} s")
+
+
 def test_cli_migrates_a_runc_container_between_two_hosts() -> None:
     """`ctlive serve` inside host B and `ctlive migrate runc:ID` from host A, as a user
     would run them on two machines."""
@@ -281,14 +316,21 @@ async def _receiver(cfg: dict[str, Any]) -> None:
     import anyio
 
     from ctlive.attest import SimulatedSnpPlatform
+    from ctlive.errors import RestoreError
     from ctlive.identity import Identity
     from ctlive.migration.destination import serve
+    from ctlive.testing.hooks import FaultHooks
 
+    def fail() -> None:
+        (pathlib.Path(cfg["ctl"]) / "rx-restored").touch()
+        raise RestoreError("injected: the receiver fails before READY")
+
+    hooks = FaultHooks(before_ready=fail) if cfg.get("fail_before_ready") else None
     async with anyio.create_task_group() as tg:
         addr = await tg.start(lambda task_status: serve(
             ("0.0.0.0", 7788), identity=Identity(bytes.fromhex(cfg["key"])),
             provider=SimulatedSnpPlatform(key_file=cfg["platform"]),
-            allow={Identity(SRC_KEY).public_key}, state_dir=cfg["state"],
+            allow={Identity(SRC_KEY).public_key}, state_dir=cfg["state"], hooks=hooks,
             task_status=task_status))
         (pathlib.Path(cfg["ctl"]) / "rx-addr.json").write_text(json.dumps(list(addr)))
         await anyio.sleep_forever()
