@@ -48,6 +48,7 @@ __all__ = [
     "Namespace",
     "Route",
     "announce",
+    "check_bridges",
     "describe",
     "garp_frame",
     "netns_name",
@@ -274,19 +275,25 @@ async def _is_bridge(name: str) -> bool:
     return False
 
 
+async def check_bridges(ns: Namespace, bridge_for: Callable[[str], str],
+                        field: str = "network") -> None:
+    """Refuse (:class:`~ctlive.errors.RestoreSpecError`) an interface whose bridge,
+    mapped by ``bridge_for``, is not a bridge on this host."""
+    for k, i in enumerate(ns.interfaces):
+        if not await _is_bridge(bridge_for(i.bridge)):
+            refuse(f"{field}.interfaces[{k}].bridge",
+                   f"the container's veth {i.name} was a port of bridge {i.bridge} on the "
+                   f"source, and this host has no bridge {bridge_for(i.bridge)} (map it to "
+                   "one with RestorePolicy.bridge_map, ctlive serve --bridge-map)")
+
+
 async def rebuild(ns: Namespace, bridge_for: Callable[[str], str]) -> None:
     """Make named namespace ``ns`` here, with the same interfaces (names, MACs, MTUs),
     addresses and routes, each outer end a port of ``bridge_for(bridge)`` and left down
-    until :func:`announce`. A bridge that does not exist, a namespace or outer end of
-    the same name, or a failing step is a :class:`RestoreError` (what was made is
-    removed again)."""
-    for i in ns.interfaces:
-        if not await _is_bridge(bridge_for(i.bridge)):
-            raise RestoreError(f"the container's veth {i.name} was a port of bridge "
-                               f"{i.bridge} on the source, and this host has no bridge "
-                               f"{bridge_for(i.bridge)} (map it to one with "
-                               "RestorePolicy.bridge_map, ctlive serve --bridge-map)",
-                               phase=Phase.RESTORE)
+    until :func:`announce`. A bridge that does not exist is refused
+    (:func:`check_bridges`); a namespace or outer end of the same name, or a failing
+    step, is a :class:`RestoreError` (what was made is removed again)."""
+    await check_bridges(ns, bridge_for)
     if os.path.lexists(f"{NETNS_DIR}/{ns.name}"):
         raise RestoreError(f"a network namespace {ns.name} exists on this host already",
                            phase=Phase.RESTORE)

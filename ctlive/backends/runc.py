@@ -121,7 +121,8 @@ class RuncContainer(Backend):
         if final and name:
             # CRIU lifts its network lock after a --leave-running dump: keep packets off
             # the frozen sockets (their kernel would ACK what the destination never sees).
-            await netns.set_links(netns.describe(name), up=False)
+            await netns.set_links(await anyio.to_thread.run_sync(netns.describe, name),
+                                  up=False)
         if final:
             await run_runtime(["pause", self.id], phase=phase, root=self.root)
         await run_runtime(["checkpoint", "--image-path", str(images_dir), "--work-path",
@@ -134,14 +135,17 @@ class RuncContainer(Backend):
                           DumpMethod.FINAL if final else DumpMethod.DUMP)
 
     async def _resume(self) -> None:
-        await run_runtime(["resume", self.id], phase=Phase.ABORT, root=self.root)
         name = self._netns()
-        if name:
-            await netns.set_links(netns.describe(name), up=True, phase=Phase.ABORT)
+        try:
+            await run_runtime(["resume", self.id], phase=Phase.ABORT, root=self.root)
+        finally:  # the source copy is the live one again, paused or not
+            if name:
+                await netns.set_links(await anyio.to_thread.run_sync(netns.describe, name),
+                                      up=True, phase=Phase.ABORT)
 
     async def _kill(self) -> None:
         name = self._netns()
-        ns = netns.describe(name) if name else None
+        ns = await anyio.to_thread.run_sync(netns.describe, name) if name else None
         await run_runtime(["delete", "--force", self.id], phase=Phase.COMMIT, root=self.root)
         if ns is not None:  # the copy at the destination owns its addresses now
             await netns.remove(ns)
@@ -417,6 +421,8 @@ async def restore_runc(images_dir: pathlib.Path, spec: dict[str, Any],
     cid, config = runc_restore_config(spec, policy, store=policy.store_for(state_dir),
                                       bundles=bundles, migration=images_dir.parent.name)
     net = netns.parse(spec["network"]) if spec.get("network") is not None else None
+    if net is not None:  # refused before anything is written
+        await netns.check_bridges(net, policy.bridge_for)
     bundle = private_dir(bundles / cid)
     await _carry_rootfs(bundle, cid, spec, trees, str(state_dir / "runc"))
     write_private(bundle / "criu.conf", "leave-stopped\n")

@@ -181,8 +181,10 @@ async def test_rebuild_announce_remove(bridge: str) -> None:
          "addresses": ["10.253.0.100/24"], "outer": f"vctnt{tag}", "bridge": "brX"}],
         "routes": [{"dst": "default", "dev": "eth0", "via": "10.253.0.1"}]}
     ns = netns.parse(desc)
-    with pytest.raises(RestoreError, match="no bridge brX"):
+    with pytest.raises(RestoreSpecError, match="no bridge brX") as info:
         await netns.rebuild(ns, RestorePolicy().bridge_for)
+    assert info.value.field == "network.interfaces[0].bridge"
+    assert not os.path.exists(f"/run/netns/{ns.name}")
     policy = RestorePolicy(bridge_map={"brX": bridge})
     try:
         await netns.rebuild(ns, policy.bridge_for)
