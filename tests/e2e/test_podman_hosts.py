@@ -38,7 +38,8 @@ MAIN = (f"busybox nc -ll -p {PORT} -e busybox cat & "
         "i=0; while true; do i=$((i+1)); echo $i >> /data/log; sleep 0.05; done")
 # Files ctlive may have left: archives, saved images, rebuilt dumps (podman's own store aside).
 LEFTOVERS = ("find /tmp /var/tmp /run -path /var/tmp/containers -prune -o -path "
-             "/run/containers -prune -o -type f \\( -name '*.tar' -o -name '*.img' \\) -print")
+             "/run/containers -prune -o -type f \\( -name '*.tar' -o -name '*.tar+*' "
+             "-o -name '*.img' \\) -print")
 
 
 class Echoes:
@@ -194,7 +195,8 @@ class Setup:
     def leftovers(self) -> None:
         """No archive, saved image or dump left behind by ctlive on either host."""
         for host in (self.a, self.b):
-            assert host.run(["sh", "-c", LEFTOVERS]).stdout == "", host.name
+            found = host.run(["sh", "-c", LEFTOVERS])
+            assert (found.returncode, found.stdout) == (0, ""), (host.name, found)
         assert [p.name for p in self.b.path("/run/ctlive").iterdir() if p.is_dir()] == []
         assert not list(self.a.path("/var/tmp").glob("ctlive-src-*"))
 
