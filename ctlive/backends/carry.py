@@ -112,10 +112,11 @@ def _checked_mounts(images_dir: pathlib.Path) -> set[int] | None:
     return ids
 
 
-def open_files(images_dir: pathlib.Path) -> list[tuple[str, int]]:
+def open_files(images_dir: pathlib.Path) -> list[tuple[str, int | None]]:
     """(path, size) of every regular file the dump reopens by path: ``files.img``'s
-    regular-file entries with a size, less the ones CRIU rebuilds itself (remapped
-    ghost or linked files, files on a tmpfs it dumped). Bounds-checked: a malformed
+    regular-file entries, less the ones CRIU rebuilds itself (remapped ghost or linked
+    files, files on a tmpfs it dumped). The size is None where CRIU did not record one
+    (it does for mapped files, not for plain descriptors). Bounds-checked: a malformed
     image is an ImageFormatError."""
     files = images_dir / "files.img"
     if not files.exists():
@@ -133,20 +134,19 @@ def open_files(images_dir: pathlib.Path) -> list[tuple[str, int]]:
             continue  # not a regular-file entry
         reg = decode_message(f[3][0], str(files), off)
         mode, size, name = reg.get(10, [0])[-1], reg.get(8), reg.get(6)
-        if (not isinstance(mode, int) or not stat.S_ISREG(mode) or not size
-                or not isinstance(size[-1], int) or not name or not isinstance(name[0], bytes)
-                or reg.get(1, [None])[-1] in remapped):
+        if (not isinstance(mode, int) or not stat.S_ISREG(mode) or not name
+                or not isinstance(name[0], bytes) or reg.get(1, [None])[-1] in remapped):
             continue
+        recorded = size[-1] if size and isinstance(size[-1], int) else None
         raw = reg.get(7, [1])[-1]  # sint32, zigzag: absent means -1
         mnt = (raw >> 1) ^ -(raw & 1) if isinstance(raw, int) else -1
         if mounts is not None and mnt not in mounts:
             continue
-        try:
-            path = name[0].decode()
-        except UnicodeDecodeError as exc:
-            raise ImageFormatError("a file name in files.img is not UTF-8", path=str(files),
-                                   offset=off) from exc
-        out.append(("/" + path.lstrip("/"), size[-1]))
+        path = os.fsdecode(name[0])
+        if "\0" in path:
+            raise ImageFormatError("a file name in files.img holds a NUL", path=str(files),
+                                   offset=off)
+        out.append(("/" + path.lstrip("/"), recorded))
         if len(out) > _MAX_FILES:
             raise ImageFormatError(f"more than {_MAX_FILES} open files", path=str(files))
     return out
@@ -154,14 +154,16 @@ def open_files(images_dir: pathlib.Path) -> list[tuple[str, int]]:
 
 def check_open_files(images_dir: pathlib.Path, carried: list[str]) -> None:
     """RestoreError naming every file the dump reopens that is missing here or has
-    another size than CRIU recorded, and whether it was carried."""
+    another size than CRIU recorded (where it recorded one), and whether it was
+    carried."""
     bad = []
     for path, size in dict.fromkeys(open_files(images_dir)):
         try:
             st = os.stat(path)
-            if stat.S_ISREG(st.st_mode) and st.st_size == size:
+            if stat.S_ISREG(st.st_mode) and size in (None, st.st_size):
                 continue
-            why = f"{st.st_size} bytes here, {size} in the dump"
+            why = (f"{st.st_size} bytes here, {size} in the dump" if stat.S_ISREG(st.st_mode)
+                   else "not a regular file here")
         except OSError:
             why = "missing here"
         was = "carried" if any(_within(path, c) for c in carried) else (

@@ -44,8 +44,25 @@ def _check_lines(path: pathlib.Path) -> None:
     assert len(_lines(path)) > len(lines), "the file stopped growing at the destination"
 
 
-def _run_pair(a: Any, b: Any, shared: pathlib.Path, src: dict[str, Any], loop: str,
-              ) -> dict[str, Any]:
+def _start_appender(a: Any, script: pathlib.Path, target: str) -> tuple[int, str]:
+    """The appender in its own PID namespace in host A, but in host A's mount namespace
+    (its files are the host's, reopened by path at the destination: CRIU's --root /);
+    its pid (pid 1 of its namespace, not the unshare above it) and pgrep pattern."""
+    py = sys.executable
+    a.popen(["unshare", "--pid", "--fork", "sh", "-c",
+             f"exec setsid {py} {script} {target} </dev/null >/dev/null 2>&1"],
+            start_new_session=True)
+    match = f"^{py} {script} {target}"
+    deadline = time.monotonic() + 10
+    while not (pids := a.run(["pgrep", "-f", match]).stdout.split()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    return int(pids[0]), match
+
+
+def _run_pair(a: Any, b: Any, shared: pathlib.Path, src: dict[str, Any], loop: str, *,
+              ok: bool = True) -> dict[str, Any]:
     """The receiver inside host B, then the source inside host A; the source's result."""
     from ctlive.attest import SimulatedSnpPlatform
 
@@ -65,7 +82,7 @@ def _run_pair(a: Any, b: Any, shared: pathlib.Path, src: dict[str, Any], loop: s
            "state": "/run/ctlive-src", "loop": loop}
     out = a.run([sys.executable, me, "source", json.dumps(cfg)], timeout=180)
     result: dict[str, Any] = json.loads((ctl / "src-result.json").read_text())
-    assert result["ok"], (result, out.stderr[-3000:])
+    assert result["ok"] == ok, (result, out.stderr[-3000:])
     return result
 
 
@@ -81,26 +98,13 @@ def test_process_carries_its_data_directory(anyio_backend: str, tmp_path: pathli
     script = shared / "appender.py"
     script.write_text(APPENDER)
     data = f"/tmp/carry-{os.getpid()}"
-    py = sys.executable
     try:
         with Network(index=240 if loop == "asyncio" else 241) as net:
             a, b = net.host("host-a"), net.host("host-b")
             a.run(["mkdir", "-p", f"{data}/sub"], check=True)
             a.run(["sh", "-c", f"echo kept > {data}/sub/other; ln -s sub/other {data}/link"],
                   check=True)
-            # Its own PID namespace, but host A's mount namespace: its files are the
-            # host's, reopened by path at the destination (CRIU's --root /).
-            a.popen(["unshare", "--pid", "--fork", "sh", "-c",
-                     f"exec setsid {py} {script} {data}/log </dev/null >/dev/null 2>&1"],
-                    start_new_session=True)
-            deadline = time.monotonic() + 10
-            # The python itself (pid 1 of its namespace), not the unshare above it.
-            match = f"^{py} {script} {data}/log"
-            while not (pids := a.run(["pgrep", "-f", match]).stdout.split()):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            pid = int(pids[0])
-            time.sleep(0.5)
+            pid, match = _start_appender(a, script, f"{data}/log")
             result = _run_pair(a, b, shared, {"kind": "process", "pid": pid, "carry": [data]},
                                loop)
             print(f"\nprocess with a carried directory ({loop}): file bytes per iteration "
@@ -115,6 +119,36 @@ def test_process_carries_its_data_directory(anyio_backend: str, tmp_path: pathli
             assert all(n > 0 for n in result["file_bytes"])
             # No image left behind in host B's state directory.
             assert list(b.path("/run/ctlive").rglob("pages-*.img")) == []
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_an_open_file_left_behind_is_named(anyio_backend: str, tmp_path: pathlib.Path) -> None:
+    """The process holds open a file that is not carried: the receiver reads the dump's
+    files.img, finds it missing, and refuses naming it; the source runs on."""
+    from criu_harness import require_criu
+
+    from ctlive.testing.hosts import Network
+
+    require_criu()
+    loop = anyio_backend
+    shared = pathlib.Path("/var/lib") / f"ctlive-test-{tmp_path.name}"
+    shared.mkdir(parents=True)
+    script = shared / "appender.py"
+    script.write_text(APPENDER)
+    try:
+        with Network(index=232 if loop == "asyncio" else 233) as net:
+            a, b = net.host("host-a"), net.host("host-b")
+            a.run(["mkdir", "-p", "/tmp/left"], check=True)
+            pid, match = _start_appender(a, script, "/tmp/left/log")
+            result = _run_pair(a, b, shared, {"kind": "process", "pid": pid, "carry": []},
+                               loop, ok=False)
+            assert "/tmp/left/log (missing here; not carried" in result["message"]
+            assert a.run(["pgrep", "-f", match]).stdout.split() == [str(pid)]
+            assert b.run(["pgrep", "-f", match]).stdout.strip() == ""
+            before = len(_lines(a.path("/tmp/left/log")))
+            time.sleep(0.3)
+            assert len(_lines(a.path("/tmp/left/log"))) > before  # it runs on at the source
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 

@@ -249,15 +249,17 @@ def _bytes_field(num: int, b: bytes) -> bytes:
     return encode_varint(num << 3 | 2) + encode_varint(len(b)) + b
 
 
-def _files_img(d: pathlib.Path, files: list[tuple[str, int, int]]) -> None:
-    """A files.img of regular-file entries (path, size, st_mode), as CRIU writes it."""
+def _files_img(d: pathlib.Path, files: list[tuple[str, int | None, int]]) -> None:
+    """A files.img of regular-file entries (path, size or None, st_mode), as CRIU writes
+    it (a size for mapped files only)."""
     from ctlive.backends.carry import FILES_MAGIC
     from ctlive.images.criu_format import write_image
 
     msgs = []
     for i, (path, size, mode) in enumerate(files, 1):
         reg = (_varint_field(1, i) + _varint_field(2, 0) + _varint_field(3, 0)
-               + _bytes_field(6, path.encode()) + _varint_field(8, size)
+               + _bytes_field(6, path.encode())
+               + (_varint_field(8, size) if size is not None else b"")
                + _varint_field(10, mode))
         msgs.append(_varint_field(1, 1) + _varint_field(2, i) + _bytes_field(3, reg))
     write_image(d / "files.img", FILES_MAGIC, msgs)
@@ -274,8 +276,9 @@ def test_open_files_are_checked_against_the_dump(shm: pathlib.Path) -> None:
     images.mkdir()
     _files_img(images, [(str(data / "log"), 5, 0o100644), ("/dev/null", 0, 0o20666)])
     check_open_files(images, [str(data)])  # all there, sizes as dumped
-    _files_img(images, [(str(data / "log"), 9, 0o100644), (str(data / "gone"), 3, 0o100644),
-                        (str(shm / "elsewhere"), 2, 0o100644)])
+    _files_img(images, [(str(data / "log"), 9, 0o100644), (str(data / "gone"), None, 0o100644),
+                        (str(shm / "elsewhere"), 2, 0o100644), (str(data / "log"), None,
+                                                                 0o100644)])
     with pytest.raises(RestoreError) as exc:
         check_open_files(images, [str(data)])
     msg = str(exc.value)
