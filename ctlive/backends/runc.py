@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 
 from ctlive.backends import carry, netns
-from ctlive.backends.criu import run_runtime
+from ctlive.backends.criu import run_runtime, summarize_log
 from ctlive.backends.liveread import live_read_dump
 from ctlive.backends.restore import (
     RestorePolicy,
@@ -38,7 +38,7 @@ from ctlive.backends.restore import (
     write_private,
 )
 from ctlive.backends.workload import Backend, DumpMethod, DumpResult, Restored
-from ctlive.errors import CheckpointError, CtliveError, Phase, RestoreError
+from ctlive.errors import CheckpointError, CriuError, CtliveError, Phase, RestoreError
 from ctlive.fs import private_dir
 from ctlive.images.criu_format import read_stats
 from ctlive.images.tree_apply import TreeReceiver
@@ -125,9 +125,10 @@ class RuncContainer(Backend):
                                   up=False)
         if final:
             await run_runtime(["pause", self.id], phase=phase, root=self.root)
-        await run_runtime(["checkpoint", "--image-path", str(images_dir), "--work-path",
-                           str(images_dir), "--leave-running", *self._tcp(), self.id],
-                          phase=phase, root=self.root)
+        await _criu_step(["checkpoint", "--image-path", str(images_dir), "--work-path",
+                          str(images_dir), "--leave-running", *self._tcp(), self.id],
+                         images_dir / "dump.log", phase=phase, root=self.root,
+                         hint="" if name else _NO_NETNS)
         stats = None
         with contextlib.suppress(Exception):
             stats = read_stats(images_dir / "stats-dump")
@@ -407,6 +408,30 @@ def _seccomp(sc: dict[str, Any], policy: RestorePolicy) -> dict[str, Any]:
     return out
 
 
+_NO_NETNS = ("the container's network namespace is not a named one (/run/netns/NAME in its "
+             "config), so its addresses and routes do not move and neither can its TCP "
+             "connections")
+
+
+async def _criu_step(args: list[str], log: pathlib.Path, *, phase: Phase, root: str | None,
+                     hint: str) -> None:
+    """``runc checkpoint`` / ``runc restore``: on failure, the error says what CRIU's log
+    says went wrong (runc only names the log, which may be wiped with the images), and
+    ``hint`` when it is about the network."""
+    try:
+        await run_runtime(args, phase=phase, root=root)
+    except CriuError as exc:
+        try:
+            reason = summarize_log(log.read_text(errors="replace"))
+        except OSError:
+            reason = ""
+        if not reason:
+            raise
+        if hint and ("Network is unreachable" in reason or "tcp-established" in reason):
+            reason += f" ({hint})"
+        raise CriuError(f"runc {args[0]} failed: {reason}", phase=phase, cause=exc) from exc
+
+
 async def restore_runc(images_dir: pathlib.Path, spec: dict[str, Any],
                        external_map: dict[str, str], policy: RestorePolicy, *,
                        trees: TreeReceiver | None = None) -> Restored:
@@ -432,9 +457,10 @@ async def restore_runc(images_dir: pathlib.Path, spec: dict[str, Any],
     if net is not None:  # before the restore: CRIU reconnects the sockets inside it
         await netns.rebuild(net, policy.bridge_for)
     try:
-        await run_runtime(["restore", "--detach", "--image-path", str(images_dir),
-                           "--work-path", str(images_dir), *tcp, "--bundle", str(bundle), cid],
-                          phase=Phase.RESTORE, root=root)
+        await _criu_step(["restore", "--detach", "--image-path", str(images_dir),
+                          "--work-path", str(images_dir), *tcp, "--bundle", str(bundle), cid],
+                         images_dir / "restore.log", phase=Phase.RESTORE, root=root,
+                         hint="" if net else _NO_NETNS)
         state = json.loads(await run_runtime(["state", cid], phase=Phase.RESTORE, root=root))
     except BaseException:
         if spec.get("carry"):

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 
 pytestmark = pytest.mark.criu
@@ -310,11 +311,55 @@ def test_cli_migrates_a_runc_container_between_two_hosts() -> None:
         sc.check_moved("cli", report["downtime"])
 
 
+@pytest.mark.anyio
+async def test_tcp_in_a_namespace_runc_made_is_refused_clearly(
+        receiver_factory: Any, verifier: Any, tmp_path: pathlib.Path) -> None:
+    """A container with an established connection in the network namespace runc made for
+    it cannot keep it: the migration fails saying so (not only "criu failed"), and the
+    container runs on at the source."""
+    from criu_harness import require_criu
+
+    from ctlive.backends import RuncContainer
+    from ctlive.errors import MigrationError
+    from ctlive.migration.convergence import Convergence
+    from ctlive.migration.source import migrate
+
+    from .conftest import SRC
+
+    require_criu()
+    if shutil.which("busybox") is None or shutil.which("runc") is None:
+        pytest.skip("runc or busybox-static missing: run scripts/install-criu")
+    bundle = tmp_path / "bundle"
+    _make_rootfs(bundle / "rootfs")
+    _make_bundle(bundle, str(bundle), "unused")
+    cfg = json.loads((bundle / "config.json").read_text())
+    for ns in cfg["linux"]["namespaces"]:
+        ns.pop("path", None)  # runc makes the network namespace itself
+    # A connection over the container's loopback, both ends inside it.
+    cfg["process"]["args"] = ["sh", "-c", f"nc -l -p {PORT} -e /bin/srv & sleep 0.3; "
+                              f"while true; do echo x; sleep 0.05; done | nc 127.0.0.1 {PORT}"]
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    cid = f"tcplo{os.getpid()}"
+    subprocess.run(["runc", "run", "--detach", "--bundle", str(bundle), cid], check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    try:
+        await anyio.sleep(0.8)
+        rx = await receiver_factory()
+        with pytest.raises(MigrationError) as info:
+            await migrate(RuncContainer(cid), rx.addr, identity=SRC, attestation=verifier,
+                          convergence=Convergence(max_iterations=2, max_downtime=0.0))
+        assert "not a named one (/run/netns/NAME" in str(info.value), info.value
+        print(f"\n{str(info.value).splitlines()[0]}")
+        state = subprocess.run(["runc", "state", cid], capture_output=True, text=True)
+        assert json.loads(state.stdout)["status"] == "running"
+    finally:
+        subprocess.run(["runc", "delete", "--force", cid], capture_output=True)
+
+
 # --- the two processes ---------------------------------------------------------------
 
 async def _receiver(cfg: dict[str, Any]) -> None:
-    import anyio
-
     from ctlive.attest import SimulatedSnpPlatform
     from ctlive.errors import RestoreError
     from ctlive.identity import Identity
@@ -363,7 +408,5 @@ async def _source(cfg: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    import anyio
-
     role, conf = sys.argv[1], json.loads(sys.argv[2])
     anyio.run({"receiver": _receiver, "source": _source}[role], conf, backend=conf["loop"])
