@@ -393,8 +393,9 @@ async def restore_podman(images_dir: pathlib.Path, spec: dict[str, Any],
     undo = store.Undo()
     rebuilt = images_dir.parent / "restore.tar"
     try:
+        state = await store.store_state()
         for vol in named:
-            if not await store.podman_ok(["volume", "exists", vol]):
+            if vol not in state.volumes:
                 undo.volumes.append(vol)  # podman's restore creates it
             elif vol in carried:
                 checks.refuse(f"volumes.{vol}", f"volume {vol} exists on this receiver: the "
@@ -402,9 +403,9 @@ async def restore_podman(images_dir: pathlib.Path, spec: dict[str, Any],
         # Podman 4 restores established connections only under the archive's own name.
         tcp = bool(spec.get("tcp_established"))
         new_name = name if tcp else f"{name}-{images_dir.parent.name[:8]}"
-        if await store.podman_ok(["container", "exists", new_name]):
+        if new_name in state.containers:
             checks.refuse("name", f"a container named {new_name} exists on this receiver")
-        await store.ensure_image(images_dir, image_id, image_name, undo)
+        await store.ensure_image(images_dir, image_id, image_name, undo, state)
         await anyio.to_thread.run_sync(archive.unflatten, images_dir, rebuilt)
         args = ["container", "restore", "--import", str(rebuilt)]
         args += ["--tcp-established"] if tcp else ["--name", new_name]

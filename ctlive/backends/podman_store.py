@@ -10,6 +10,7 @@ import re
 import subprocess
 
 import anyio
+import attrs
 
 import ctlive.backends.podman_archive as archive
 import ctlive.backends.restore as checks
@@ -17,15 +18,9 @@ from ctlive.backends import netns
 from ctlive.backends.criu import run_runtime
 from ctlive.errors import CtliveError, Phase
 
-__all__ = ["Undo", "ensure_image", "podman_images", "podman_ok", "thaw"]
+__all__ = ["StoreState", "Undo", "ensure_image", "podman_images", "store_state", "thaw"]
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
-
-
-async def podman_ok(args: list[str]) -> bool:
-    """Whether ``podman ARGS`` succeeds (``image exists``, ``volume exists``)."""
-    proc = await anyio.run_process(["podman", *args], check=False, stdin=subprocess.DEVNULL)
-    return proc.returncode == 0
 
 
 def podman_images() -> list[str]:
@@ -72,8 +67,39 @@ class Undo:
 
 
 
+@attrs.frozen
+class StoreState:
+    """What this host's podman store holds, listed once per restore (every podman command
+    costs 30-200 ms here, and the restore runs while the workload is down)."""
+
+    volumes: frozenset[str]
+    containers: frozenset[str]
+    images: frozenset[str]
+    """Image ids (sha256 hex)."""
+    names: frozenset[str]
+    """``repository:tag`` of every tagged image."""
+
+
+async def store_state() -> StoreState:
+    """List volumes, containers and images, the three at once."""
+    out: dict[str, str] = {}
+
+    async def ask(key: str, *args: str) -> None:
+        out[key] = await run_runtime(list(args), phase=Phase.RESTORE, tool="podman")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask, "volumes", "volume", "ls", "--format", "{{.Name}}")
+        tg.start_soon(ask, "containers", "ps", "--all", "--format", "{{.Names}}")
+        tg.start_soon(ask, "images", "images", "--all", "--no-trunc", "--format",
+                      "{{.ID}} {{.Repository}}:{{.Tag}}")
+    images = [line.split() for line in out["images"].splitlines() if line.strip()]
+    return StoreState(frozenset(out["volumes"].split()), frozenset(out["containers"].split()),
+                      frozenset(i[0].removeprefix("sha256:") for i in images),
+                      frozenset(i[1] for i in images if len(i) > 1 and "<none>" not in i[1]))
+
+
 async def ensure_image(images_dir: pathlib.Path, image_id: str | None, name: str | None,
-                        undo: Undo) -> None:
+                       undo: Undo, state: StoreState) -> None:
     """Load the carried base image unless this host has that id already (then its copy
     is not even read), checked against its digest before and after ``podman load``; tag
     it with the name config.dump gives when that name is missing (podman's restore would
@@ -84,7 +110,7 @@ async def ensure_image(images_dir: pathlib.Path, image_id: str | None, name: str
                                f"({str(image_id)[:12]})")
     if image_id is None:
         return
-    if not await podman_ok(["image", "exists", image_id]):
+    if image_id not in state.images:
         if carried is None:
             return  # podman pulls it, as its own pull policy says
         await anyio.to_thread.run_sync(archive.check_image, carried[0], image_id)
@@ -95,7 +121,7 @@ async def ensure_image(images_dir: pathlib.Path, image_id: str | None, name: str
                                 phase=Phase.RESTORE, tool="podman")
         if got.strip().removeprefix("sha256:") != image_id:
             checks.refuse("image", f"podman loaded another image than {image_id[:12]}")
-    if name is not None and not await podman_ok(["image", "exists", name]):
+    if name is not None and name not in state.names:
         await run_runtime(["tag", image_id, name], phase=Phase.RESTORE, tool="podman")
         undo.tag = name
 
