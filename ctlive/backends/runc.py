@@ -84,11 +84,16 @@ class RuncContainer(Backend):
         of ``runc checkpoint --leave-running``."""
 
     def _config(self) -> dict[str, Any]:
-        state = json.loads(subprocess.run(
-            ["runc"] + (["--root", self.root] if self.root else []) + ["state", self.id],
-            capture_output=True, check=True).stdout)
-        config: dict[str, Any] = json.loads(
-            (pathlib.Path(state["bundle"]) / "config.json").read_text())
+        """The container's config.json (its bundle directory under ``__bundle``)."""
+        try:
+            state = json.loads(subprocess.run(
+                ["runc"] + (["--root", self.root] if self.root else []) + ["state", self.id],
+                capture_output=True, check=True).stdout)
+            config: dict[str, Any] = json.loads(
+                (pathlib.Path(state["bundle"]) / "config.json").read_text())
+        except (subprocess.CalledProcessError, ValueError, KeyError, TypeError) as exc:
+            err = getattr(exc, "stderr", b"").decode(errors="replace").strip() or exc
+            raise CheckpointError(f"runc container {self.id}: {err}", cause=exc) from exc
         config["__bundle"] = state["bundle"]
         return config
 
@@ -146,7 +151,10 @@ class RuncContainer(Backend):
 
     async def _kill(self) -> None:
         name = self._netns()
-        ns = await anyio.to_thread.run_sync(netns.describe, name) if name else None
+        ns = netns.Namespace(name, ()) if name else None
+        if name:  # its veths' names, to delete them too (the kill comes first regardless)
+            with contextlib.suppress(CtliveError):
+                ns = await anyio.to_thread.run_sync(netns.describe, name)
         await run_runtime(["delete", "--force", self.id], phase=Phase.COMMIT, root=self.root)
         if ns is not None:  # the copy at the destination owns its addresses now
             await netns.remove(ns)
@@ -409,8 +417,7 @@ def _seccomp(sc: dict[str, Any], policy: RestorePolicy) -> dict[str, Any]:
 
 
 _NO_NETNS = ("the container's network namespace is not a named one (/run/netns/NAME in its "
-             "config), so its addresses and routes do not move and neither can its TCP "
-             "connections")
+             "config): its addresses and routes, and so its TCP connections, cannot move")
 
 
 async def _criu_step(args: list[str], log: pathlib.Path, *, phase: Phase, root: str | None,
