@@ -50,6 +50,7 @@ class TreeReceiver:
         self._partial: dict[str, _Partial] = {}
         self._sizes: dict[str, int] = {}
         self._labels: set[str] | None = None
+        self._linked: set[str] = set()  # blobs that became a tree's file (one each)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -164,7 +165,7 @@ class TreeReceiver:
                 if os.listdir(root):
                     raise RestoreError(f"carried tree {label}: {dest} exists and is not empty",
                                        phase=Phase.RESTORE)
-                _build(root, entries, self._blob)
+                _build(root, entries, self._blob, self._linked)
                 _verify(root, label, entries)
             finally:
                 os.close(root)
@@ -241,9 +242,23 @@ def _write_file(fd: int, e: Entry, blob: pathlib.Path) -> None:
                 done += len(chunk)
 
 
-def _build(root: int, entries: list[Entry], blob: Callable[[str], pathlib.Path]) -> None:
+def _link_blob(e: Entry, src: pathlib.Path, name: str, pfd: int, dev: int,
+               used: set[str]) -> int | None:
+    """A file without holes becomes its blob itself, linked into place, when the blob is
+    on the tree's filesystem and no other file took it yet: no copy, and no second copy
+    in memory. Returns the opened file, or None to copy instead."""
+    if e.extents != ((0, e.size),) or e.digest in used or os.stat(src).st_dev != dev:
+        return None
+    os.link(src, name, dst_dir_fd=pfd, follow_symlinks=False)
+    used.add(e.digest)
+    return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+
+
+def _build(root: int, entries: list[Entry], blob: Callable[[str], pathlib.Path],
+           used: set[str]) -> None:
     dirs = _Dirs(root)
     made_dirs: list[Entry] = []
+    dev = os.fstat(root).st_dev
     try:
         for e in entries:
             if e.path == ".":
@@ -254,10 +269,16 @@ def _build(root: int, entries: list[Entry], blob: Callable[[str], pathlib.Path])
                 os.mkdir(name, 0o700, dir_fd=pfd)
                 made_dirs.append(e)
             elif e.kind == "file":
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+                fd = _link_blob(e, blob(e.digest), name, pfd, dev, used)
+                if fd is None:
+                    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+                    try:
+                        _write_file(fd, e, blob(e.digest))
+                    except BaseException:
+                        os.close(fd)
+                        raise
                 try:
-                    _write_file(fd, e, blob(e.digest))
                     _set_meta(fd, e)
                 finally:
                     os.close(fd)

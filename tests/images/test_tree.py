@@ -376,3 +376,25 @@ def test_every_iteration_carries_the_same_trees(shm: pathlib.Path) -> None:
     send(TreeSender({"one": str(shm / "a")}), rx)
     with pytest.raises(DeltaFormatError, match="in the first"):
         send(TreeSender({"one": str(shm / "a"), "two": str(shm / "b")}), rx)
+
+
+def test_a_blob_becomes_one_file_at_most(shm: pathlib.Path) -> None:
+    """On the blobs' filesystem a file without holes is its blob, linked into place (no
+    copy); the same content in another file or another tree is a copy of its own, so
+    each keeps its own mode."""
+    a, b = shm / "a", shm / "b"
+    a.mkdir()
+    b.mkdir()
+    for d, mode in ((a, 0o600), (b, 0o644)):
+        (d / "same").write_bytes(b"z" * 10000)
+        (d / "same").chmod(mode)
+        (d / "twin").write_bytes(b"z" * 10000)
+    rx = TreeReceiver(shm / "work")
+    send(TreeSender({"a": str(a), "b": str(b)}), rx, final=True)
+    (blob,) = [p for p in (shm / "work" / "trees").iterdir()]
+    rx.materialize("a", shm / "ra")
+    rx.materialize("b", shm / "rb")
+    inodes = {(shm / r / n).stat().st_ino for r in ("ra", "rb") for n in ("same", "twin")}
+    assert blob.stat().st_ino in inodes and len(inodes) == 4
+    assert stat.S_IMODE((shm / "ra" / "same").stat().st_mode) == 0o600
+    assert stat.S_IMODE((shm / "rb" / "same").stat().st_mode) == 0o644
