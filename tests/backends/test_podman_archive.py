@@ -189,3 +189,37 @@ def test_the_image_is_checked_against_its_digest(tmp_path: pathlib.Path) -> None
     path.write_bytes(b"not a tar at all" * 64)
     with pytest.raises(RestoreSpecError, match="not a docker-archive"):
         pa.check_image(path, image_id)
+
+
+def podman_specs(tmp_path: pathlib.Path, netns_path: str) -> pathlib.Path:
+    """spec.dump and config.dump of a container that joins ``netns_path``."""
+    spec = {"ociVersion": "1.0.2", "process": {"args": ["sh"]}, "mounts": [],
+            "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+                      + [{"type": "network", "path": netns_path}]}}
+    d = tmp_path / "img"
+    d.mkdir()
+    (d / "podman+spec.dump").write_text(json.dumps(spec))
+    (d / "podman+config.dump").write_text(json.dumps({"createNetNS": False}))
+    return d
+
+
+def test_only_the_namespace_the_receiver_rebuilt_may_be_joined(tmp_path: pathlib.Path) -> None:
+    from ctlive.backends import RestorePolicy
+    from ctlive.backends.podman import check_podman_archive, podman_restore_name
+
+    d = podman_specs(tmp_path, "/run/netns/pm-1")
+    storage = ("/var/lib/containers/storage", "/run/containers/storage")
+
+    def check(own: str | None) -> None:
+        check_podman_archive(d, RestorePolicy(), storage=storage, store=tmp_path, own_netns=own)
+
+    check("/run/netns/pm-1")
+    for own in (None, "/run/netns/other"):
+        with pytest.raises(RestoreSpecError, match="joining the existing network namespace"):
+            check(own)
+    with pytest.raises(RestoreSpecError, match="true or false") as info:
+        podman_restore_name({"name": "pm-1", "tcp_established": "yes"})
+    assert info.value.field == "tcp_established"
+    with pytest.raises(RestoreSpecError) as info:
+        podman_restore_name({"name": "pm-1", "network": {"name": "--all", "interfaces": []}})
+    assert info.value.field.startswith("network")
