@@ -77,11 +77,13 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class Host:
     """One host: ``run()`` / ``popen()`` execute commands inside it."""
 
-    def __init__(self, network: Network, index: int, name: str) -> None:
+    def __init__(self, network: Network, index: int, name: str, *,
+                 bridge: str = HOST_BRIDGE) -> None:
         self.network, self.index, self.name = network, index, name
         self.ip = f"{network.prefix}.{10 + index}"
         self.outer = f"{network.bridge}h{index}"
-        self.bridge = HOST_BRIDGE
+        self.bridge = bridge
+        """This host's bridge for its containers (eth0 is a port of it)."""
         cmd = ["unshare", "--net", "--mount", "--pid", "--uts", "--fork", "--mount-proc",
                "sh", "-c", _setup(name)]
         self._holder = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
@@ -96,10 +98,10 @@ class Host:
                 str(self.pid))
             _ip("link", "set", self.outer, "master", network.bridge, "up")
             # eth0 is a port of the host's br0, which holds the host's address.
-            for argv in (["link", "add", HOST_BRIDGE, "type", "bridge"],
-                         ["link", "set", "eth0", "master", HOST_BRIDGE, "up"],
-                         ["addr", "add", f"{self.ip}/24", "dev", HOST_BRIDGE],
-                         ["link", "set", HOST_BRIDGE, "up"],
+            for argv in (["link", "add", bridge, "type", "bridge"],
+                         ["link", "set", "eth0", "master", bridge, "up"],
+                         ["addr", "add", f"{self.ip}/24", "dev", bridge],
+                         ["link", "set", bridge, "up"],
                          ["route", "add", "default", "via", network.gateway]):
                 self.run(["ip", *argv], check=True)
         except BaseException as exc:
@@ -171,9 +173,10 @@ class Network:
             _ip("link", "del", self.bridge, check=False)
             raise ConfigError(f"cannot make bridge {self.bridge}: {exc.stderr}") from exc
 
-    def host(self, name: str) -> Host:
-        """A new host on this network."""
-        h = Host(self, len(self.hosts) + 1, name)
+    def host(self, name: str, *, bridge: str = HOST_BRIDGE) -> Host:
+        """A new host on this network; ``bridge`` is its containers' bridge (another name
+        than every other host's tests a receiver's bridge mapping)."""
+        h = Host(self, len(self.hosts) + 1, name, bridge=bridge)
         self.hosts.append(h)
         return h
 

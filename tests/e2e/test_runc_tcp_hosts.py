@@ -135,9 +135,9 @@ class Scene:
     """Two hosts; in host A a runc container (rootfs in host A's own /var/tmp, which host
     B cannot see) in named namespace ``cid`` with a client connected from outside."""
 
-    def __init__(self, net: Any, shared: pathlib.Path) -> None:
+    def __init__(self, net: Any, shared: pathlib.Path, b_bridge: str) -> None:
         self.net, self.shared = net, shared
-        self.a, self.b = net.host("host-a"), net.host("host-b")
+        self.a, self.b = net.host("host-a"), net.host("host-b", bridge=b_bridge)
         self.cid = f"tcp{os.getpid()}"
         self.inside = f"/var/tmp/{self.cid}"
         bundle = self.a.path(self.inside)
@@ -165,6 +165,8 @@ class Scene:
         held = b.run(["ip", "netns", "exec", cid, "ss", "-tnH", "state", "established"])
         port = client.sock.getsockname()[1]
         assert self.addr in held.stdout and f":{port}" in held.stdout, held
+        (outer,) = json.loads(b.run(["ip", "-j", "link", "show", f"v{cid}"]).stdout)
+        assert outer["master"] == b.bridge and outer["operstate"] == "UP"
         fdb = subprocess.run(["bridge", "fdb", "show", "br", self.net.bridge],
                              capture_output=True, text=True).stdout
         assert any(self.mac in ln and b.outer in ln for ln in fdb.splitlines()), fdb
@@ -188,7 +190,7 @@ class Scene:
 
 
 @contextlib.contextmanager
-def scene(tag: str, index: int) -> Iterator[Scene]:
+def scene(tag: str, index: int, b_bridge: str = "br0") -> Iterator[Scene]:
     from criu_harness import require_criu
 
     require_criu()
@@ -202,7 +204,7 @@ def scene(tag: str, index: int) -> Iterator[Scene]:
     sc = None
     try:
         with Network(index=index) as net:
-            sc = Scene(net, shared)
+            sc = Scene(net, shared, b_bridge)
             yield sc
     finally:
         if sc is not None:
@@ -280,9 +282,10 @@ def test_an_aborted_move_keeps_the_connection_at_the_source() -> None:
 
 def test_cli_migrates_a_runc_container_between_two_hosts() -> None:
     """`ctlive serve` inside host B and `ctlive migrate runc:ID` from host A, as a user
-    would run them on two machines."""
+    would run them on two machines; host B's container bridge has another name, which
+    the receiver maps (`--bridge-map br0=brguest`)."""
     ctlive = str(pathlib.Path(sys.executable).with_name("ctlive"))
-    with scene("cli", 244) as sc:
+    with scene("cli", 244, b_bridge="brguest") as sc:
         d = sc.shared
         for who in ("src", "dst"):
             assert subprocess.run([ctlive, "keygen", "-o", str(d / f"{who}.key")],
@@ -293,7 +296,8 @@ def test_cli_migrates_a_runc_container_between_two_hosts() -> None:
         rx = sc.b.popen([ctlive, "serve", "--listen", "0.0.0.0:7788", "--key",
                          str(d / "dst.key"), "--allow", str(d / "allow.txt"), "--state",
                          "/run/ctlive", "--provider", "simulated", "--simulated-chain",
-                         str(d / "chain.pem")], stderr=subprocess.PIPE, text=True)
+                         str(d / "chain.pem"), "--bridge-map", "br0=brguest"],
+                        stderr=subprocess.PIPE, text=True)
         banner = ""
         deadline = time.monotonic() + 60
         while "listening on" not in banner:
