@@ -215,3 +215,18 @@ async def test_rebuild_announce_remove(bridge: str) -> None:
     assert not os.path.exists(f"/run/netns/{ns.name}")
     gone = subprocess.run(["ip", "link", "show", ns.interfaces[0].outer], capture_output=True)
     assert gone.returncode != 0
+
+
+def test_a_restarted_receiver_keeps_the_namespace_of_a_ready_copy() -> None:
+    """The journal's handle of a restored runc copy names its rebuilt namespace, so a
+    restarted receiver that adopts the copy still announces it at COMMIT (and removes it
+    on a discard)."""
+    from ctlive.backends.runc import _RuncRestored
+    from ctlive.migration.destination import _adopt, _handle
+
+    restored = _RuncRestored(os.getpid(), "/run/ctlive/runc", "web-1", GOOD)
+    handle = json.loads(json.dumps(_handle(restored)))  # as the journal stores it
+    adopted = _adopt("runc", handle)
+    assert isinstance(adopted, _RuncRestored)
+    assert adopted.network == GOOD and adopted._netns == netns.parse(GOOD)
+    assert _RuncRestored(os.getpid(), "/r", "web-2").network is None
