@@ -10,9 +10,10 @@ socket back: Network is unreachable" otherwise). So the source describes the nam
 and bridge, and the routes), the receiver checks that description as the untrusted
 input it is (:func:`parse`), rebuilds it before the restore (:func:`rebuild`, the outer
 ends on the bridge of the same name or the one ``RestorePolicy.bridge_map`` names, left
-down), and after the resume brings the outer ends up and sends a gratuitous ARP for
-each IPv4 address from inside the namespace (:func:`announce`), so that bridges and
-clients reach the new place at once instead of after their caches expire.
+down), and after the resume brings the outer ends up and announces each address from
+inside the namespace (:func:`announce`: a gratuitous ARP, or for IPv6 an unsolicited
+neighbour advertisement), so that bridges and clients reach the new place at once
+instead of after their caches expire.
 
 On the source, :func:`set_links` takes the outer ends down before the final dump (runc
 checkpoints with ``--leave-running``, after which CRIU lifts its own network lock, and
@@ -56,6 +57,7 @@ __all__ = [
     "rebuild",
     "remove",
     "set_links",
+    "unsolicited_na_frame",
 ]
 
 NETNS_DIR = "/run/netns"
@@ -332,6 +334,25 @@ def garp_frame(mac: str, ip: str) -> bytes:
     return (eth + arp).ljust(60, b"\0")
 
 
+def unsolicited_na_frame(mac: str, ip: str) -> bytes:
+    """IPv6's gratuitous ARP: an unsolicited neighbour advertisement (RFC 4861 7.2.6)
+    for ``ip`` at ``mac``, override flag set, to all nodes (ff02::1), as an Ethernet
+    frame."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    if len(hw) != 6:
+        raise ValueError(f"{mac!r} is not a MAC address")
+    src, dst = ipaddress.IPv6Address(ip).packed, ipaddress.IPv6Address("ff02::1").packed
+    # type 136, code 0, checksum (below), flags O; the target; option 2 (target MAC).
+    body = struct.pack("!BBHI", 136, 0, 0, 0x20000000) + src + bytes([2, 1]) + hw
+    pseudo = src + dst + struct.pack("!I3xB", len(body), 58)
+    total = sum(struct.unpack(f"!{(len(pseudo) + len(body)) // 2}H", pseudo + body))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    body = body[:2] + struct.pack("!H", ~total & 0xFFFF) + body[4:]
+    ip6 = struct.pack("!IHBB", 6 << 28, len(body), 58, 255) + src + dst
+    return b"\x33\x33\x00\x00\x00\x01" + hw + struct.pack("!H", 0x86DD) + ip6 + body
+
+
 def _packet_socket(netns: str) -> socket.socket:
     """An AF_PACKET socket in named namespace ``netns`` (in a thread of its own: setns
     moves only the calling thread)."""
@@ -365,13 +386,15 @@ def _send_garps(ns: Namespace) -> None:
         for i in ns.interfaces:
             for a in i.addresses:
                 ip = a.split("/")[0]
-                if ipaddress.ip_address(ip).version == 4:
-                    s.sendto(garp_frame(i.mac, ip), (i.name, socket.htons(_ETH_P_ARP)))
+                v4 = ipaddress.ip_address(ip).version == 4
+                frame = garp_frame(i.mac, ip) if v4 else unsolicited_na_frame(i.mac, ip)
+                s.sendto(frame, (i.name, socket.htons(_ETH_P_ARP if v4 else 0x86DD)))
 
 
 async def announce(ns: Namespace) -> None:
-    """After the resume: bring the outer ends up and send a gratuitous ARP for every
-    IPv4 address from inside the namespace."""
+    """After the resume: bring the outer ends up and, from inside the namespace, send a
+    gratuitous ARP for every IPv4 address and an unsolicited neighbour advertisement
+    for every IPv6 one."""
     await set_links(ns, up=True, phase=Phase.COMMIT)
     try:
         await anyio.to_thread.run_sync(_send_garps, ns)

@@ -178,7 +178,8 @@ async def test_rebuild_announce_remove(bridge: str) -> None:
     tag = bridge[4:]
     desc = {"name": f"ctnt{tag}", "interfaces": [
         {"name": "eth0", "mac": "02:42:0a:59:00:64", "mtu": 1400,
-         "addresses": ["10.253.0.100/24"], "outer": f"vctnt{tag}", "bridge": "brX"}],
+         "addresses": ["10.253.0.100/24", "fd53::100/64"], "outer": f"vctnt{tag}",
+         "bridge": "brX"}],
         "routes": [{"dst": "default", "dev": "eth0", "via": "10.253.0.1"}]}
     ns = netns.parse(desc)
     with pytest.raises(RestoreSpecError, match="no bridge brX") as info:
@@ -201,14 +202,16 @@ async def test_rebuild_announce_remove(bridge: str) -> None:
         # The namespace describes itself as it was described.
         assert netns.describe(ns.name) == netns.parse(dict(desc, interfaces=[
             dict(desc["interfaces"][0], bridge=bridge)]))
-        # Announce: the outer end comes up and the ARP reaches the bridge.
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
-                           socket.htons(0x0806)) as cap:
+        # Announce: the outer end comes up; the ARP and the NA reach the bridge.
+        want = {netns.garp_frame("02:42:0a:59:00:64", "10.253.0.100"),
+                netns.unsolicited_na_frame("02:42:0a:59:00:64", "fd53::100")}
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)) as cap:
             cap.bind((bridge, 0))
             cap.settimeout(5)
             await netns.announce(ns)
-            frame = cap.recv(128)
-        assert frame[:60] == netns.garp_frame("02:42:0a:59:00:64", "10.253.0.100")
+            seen = set()
+            while not want <= seen:  # (the kernel's own IPv6 chatter comes too)
+                seen.add(cap.recv(256))
         assert _ip("link", "show", ns.interfaces[0].outer)[0]["operstate"] != "DOWN"
     finally:
         await netns.remove(ns)
@@ -230,3 +233,21 @@ def test_a_restarted_receiver_keeps_the_namespace_of_a_ready_copy() -> None:
     assert isinstance(adopted, _RuncRestored)
     assert adopted.network == GOOD and adopted._netns == netns.parse(GOOD)
     assert _RuncRestored(os.getpid(), "/r", "web-2").network is None
+
+
+def test_the_unsolicited_neighbour_advertisement_frame() -> None:
+    frame = netns.unsolicited_na_frame("02:42:0a:59:00:64", "fd00::64")
+    mac, ip = bytes.fromhex("02420a590064"), bytes.fromhex("fd00" + "0" * 26 + "64")
+    all_nodes = bytes.fromhex("ff02" + "0" * 26 + "01")
+    eth, ip6, icmp = frame[:14], frame[14:54], frame[54:]
+    assert eth == bytes.fromhex("333300000001") + mac + b"\x86\xdd"
+    # IPv6: version 6, payload 32 bytes, ICMPv6, hop limit 255 (RFC 4861 requires it).
+    assert ip6 == b"\x60\0\0\0\x00\x20\x3a\xff" + ip + all_nodes
+    # Neighbour advertisement, override flag, the target, its link-layer address.
+    assert icmp[0:2] == b"\x88\x00" and icmp[4:8] == b"\x20\0\0\0"
+    assert icmp[8:24] == ip and icmp[24:] == b"\x02\x01" + mac
+    # The checksum verifies: the one's complement sum over the pseudo-header and the
+    # message, checksum included, is all ones.
+    data = ip + all_nodes + len(icmp).to_bytes(4, "big") + b"\0\0\0\x3a" + icmp
+    total = sum(int.from_bytes(data[k:k + 2], "big") for k in range(0, len(data), 2))
+    assert (total % 0xFFFF or 0xFFFF) == 0xFFFF and icmp[2:4] != b"\0\0"
