@@ -210,10 +210,22 @@ class _Exactly:
         return bytes(data)
 
 
+def _xattrs(path: pathlib.Path) -> dict[str, str]:
+    """``path``'s extended attributes as PAX records (values as raw bytes)."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for name in os.listxattr(path, follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                value = os.getxattr(path, name, follow_symlinks=False)
+                out[f"SCHILY.xattr.{name}"] = value.decode("utf-8", "surrogateescape")
+    return out
+
+
 def volume_tar(root: pathlib.Path, out: pathlib.Path, name: str) -> None:
     """The chunks (in ``out``) of a tar of volume ``name``'s directory ``root``, laid out
     for pre-copy: the root, directories by name, then everything else oldest first
-    (mtime, then name), with fixed owner names. A file that grows or changes then moves
+    (mtime, then name), with fixed owner names and each file's extended attributes (PAX
+    ``SCHILY.xattr.*``, as podman's own tars). A file that grows or changes then moves
     only what follows it in the tar, usually little, so the chunks before it stay as
     they were. (Podman's own volume tars follow the directory order, which on a tmpfs is
     newest first.)"""
@@ -232,7 +244,7 @@ def volume_tar(root: pathlib.Path, out: pathlib.Path, name: str) -> None:
             else:
                 rest.append((st.st_mtime_ns, rel, p))
     writer = ChunkWriter(out, name)
-    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.GNU_FORMAT) as tar:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
         for rel, p in [(".", root), *sorted(dirs), *[(r, q) for _, r, q in sorted(rest)]]:
             try:
                 info = tar.gettarinfo(str(p), arcname=rel)
@@ -241,6 +253,7 @@ def volume_tar(root: pathlib.Path, out: pathlib.Path, name: str) -> None:
             if info is None:
                 continue  # a socket: nothing a tar can hold
             info.uname = info.gname = ""
+            info.pax_headers = _xattrs(p)
             if info.isreg():
                 try:
                     with open(p, "rb") as f:

@@ -72,6 +72,10 @@ def test_a_volume_travels_in_chunks_that_stay_put_when_a_file_grows(
     big = bytes(range(256)) * (pa.CHUNK // 128)  # two chunks' worth, written first
     (vol / "sub" / "blob").write_bytes(big)
     os.utime(vol / "sub" / "blob", ns=(1, 1))
+    try:
+        os.setxattr(vol / "sub" / "blob", "user.origin", b"\xffsource")
+    except OSError:
+        pytest.skip("no user xattrs on this filesystem")
     (vol / "log").write_text("1\n")
     pa.volume_tar(vol, flat, "data")
     before = {p.name: p.read_bytes() for p in flat.iterdir()}
@@ -87,6 +91,8 @@ def test_a_volume_travels_in_chunks_that_stay_put_when_a_file_grows(
     pa.unflatten(flat, out)
     with tarfile.open(out) as t, tarfile.open(fileobj=t.extractfile("volumes/data.tar")) as inner:
         assert inner.extractfile("sub/blob").read() == big  # type: ignore[union-attr]
+        xattr = inner.getmember("sub/blob").pax_headers["SCHILY.xattr.user.origin"]
+        assert xattr.encode("utf-8", "surrogateescape") == b"\xffsource"
         assert inner.extractfile("log").read() == b"1\n2\n"  # type: ignore[union-attr]
     (flat / "podman+volumes+data.tar+00001").unlink()
     refused(flat, "archive.podman+volumes+data.tar", "chunks are not")

@@ -17,6 +17,7 @@ iteration carried (archive members, volume, image) and the downtime."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import socket
@@ -168,6 +169,11 @@ class Setup:
         # Each host has its own store: B has never seen the image.
         assert self.b.run(["podman", "image", "exists", self.image_id]).returncode != 0
         podman(self.a, "volume", "create", "data")
+        # A file the container never touches, with an extended attribute that must travel.
+        tag = self.a.path(podman(self.a, "volume", "inspect", "--format", "{{.Mountpoint}}",
+                                 "data") + "/tag")
+        tag.write_text("from host a\n")
+        os.setxattr(tag, "user.origin", b"host-a")
         podman(self.a, "run", "-d", "--name", self.name, "--network",
                f"ns:/run/netns/{self.name}", "--ulimit", "nofile=1024:1024", "--ulimit",
                "nproc=4096:4096", "-v", "data:/data", IMAGE, "sh", "-c", MAIN)
@@ -246,6 +252,10 @@ def test_podman_container_with_a_volume_and_tcp_between_two_hosts(
         assert podman(b, "image", "inspect", "--format", "{{.Id}} {{.RepoTags}}",
                       IMAGE) == f"{s.image_id} [{IMAGE}]"
         # Every line once, in order, and the volume keeps growing at the destination.
+        tag = b.path(podman(b, "volume", "inspect", "--format", "{{.Mountpoint}}", "data")
+                     + "/tag")
+        assert tag.read_text() == "from host a\n"
+        assert os.getxattr(tag, "user.origin") == b"host-a"
         first = s.log(b)
         assert first == list(range(1, len(first) + 1)) and len(first) > 10
         time.sleep(0.6)
