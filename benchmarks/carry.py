@@ -5,8 +5,9 @@ each against the same migration with no files, between two hosts of
 
     python -m benchmarks.carry [--mib N] [--repeat N]
 
-``--mib``: random data in the process's data directory (default 64). Prints one JSON line
-per migration and a table of medians. Needs root, CRIU, runc and busybox-static.
+``--mib``: random data in the process's data directory and in the container's rootfs
+(besides busybox; default 64). Prints one JSON line per migration and a table of medians.
+Needs root, CRIU, runc and busybox-static.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _process(net: Any, shared: pathlib.Path, mib: int, carry: bool, n: int) -> d
                                 "carry": [data] if carry else []})
 
 
-def _runc(net: Any, shared: pathlib.Path, carry: bool, n: int) -> dict[str, Any]:
+def _runc(net: Any, shared: pathlib.Path, mib: int, carry: bool, n: int) -> dict[str, Any]:
     a, b = net.host(f"ra{n}"), net.host(f"rb{n}")
     cid = f"bench{os.getpid()}x{n}"
     # Carried: the bundle only in host A's /tmp. Not carried: where both hosts see it,
@@ -85,6 +86,9 @@ def _runc(net: Any, shared: pathlib.Path, carry: bool, n: int) -> dict[str, Any]
     shutil.copy(busybox, rootfs / "bin" / "busybox")
     for tool in ("sh", "sleep"):
         (rootfs / "bin" / tool).symlink_to("busybox")
+    (rootfs / "opt").mkdir()
+    for i in range(mib // 4):
+        (rootfs / "opt" / f"blob{i}").write_bytes(os.urandom(4 << 20))
     a.run(["sh", "-c", f"cd {inside} && runc spec"], check=True)
     cfg = json.loads((bundle / "config.json").read_text())
     cfg["process"]["terminal"] = False
@@ -118,7 +122,8 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {}
     cases = [("process, no files", "process", False), (f"process, {args.mib} MiB carried",
                                                         "process", True),
-             ("runc, rootfs in the store", "runc", False), ("runc, rootfs carried", "runc", True)]
+             (f"runc, {args.mib} MiB rootfs in the store", "runc", False),
+             (f"runc, {args.mib} MiB rootfs carried", "runc", True)]
     n = 0
     try:
         for _ in range(args.repeat):
@@ -126,7 +131,7 @@ def main() -> None:
                 n += 1
                 with Network(index=230) as net:
                     r = (_process(net, shared, args.mib, carry, n) if kind == "process"
-                         else _runc(net, shared, carry, n))
+                         else _runc(net, shared, args.mib, carry, n))
                 print(json.dumps({"case": name, **r}), flush=True)
                 runs.setdefault(name, []).append(r)
     finally:
