@@ -207,11 +207,12 @@ def _route(value: Any, field: str, devs: dict[str, Interface]) -> Route:
     only_keys(r, ("dst", "dev", "via"), field)
     dst = string(r.get("dst"), f"{field}.dst", max_len=64)
     version = None
-    if dst != "default":
+    if dst != "default":  # normalized: what reaches `ip` is ipaddress's own spelling
         try:
-            version = ipaddress.ip_network(dst).version
+            net = ipaddress.ip_network(dst)
         except ValueError:
             refuse(f"{field}.dst", f"{field}.dst {dst!r} is neither default nor a network")
+        dst, version = str(net), net.version
     dev = string(r.get("dev"), f"{field}.dev", pattern=_IFNAME)
     if dev not in devs:
         refuse(f"{field}.dev", f"{field}.dev {dev!r} is not an interface of the namespace")
@@ -225,6 +226,7 @@ def _route(value: Any, field: str, devs: dict[str, Interface]) -> Route:
         if (version is not None and gw.version != version) or gw.is_multicast \
                 or gw.is_unspecified:
             refuse(f"{field}.via", f"{field}.via {via!r} cannot be a gateway for {dst}")
+        via = str(gw)
     return Route(dst, dev, via)
 
 
@@ -396,11 +398,26 @@ async def announce(ns: Namespace) -> None:
     gratuitous ARP for every IPv4 address and an unsolicited neighbour advertisement
     for every IPv6 one."""
     await set_links(ns, up=True, phase=Phase.COMMIT)
+    # A veth drops what is sent before the kernel's link watch has seen its carrier
+    # (operstate UP); a second copy covers bridge ports that were not forwarding yet.
+    with anyio.move_on_after(1):
+        while not await _all_up(ns):
+            await anyio.sleep(0.01)
     try:
+        await anyio.to_thread.run_sync(_send_garps, ns)
+        await anyio.sleep(0.05)
         await anyio.to_thread.run_sync(_send_garps, ns)
     except OSError as exc:
         raise RestoreError(f"cannot announce the addresses of {ns.name}: {exc}",
                            phase=Phase.COMMIT, cause=exc) from exc
+
+
+async def _all_up(ns: Namespace) -> bool:
+    proc = await anyio.run_process(["ip", "-n", ns.name, "-j", "link", "show"], check=False)
+    with contextlib.suppress(ValueError, TypeError):
+        state = {x.get("ifname"): x.get("operstate") for x in json.loads(proc.stdout)}
+        return all(state.get(i.name) == "UP" for i in ns.interfaces)
+    return False
 
 
 async def set_links(ns: Namespace, *, up: bool, phase: Phase = Phase.FINAL_DUMP) -> None:

@@ -36,6 +36,13 @@ def test_a_good_description_round_trips() -> None:
     assert ns.as_dict() == GOOD
 
 
+def test_what_reaches_ip_is_normalized() -> None:
+    ns = netns.parse(_with("routes", [{"dst": "10.0.0.0/255.0.0.0", "dev": "eth0",
+                                       "via": "10.89.0.1"},
+                                      {"dst": "fd00:0::/16", "dev": "eth0"}]))
+    assert [r.dst for r in ns.routes] == ["10.0.0.0/8", "fd00::/16"]
+
+
 def _with(path: str, value: Any) -> dict[str, Any]:
     """GOOD with the field at dotted ``path`` set (``None``: removed)."""
     spec = copy.deepcopy(GOOD)
