@@ -301,6 +301,11 @@ async def rebuild(ns: Namespace, bridge_for: Callable[[str], str]) -> None:
     if os.path.lexists(f"{NETNS_DIR}/{ns.name}"):
         raise RestoreError(f"a network namespace {ns.name} exists on this host already",
                            phase=Phase.RESTORE)
+    for i in ns.interfaces:  # (so that cleaning up below removes only what it made)
+        taken = await anyio.run_process(["ip", "link", "show", "dev", i.outer], check=False)
+        if taken.returncode == 0:
+            raise RestoreError(f"a link named {i.outer} (the container's outer veth end) "
+                               "exists on this host already", phase=Phase.RESTORE)
     await _ip(["netns", "add", ns.name])
     try:
         outer = "".join(f"link add {i.outer} mtu {i.mtu} type veth peer name {i.name} "

@@ -198,6 +198,13 @@ async def test_rebuild_announce_remove(bridge: str) -> None:
         await netns.rebuild(ns, policy.bridge_for)
         with pytest.raises(RestoreError, match="exists"):
             await netns.rebuild(ns, policy.bridge_for)
+        # Another namespace whose outer end's name is taken here: refused, and the link
+        # that was there (not its to remove) is left alone.
+        clash = netns.parse(dict(desc, name=f"ctnu{tag}"))
+        with pytest.raises(RestoreError, match=f"{ns.interfaces[0].outer}.*exists"):
+            await netns.rebuild(clash, policy.bridge_for)
+        assert _ip("link", "show", ns.interfaces[0].outer)
+        assert not os.path.exists(f"/run/netns/{clash.name}")
         (link,) = [x for x in _ip("-n", ns.name, "addr", "show") if x["ifname"] == "eth0"]
         assert link["address"] == "02:42:0a:59:00:64" and link["mtu"] == 1400
         assert [(a["local"], a["prefixlen"]) for a in link["addr_info"]
