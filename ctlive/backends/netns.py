@@ -127,11 +127,11 @@ def _ip_json(*args: str, netns: str | None = None) -> list[dict[str, Any]]:
     cmd = ["ip", "-j", *(["-n", netns] if netns else []), *args]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as exc:
+        data = json.loads(out.stdout or "[]")
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
         err = getattr(exc, "stderr", "") or exc
         raise CheckpointError(f"`{' '.join(cmd)}` failed: {str(err).strip()[:300]}",
                               phase=Phase.ITERATE, cause=exc) from exc
-    data = json.loads(out.stdout or "[]")
     return data if isinstance(data, list) else []
 
 

@@ -265,3 +265,22 @@ def test_the_unsolicited_neighbour_advertisement_frame() -> None:
     data = ip + all_nodes + len(icmp).to_bytes(4, "big") + b"\0\0\0\x3a" + icmp
     total = sum(int.from_bytes(data[k:k + 2], "big") for k in range(0, len(data), 2))
     assert (total % 0xFFFF or 0xFFFF) == 0xFFFF and icmp[2:4] != b"\0\0"
+
+
+def test_describe_refuses_a_veth_that_is_on_no_bridge() -> None:
+    """Only a veth whose outer end is a bridge port can be rebuilt elsewhere: the source
+    says so before anything travels."""
+    from ctlive.errors import CheckpointError
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    name = f"ctnd{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "link", "add", f"v{name}", "type", "veth", "peer", "name",
+                        "eth0", "netns", name], check=True)
+        with pytest.raises(CheckpointError, match="not a veth whose outer end is a port"):
+            netns.describe(name)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"v{name}"], capture_output=True)
