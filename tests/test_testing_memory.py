@@ -43,6 +43,13 @@ def test_hide_memory_keeps_the_tmpfs_out_of_a_workloads_mount_namespace() -> Non
 
         assert mounted(mounts(""))
         assert not mounted(mounts(HIDE_MEMORY))
+        subprocess.run(["ip", "netns", "add", f"ctlive-hide-{os.getpid()}"], check=True)
+        try:
+            netns = [ln for ln in mounts(HIDE_MEMORY).splitlines() if "/run/netns" in ln]
+            assert netns == []
+            assert any("/run/netns" in ln for ln in mounts("").splitlines())
+        finally:
+            subprocess.run(["ip", "netns", "delete", f"ctlive-hide-{os.getpid()}"])
         assert pathlib.Path(d).is_dir()  # unmounted only in that namespace
     finally:
         d.rmdir()

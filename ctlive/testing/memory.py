@@ -30,9 +30,12 @@ __all__ = ["HIDE_MEMORY", "MEMORY_ROOT", "memory_dir", "memory_root", "temporary
 MEMORY_ROOT = pathlib.Path("/run/ctlive-testing")
 """Where the shared tmpfs is mounted."""
 
-HIDE_MEMORY = f"umount -l {shlex.quote(str(MEMORY_ROOT))} 2>/dev/null; "
+HIDE_MEMORY = (f"umount -l {shlex.quote(str(MEMORY_ROOT))} 2>/dev/null; "
+               "umount -l /run/netns 2>/dev/null; ")
 """A shell prefix for a workload's ``sh -c``, run inside its own mount namespace: the
-workload no longer sees the receivers' state (and its dumps do not carry it)."""
+workload no longer sees the receivers' state (and its dumps do not carry it), nor the
+named network namespaces other tests keep in ``/run/netns`` (CRIU cannot dump a task
+whose mount namespace holds their nsfs mounts: "doesn't have a proper root mount")."""
 
 
 def memory_root() -> pathlib.Path:
