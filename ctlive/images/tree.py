@@ -474,6 +474,9 @@ class TreeSender:
                                phase=Phase.ITERATE):
                 for e, chunks in scan(root, held=known):
                     entries.append(e)
+                    if len(entries) > MAX_ENTRIES:
+                        raise CheckpointError(f"carried tree {label} at {root} has more than "
+                                              f"{MAX_ENTRIES} entries, the most one may have")
                     if chunks is None or e.digest in known:
                         continue
                     known.add(e.digest)
