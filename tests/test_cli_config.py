@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -212,8 +213,13 @@ def test_options_checked_before_anything_runs(tmp_path: pathlib.Path) -> None:
     subprocess.run([CTLIVE, "keygen", "-o", str(key)], check=True, capture_output=True)
     policy.write_text("[snp]\nallow_any_measurement = true\n")
     base = ["--key", str(key), "--policy", str(policy), "--state", str(tmp_path / "src")]
+    busy = socket.socket()  # a port in use
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
     for target, extra, message in [
         (f"pid:{os.getpid()}", ["--metrics", "nowhere"], "--metrics"),
+        (f"pid:{os.getpid()}", ["--metrics", f"127.0.0.1:{busy.getsockname()[1]}"],
+         "cannot serve metrics on 127.0.0.1:"),
         ("runc:web", ["--external", "veth[eth0]:vh0"], "go with a pid: TARGET"),
         ("podman:db", ["--carry", str(tmp_path)], "go with a pid: TARGET"),
         ("podman:db", ["--no-carry-rootfs"], "--no-carry-rootfs goes with a runc: TARGET"),
@@ -221,6 +227,7 @@ def test_options_checked_before_anything_runs(tmp_path: pathlib.Path) -> None:
         out = subprocess.run([CTLIVE, "migrate", target, "127.0.0.1:9", *base, *extra],
                              capture_output=True, text=True)
         assert out.returncode == 2 and message in out.stderr, (target, out.stderr)
+    busy.close()
     serve = subprocess.run([CTLIVE, "serve", "--key", str(key), "--allow", str(key),
                             "--state", str(tmp_path / "rx"), "--external-map", "veth0"],
                            capture_output=True, text=True)

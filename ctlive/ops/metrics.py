@@ -20,6 +20,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server
 
+from ctlive.errors import ConfigError
 from ctlive.ops.logs import bind, get_logger, peer_name
 
 __all__ = ["OUTCOMES", "PHASES", "MetricsServer", "ReceiverMetrics", "ReceiverObserver",
@@ -111,8 +112,11 @@ class MetricsServer:
         self._server: Any = None
         if listen is None:
             return
-        host, port = parse_address(listen)
-        self._server, self._thread = start_http_server(port, host, registry=registry)
+        try:
+            host, port = parse_address(listen)
+            self._server, self._thread = start_http_server(port, host, registry=registry)
+        except (ValueError, OSError) as exc:  # a bad address, a port in use
+            raise ConfigError(f"cannot serve metrics on {listen}: {exc}", cause=exc) from exc
         self.address = (host, int(self._server.server_port))
         log.info("metrics on http://%s:%d/metrics", *self.address)
 
