@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ctlive.errors import DeltaFormatError, RestoreError
 from ctlive.images.changes import ChangeItem, ChangeKind, decode_change, encode_change
@@ -398,3 +400,39 @@ def test_a_blob_becomes_one_file_at_most(shm: pathlib.Path) -> None:
     assert blob.stat().st_ino in inodes and len(inodes) == 4
     assert stat.S_IMODE((shm / "ra" / "same").stat().st_mode) == 0o600
     assert stat.S_IMODE((shm / "rb" / "same").stat().st_mode) == 0o644
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70),
+                    st.text(max_size=12), st.lists(st.integers(-5, 1 << 41), max_size=3),
+                    st.lists(st.lists(st.integers(-5, 1 << 20), max_size=3), max_size=3))
+_ENTRY = st.one_of(
+    st.dictionaries(st.sampled_from(["p", "k", "m", "u", "g", "t", "s", "h", "e", "l", "x",
+                                     "zz"]), _VALUES, max_size=8),
+    # Nearly valid entries, so that the deeper checks run too.
+    st.fixed_dictionaries(
+        {"p": st.sampled_from(["a", "b", "a/b", "a/b/c", "b/x", "../x", "/e", ".", "a//b"]),
+         "k": st.sampled_from(["dir", "file", "symlink", "hardlink", "fifo"])},
+        optional={"m": st.integers(-1, 0o10000), "u": st.integers(-1, 1 << 33),
+                  "g": st.just(0), "t": st.integers(-(1 << 64), 1 << 64),
+                  "s": st.integers(-1, 1 << 41),
+                  "h": st.sampled_from([EMPTY_DIGEST, "0" * 64, "0" * 63, 7]),
+                  "e": st.lists(st.lists(st.integers(-1, 1 << 31), min_size=2, max_size=2),
+                                max_size=4),
+                  "l": st.sampled_from(["a", "a/b", "/etc", "", "b/x"]),
+                  "x": st.lists(st.lists(st.sampled_from(["user.a", "bad", "00", "zz"]),
+                                         min_size=2, max_size=2), max_size=2)}))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ENTRY, max_size=6), st.booleans())
+def test_any_manifest_is_taken_or_refused_cleanly(entries: list[dict[str, object]],
+                                                  with_root: bool) -> None:
+    from ctlive.images.tree import decode_manifest
+
+    doc = [ROOT, *entries] if with_root else entries
+    raw = zstandard.compress(json.dumps({"v": 1, "label": "t", "entries": doc}).encode())
+    try:
+        out = decode_manifest("t", raw)
+    except DeltaFormatError:
+        return
+    assert out[0].path == "." and len({e.path for e in out}) == len(out)
