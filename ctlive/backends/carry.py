@@ -17,7 +17,8 @@ from ctlive.images.criu_format import decode_message, read_entries
 from ctlive.images.tree_apply import TreeReceiver
 from ctlive.migration.spool import memory_backed
 
-__all__ = ["FILES_MAGIC", "carried_paths", "check_open_files", "materialize_carried"]
+__all__ = ["FILES_MAGIC", "carried_paths", "check_open_files", "expect_trees",
+           "materialize_carried", "open_files", "remove_carried"]
 
 FILES_MAGIC = 0x56303138
 """CRIU's ``files.img`` type magic."""

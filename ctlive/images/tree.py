@@ -42,8 +42,10 @@ __all__ = [
     "Blob",
     "Entry",
     "TreeSender",
+    "check_path",
     "decode_manifest",
     "encode_manifest",
+    "read_data",
     "referenced",
     "scan",
 ]
