@@ -233,3 +233,19 @@ def test_options_checked_before_anything_runs(tmp_path: pathlib.Path) -> None:
                            capture_output=True, text=True)
     assert serve.returncode == 2 and "disk-backed" in serve.stderr
     assert not (tmp_path / "rx").exists()
+
+
+def test_serve_on_a_port_in_use(tmp_path: pathlib.Path, memory_path: pathlib.Path) -> None:
+    key = tmp_path / "k"
+    subprocess.run([CTLIVE, "keygen", "-o", str(key)], check=True, capture_output=True)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([CTLIVE, "serve", "--listen", f"127.0.0.1:{port}", "--key",
+                              str(key), "--allow", f"{key}.pub", "--state",
+                              str(memory_path / "rx"), "--provider", "simulated"],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert f"ctlive: error: cannot listen on 127.0.0.1:{port}: Address already in use" in \
+        out.stderr and "Traceback" not in out.stderr

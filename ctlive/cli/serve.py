@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 
-from ctlive.errors import ConfigError
+from ctlive.errors import ConfigError, CtliveError
 from ctlive.ops.logs import add_arguments as add_log_arguments
 
 __all__ = ["register"]
@@ -215,5 +215,23 @@ def _serve(args: argparse.Namespace) -> int:
                 spool=args.spool, spool_size=args.spool_size, task_status=task_status))
             print(f"ctlive receiver listening on {addr[0]}:{addr[1]}", file=sys.stderr)
 
-    anyio.run(run)
+    try:
+        anyio.run(run)
+    except BaseExceptionGroup as group:
+        # A failure to start (the port in use, a state directory refused) comes out of
+        # the task groups wrapped: report the ctlive error itself, with its exit code.
+        found = _first_ctlive_error(group)
+        if found is None:
+            raise
+        raise found from group
     return 0
+
+
+def _first_ctlive_error(exc: BaseException) -> CtliveError | None:
+    if isinstance(exc, CtliveError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _first_ctlive_error(inner)) is not None:
+                return found
+    return None

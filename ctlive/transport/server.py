@@ -194,8 +194,12 @@ class SessionServer:
         lsock = socket.socket(family, kind, proto)
         try:
             lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            lsock.bind(addr)
-            lsock.listen(_BACKLOG)
+            try:
+                lsock.bind(addr)
+                lsock.listen(_BACKLOG)
+            except OSError as exc:  # the port in use, an address not of this host
+                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                                  cause=exc) from exc
             lsock.setblocking(False)
             bound = lsock.getsockname()[:2]
             task_status.started((bound[0], bound[1]))
