@@ -18,6 +18,7 @@ from ctlive.errors import (
     CtliveError,
     InDoubtError,
     MigrationError,
+    Phase,
 )
 
 __all__ = ["EXIT_CODES", "exit_code", "main"]
@@ -30,6 +31,8 @@ EXIT_CODES = {
     4: "in doubt: the outcome needs `ctlive recover` (the workload is stopped, or "
        "COMMIT is unconfirmed)",
     5: "the migration failed and the source workload runs again",
+    6: "the preflight refused the migration (migrate, migrate --check): the destination "
+       "cannot restore the workload; no image byte left, the workload runs on",
 }
 """The ``ctlive`` command's exit codes, which scripts can rely on."""
 
@@ -41,7 +44,7 @@ def exit_code(exc: CtliveError) -> int:
     if isinstance(exc, AttestationError) or isinstance(exc.cause, AttestationError):
         return 3
     if isinstance(exc, MigrationError):
-        return 5
+        return 6 if exc.phase == Phase.PREFLIGHT else 5
     if isinstance(exc, ConfigError):
         return 2
     return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import pathlib
 import sys
 from collections.abc import Iterator
@@ -98,6 +99,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m.add_argument("--workdir", type=pathlib.Path,
                    help="where the dumps go (default: a private directory in /var/tmp)")
     m.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    m.add_argument("--check", action="store_true",
+                   help="attestation and the preflight only (CPU, kernel, CRIU, mounts, "
+                   "cgroups; docs/backends.md): print the differences, exit 0 if the "
+                   "destination can restore the workload, 6 if not; nothing is dumped")
     m.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve this migration's Prometheus metrics over HTTP here while it "
                    "runs (docs/operations.md)")
@@ -165,8 +170,37 @@ def _migrate(args: argparse.Namespace) -> int:
         max_downtime=args.max_downtime, max_iterations=args.max_iterations,
         min_shrink=args.min_shrink, smoothing=args.smoothing, restore_rate=args.restore_rate,
         freeze_cost=args.freeze_cost)
+    if args.check:
+        return _check(args, workload, identity, policy)
     with _exporter(args.metrics) as metrics:
         return _run(args, workload, identity, policy, convergence, metrics)
+
+
+def _check(args: argparse.Namespace, workload: Any, identity: Any, policy: Any) -> int:
+    """``--check``: the preflight alone; a refusal raises PreflightError (exit code 6)."""
+    from ctlive.migration.check import PreflightError, check
+
+    try:
+        result = anyio.run(lambda: check(workload, args.destination, identity=identity,
+                                         attestation=policy,
+                                         connect_timeout=args.connect_timeout))
+    except PreflightError as exc:
+        if args.json:
+            print(json.dumps({"compatible": False, "differences": [
+                d.as_dict() for d in exc.differences]}, indent=2))
+        else:
+            print("not compatible: the destination cannot restore this workload")
+            for d in exc.differences:
+                print(f"  {'refused' if d.refuse else 'note'} ({d.fact}): {d.message}")
+        raise
+    if args.json:
+        print(json.dumps({"compatible": True, **result.summary()}, indent=2))
+    else:
+        print(f"compatible: the destination can restore {workload.kind} "
+              f"(kernel {result.summary()['kernel']}, CRIU {result.summary()['criu']})")
+        for d in result.differences:
+            print(f"  note: {d.message}")
+    return 0
 
 
 @contextlib.contextmanager

@@ -81,11 +81,11 @@ def portable_shell(command: str, *, keep: Sequence[str] = _KEEP, tunables: bool 
     or fail at another kernel), then execs ``command`` as its own session leader, with
     :data:`PORTABLE_TUNABLES` unless ``tunables`` is false."""
     cases = "|".join(shlex.quote(k) for k in keep)
-    env = f"GLIBC_TUNABLES={shlex.quote(PORTABLE_TUNABLES)} " if tunables else ""
+    env = f"export GLIBC_TUNABLES={shlex.quote(PORTABLE_TUNABLES)}; " if tunables else ""
     return ("mount --make-rprivate /; "
             "awk '{print $5}' /proc/self/mountinfo | sort -r | while read -r m; do "
             f"case \"$m\" in {cases}) ;; *) umount -l \"$m\" 2>/dev/null ;; esac; done; "
-            f"cd /; exec {env}setsid {command} </dev/null >/dev/null 2>&1")
+            f"cd /; {env}exec setsid {command} </dev/null >/dev/null 2>&1")
 
 
 class VmHost:
@@ -301,8 +301,10 @@ class PortableService(SampleService):
         """In the guest, in the background: once the restore made the veth's outer end,
         give it the service's gateway address and bring it up."""
         o = self.outer
-        self.vm.spawn(["sh", "-c", f"until ip link show {o} >/dev/null 2>&1; do sleep 0.1; "
-                       f"done; ip addr add {self.host_ip}/24 dev {o}; ip link set {o} up"])
+        # Polls sysfs: `ip link show` of a missing link makes the kernel run modprobe,
+        # which under emulation would take the guest's one CPU.
+        self.vm.spawn(["sh", "-c", f"until [ -e /sys/class/net/{o} ]; do sleep 0.2; done; "
+                       f"ip addr add {self.host_ip}/24 dev {o}; ip link set {o} up"])
 
     def cleanup(self) -> None:
         """Also remove the route through the guest."""

@@ -4,6 +4,7 @@ error that names the feature, while the workload runs on."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anyio
@@ -60,3 +61,21 @@ async def test_missing_cpu_feature_refused_before_any_image_byte(
     assert mitm.records_seen <= 4 and mitm.bytes_after_msg1 < 32 << 10
     assert state(mutator.pid) in ("S", "R", "D")
     assert rx.errors == []
+
+
+def test_cli_check_runs_the_preflight_alone(mutator: Mutator, tmp_path: Any,
+                                            memory_path: Any) -> None:
+    from tests.e2e.test_cli import Receiver
+
+    rx = Receiver(tmp_path, memory_path)
+    try:
+        out = rx.migrate(f"pid:{mutator.pid}", "--check")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("compatible: the destination can restore process")
+        js = rx.migrate(f"pid:{mutator.pid}", "--check", "--json")
+        assert js.returncode == 0 and json.loads(js.stdout)["compatible"] is True
+        # Nothing was dumped or sent: the workload ran on, the receiver holds nothing.
+        assert state(mutator.pid) in ("S", "R", "D")
+        assert not any(p.is_dir() for p in rx.state.iterdir())
+    finally:
+        rx.close()

@@ -11,6 +11,7 @@ import pytest
 
 from ctlive.errors import RemoteProtocolError
 from ctlive.migration import preflight as pf
+from ctlive.migration.facts import declared_mounts
 
 AVX512 = ["avx512bw", "avx512cd", "avx512dq", "avx512f", "avx512vl"]
 TUNABLES = "glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-XSAVEC"
@@ -87,7 +88,7 @@ def test_mounts_matter_only_across_kernels() -> None:
 
 def test_declared_external_dev_passes_across_kernels() -> None:
     spec = {"external": ["mnt[/dev]:dev"]}
-    assert pf._declared_mounts(spec) == ["/dev"]
+    assert declared_mounts(spec) == ["/dev"]
     src = facts(mounts__devtmpfs=[])
     assert pf.refusals(pf.compare(src, facts(kernel__boot_id="b"))) == []
 

@@ -33,7 +33,7 @@ class Guest:
 @pytest.fixture(scope="session")
 def guest() -> Iterator[Guest]:
     require_criu()
-    net = Network(index=236)
+    net = Network(index=226)  # 230-250 are other tests'
     try:
         vm = VmHost(net, memory="2G")
         try:

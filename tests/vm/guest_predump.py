@@ -43,8 +43,9 @@ def main() -> None:
     with Network(index=241) as net:
         a, b = net.host("host-a"), net.host("host-b")
         # Only /, /proc, /sys and /dev in the workload's mount namespace: not the 9p
-        # share, not the guest's overlays and tmpfs mounts (CRIU would carry those).
-        a.popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
+        # share, not the guest's overlays and tmpfs mounts (CRIU would carry those). Its
+        # own network namespace (lo only): host A's eth0 has its peer outside.
+        a.popen(["unshare", "--pid", "--net", "--fork", "--mount-proc", "sh", "-c",
                  portable_shell(f"{py} {script} {mib} {hot}", tunables=False)],
                 start_new_session=True, close_fds=True)
         deadline = time.monotonic() + 120
