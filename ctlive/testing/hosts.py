@@ -17,6 +17,7 @@ Needs root, ``unshare``, ``nsenter`` and iproute2.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import shlex
@@ -144,6 +145,23 @@ class Host:
     def path(self, inside: str) -> pathlib.Path:
         """Where a path inside the host is, seen from this machine (through its root)."""
         return pathlib.Path(f"/proc/{self.pid}/root") / inside.lstrip("/")
+
+    def container_netns(self, name: str, address: str, *, outer: str | None = None) -> str:
+        """Make named network namespace ``name`` in this host (``/run/netns/NAME``, for a
+        container to join by path) with an ``eth0`` at ``address`` (a /24 of the
+        network) whose outer end (``outer``, default ``v`` + NAME) is a port of the host's
+        bridge, and a default route through this machine; returns eth0's MAC."""
+        veth = outer or f"v{name}"
+        for argv in (["netns", "add", name],
+                     ["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name],
+                     ["link", "set", veth, "master", self.bridge, "up"],
+                     ["-n", name, "link", "set", "lo", "up"],
+                     ["-n", name, "addr", "add", f"{address}/24", "dev", "eth0"],
+                     ["-n", name, "link", "set", "eth0", "up"],
+                     ["-n", name, "route", "add", "default", "via", self.network.gateway]):
+            self.run(["ip", *argv], check=True)
+        out = self.run(["ip", "-n", name, "-j", "link", "show", "eth0"], check=True).stdout
+        return str(json.loads(out)[0]["address"])
 
     def close(self) -> None:
         """Kill everything in the host and remove its veth."""

@@ -68,12 +68,11 @@ def test_containers_bridge_through_their_hosts_br0() -> None:
                                     for a in addrs[0]["addr_info"]}
         a = hosts[0]
         addr = f"{net.prefix}.100"
-        for argv in (["netns", "add", "c1"],
-                     ["link", "add", "vc1", "type", "veth", "peer", "name", "eth0", "netns", "c1"],
-                     ["link", "set", "vc1", "master", HOST_BRIDGE, "up"],
-                     ["-n", "c1", "addr", "add", f"{addr}/24", "dev", "eth0"],
-                     ["-n", "c1", "link", "set", "eth0", "up"]):
-            a.run(["ip", *argv], check=True)
+        mac = a.container_netns("c1", addr)
+        (vc1,) = json.loads(a.run(["ip", "-j", "link", "show", "vc1"]).stdout)
+        assert vc1["master"] == HOST_BRIDGE
+        inner = json.loads(a.run(["ip", "-n", "c1", "-j", "link", "show", "eth0"]).stdout)
+        assert inner[0]["address"] == mac
         # The named namespace is host a's own (its /run).
         assert a.path("/run/netns/c1").exists() and not hosts[1].path("/run/netns/c1").exists()
         # Reachable: a port nobody listens on answers with a reset (not a timeout).

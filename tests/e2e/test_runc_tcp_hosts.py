@@ -115,22 +115,6 @@ def _lines(text: str) -> list[int]:
     return [int(x) for x in text.split()]
 
 
-def _container_net(host: Any, cid: str, addr: str, gateway: str) -> str:
-    """Named namespace ``cid`` in ``host``, its veth's outer end on the host's br0;
-    returns the veth's MAC."""
-    for argv in (["netns", "add", cid],
-                 ["link", "add", f"v{cid}", "type", "veth", "peer", "name", "eth0", "netns",
-                  cid],
-                 ["link", "set", f"v{cid}", "master", host.bridge, "up"],
-                 ["-n", cid, "link", "set", "lo", "up"],
-                 ["-n", cid, "addr", "add", f"{addr}/24", "dev", "eth0"],
-                 ["-n", cid, "link", "set", "eth0", "up"],
-                 ["-n", cid, "route", "add", "default", "via", gateway]):
-        host.run(["ip", *argv], check=True)
-    out = host.run(["ip", "-n", cid, "-j", "link", "show", "eth0"], check=True).stdout
-    return str(json.loads(out)[0]["address"])
-
-
 class Scene:
     """Two hosts; in host A a runc container (rootfs in host A's own /var/tmp, which host
     B cannot see) in named namespace ``cid`` with a client connected from outside."""
@@ -144,7 +128,7 @@ class Scene:
         _make_rootfs(bundle / "rootfs")
         _make_bundle(bundle, self.inside, self.cid)
         self.addr = f"{net.prefix}.100"
-        self.mac = _container_net(self.a, self.cid, self.addr, net.gateway)
+        self.mac = self.a.container_netns(self.cid, self.addr)
         # stdio on /dev/null: a host log file would be outside the container's mounts.
         assert self.a.popen(["runc", "run", "--detach", "--bundle", self.inside, self.cid],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
