@@ -77,7 +77,7 @@ class PodmanContainer(Backend):
         so the image travels and the destination loads it only if it lacks it."""
         self._final_archive: pathlib.Path | None = None
         self._image: pathlib.Path | None = None  # the saved base image, linked into dumps
-        self._info: tuple[str, dict[str, str | None]] | None = None
+        self._info: tuple[str, dict[str, str | None], str | None] | None = None
         self._ns: netns.Namespace | None = None  # described at the final dump
         self._netns_name: str | None = None  # "" once known to be none
         self._described: netns.Namespace | None = None  # what the restore spec says
@@ -89,18 +89,22 @@ class PodmanContainer(Backend):
         if isinstance(images, list) and all(isinstance(i, str) for i in images):
             self.destination_images = frozenset(images)
 
-    async def _inspect(self, phase: Phase) -> tuple[str, dict[str, str | None]]:
-        """The container's image id and its named volumes with the directory of each that
-        has one here (podman's ``local`` driver), asked once."""
+    async def _inspect(self, phase: Phase) -> tuple[str, dict[str, str | None], str | None]:
+        """The container's image id, its named volumes with the directory of each that
+        has one here (podman's ``local`` driver), and its overlay upper directory (the
+        rootfs diff; None with another storage driver), asked once."""
         if self._info is None:
             out = await run_runtime(["container", "inspect", "--format",
-                                     "{{.Image}}\n{{json .Mounts}}", self.name], phase=phase,
-                                    tool="podman")
-            image, _, mounts = out.strip().partition("\n")
+                                     "{{.Image}}\n{{.GraphDriver.Name}} "
+                                     "{{.GraphDriver.Data.UpperDir}}\n{{json .Mounts}}",
+                                     self.name], phase=phase, tool="podman")
+            image, driver, mounts = [*out.strip().split("\n", 2), "", ""][:3]
             vols = {m["Name"]: m.get("Source") if m.get("Driver") == "local" else None
                     for m in json.loads(mounts or "[]")
                     if m.get("Type") == "volume" and isinstance(m.get("Name"), str)}
-            self._info = (image.strip().removeprefix("sha256:"), vols)
+            kind, _, upper = driver.strip().partition(" ")
+            self._info = (image.strip().removeprefix("sha256:"), vols,
+                          upper if kind == "overlay" and upper.startswith("/") else None)
         return self._info
 
     def _netns(self) -> str | None:
@@ -122,10 +126,11 @@ class PodmanContainer(Backend):
 
     async def _carry(self, images_dir: pathlib.Path, phase: Phase, *, final: bool) -> None:
         """Add the base image (saved once, then hard-linked: unchanged iterations cost no
-        wire bytes) unless the destination has it, and each named volume as a tar laid
-        out for pre-copy (:func:`~ctlive.backends.podman_archive.volume_tar`; it replaces
-        the archive's own in the final dump, so the diff finds what iterations sent)."""
-        image, names = await self._inspect(phase)
+        wire bytes) unless the destination has it, and the rootfs diff (the overlay upper
+        directory) and each named volume as tars laid out for pre-copy
+        (:func:`~ctlive.backends.podman_archive.tree_tar`; they replace the archive's own in
+        the final dump, so the diff finds what the iterations sent)."""
+        image, names, upper = await self._inspect(phase)
         if _ID.match(image) and (self.destination_images is None
                                  or image not in self.destination_images):
             if self._image is None:
@@ -135,15 +140,19 @@ class PodmanContainer(Backend):
                                    str(saved), image], phase=phase, tool="podman")
                 self._image = saved
             os.link(self._image, images_dir / f"{archive.IMAGE_PREFIX}{image}.tar")
+        if upper is not None and os.path.isdir(upper):  # else: podman's, in the final dump
+            await anyio.to_thread.run_sync(lambda: archive.tree_tar(
+                pathlib.Path(upper), images_dir, "rootfs-diff.tar", overlay=True))
         for vol, where in names.items():
+            member = f"volumes/{vol}.tar"
             if where is not None and os.path.isdir(where):
-                await anyio.to_thread.run_sync(archive.volume_tar, pathlib.Path(where),
-                                               images_dir, vol)
+                await anyio.to_thread.run_sync(archive.tree_tar, pathlib.Path(where),
+                                               images_dir, member)
             elif not final:  # not a directory here: podman's own export, the archive's last
                 out = images_dir.parent / f"volume-{vol}.tar"
                 await run_runtime(["volume", "export", "--output", str(out), vol],
                                   phase=phase, tool="podman")
-                await anyio.to_thread.run_sync(archive.split_volume, out, images_dir, vol)
+                await anyio.to_thread.run_sync(archive.split_member, out, images_dir, member)
 
     def _drop_image(self) -> None:
         if self._image is not None:

@@ -2,10 +2,11 @@
 
 The source flattens the archive into one directory for the image diff: CRIU's images of
 ``checkpoint/`` keep their names, every other member gets the ``podman+`` prefix with
-its ``/`` as ``+`` (``rootfs-diff.tar`` is ``podman+rootfs-diff.tar``), a named volume's
-tar is cut in chunks of 4 MiB (``volumes/data.tar`` is ``podman+volumes+data.tar+00000``,
-``+00001``, …: the diff sends a file that changed whole, or as a zstd delta when at most
-8 MiB, so an unchanged chunk costs nothing and a changed one a delta), and the
+its ``/`` as ``+`` (``network.status`` is ``podman+network.status``), the tars that
+change while the container runs (the rootfs diff and each named volume's) are cut in
+chunks of 4 MiB (``volumes/data.tar`` is ``podman+volumes+data.tar+00000``, ``+00001``,
+…: the diff sends a file that changed whole, or as a zstd delta when at most 8 MiB, so an
+unchanged chunk costs nothing and a changed one a delta), and the
 container's base image, when it travels, is ``podman-image+<image id>.tar`` (a
 ``podman image save --format docker-archive``). The destination checks all of it as
 untrusted input before podman sees any of it: member names and kinds, the tars inside
@@ -37,9 +38,9 @@ __all__ = [
     "check_members",
     "flatten",
     "image_file",
-    "split_volume",
+    "split_member",
+    "tree_tar",
     "unflatten",
-    "volume_tar",
 ]
 
 TOP = "podman+"
@@ -54,7 +55,8 @@ _KNOWN = frozenset({"config.dump", "spec.dump", "status.dump", "network.status",
                     "bind.mounts", "ctr.log"})
 _VOLUME = re.compile(r"^volumes/([A-Za-z0-9][A-Za-z0-9_.-]{0,127})\.tar$")
 _IMAGE = re.compile(r"^podman-image\+([0-9a-f]{64})\.tar$")
-_CHUNK = re.compile(r"^podman\+volumes\+([A-Za-z0-9][A-Za-z0-9_.-]{0,127})\.tar\+([0-9]{5})$")
+_CHUNK = re.compile(r"^podman\+(volumes\+[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.tar|rootfs-diff\.tar)"
+                    r"\+([0-9]{5})$")
 CHUNK = MAX_PART
 """Bytes of a volume tar's chunk (all but the last): the change stream's largest part."""
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -75,13 +77,18 @@ def _member_name(name: str) -> str:
                           phase=Phase.ITERATE)
 
 
-class ChunkWriter:
-    """A file written as the chunks of volume ``name`` in directory ``out`` (the old
-    chunks of that volume are removed first)."""
+def _chunked(member: str) -> bool:
+    return member == "rootfs-diff.tar" or _VOLUME.match(member) is not None
 
-    def __init__(self, out: pathlib.Path, name: str) -> None:
-        self.out, self.name, self.index, self.room = out, name, 0, 0
-        for old in out.glob(f"{TOP}volumes+{name}.tar+*"):
+
+class ChunkWriter:
+    """A file written as the chunks of archive member ``member`` (``rootfs-diff.tar``,
+    ``volumes/NAME.tar``) in directory ``out`` (its old chunks are removed first)."""
+
+    def __init__(self, out: pathlib.Path, member: str) -> None:
+        self.out, self.index, self.room = out, 0, 0
+        self.prefix = TOP + member.replace("/", "+") + "+"
+        for old in out.glob(f"{self.prefix}*"):
             old.unlink()
         self.f: Any = None
 
@@ -99,7 +106,7 @@ class ChunkWriter:
         if self.f is not None:
             self.f.close()
         # Held open across write() calls, closed by the next chunk or close().
-        self.f = open(self.out / f"{TOP}volumes+{self.name}.tar+{self.index:05d}", "wb")  # noqa: SIM115
+        self.f = open(self.out / f"{self.prefix}{self.index:05d}", "wb")  # noqa: SIM115
         self.index, self.room = self.index + 1, CHUNK
 
     def close(self) -> None:
@@ -136,8 +143,8 @@ class _Chunks:
 
 def flatten(archive: pathlib.Path, out: pathlib.Path) -> None:
     """Write every file of podman's export ``archive`` into ``out`` under its flattened
-    name, volume tars in chunks (directories are implied; a member that is neither is a
-    CheckpointError)."""
+    name, the rootfs diff and volume tars in chunks (directories are implied; a member
+    that is neither is a CheckpointError)."""
     with tarfile.open(archive) as tar:
         for m in tar.getmembers():
             name = m.name.removeprefix("./")
@@ -147,30 +154,29 @@ def flatten(archive: pathlib.Path, out: pathlib.Path) -> None:
                 raise CheckpointError(f"the podman archive's member {name[:120]!r} is not a "
                                       "regular file", phase=Phase.ITERATE)
             flat = _member_name(name)
-            vol = _VOLUME.match(name)
             src = tar.extractfile(m)
             assert src is not None
-            with src, contextlib.closing(ChunkWriter(out, vol.group(1))) if vol else \
+            with src, contextlib.closing(ChunkWriter(out, name)) if _chunked(name) else \
                     open(out / flat, "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
 
 
-def split_volume(tar: pathlib.Path, out: pathlib.Path, name: str) -> None:
-    """Cut volume ``name``'s tar ``tar`` into its chunks in ``out``, then delete it."""
-    with open(tar, "rb") as src, contextlib.closing(ChunkWriter(out, name)) as dst:
+def split_member(tar: pathlib.Path, out: pathlib.Path, member: str) -> None:
+    """Cut ``tar`` into the chunks of archive member ``member`` in ``out``, then delete it."""
+    with open(tar, "rb") as src, contextlib.closing(ChunkWriter(out, member)) as dst:
         while data := src.read(1 << 20):
             dst.write(data)
     tar.unlink()
 
 
-def _volume_chunks(flat: pathlib.Path) -> dict[str, list[pathlib.Path]]:
-    """Volume name -> its chunk files, in order."""
-    vols: dict[str, list[tuple[int, pathlib.Path]]] = {}
+def _chunks(flat: pathlib.Path) -> dict[str, list[pathlib.Path]]:
+    """Archive member -> its chunk files, in order."""
+    members: dict[str, list[tuple[int, pathlib.Path]]] = {}
     for p in flat.iterdir():
         if m := _CHUNK.match(p.name):
-            vols.setdefault(m.group(1), []).append((int(m.group(2)), p))
-    return {v: [p for _, p in sorted(c)] for v, c in sorted(vols.items())}
+            members.setdefault(m.group(1).replace("+", "/"), []).append((int(m.group(2)), p))
+    return {v: [p for _, p in sorted(c)] for v, c in sorted(members.items())}
 
 
 def unflatten(flat: pathlib.Path, archive: pathlib.Path) -> None:
@@ -182,8 +188,8 @@ def unflatten(flat: pathlib.Path, archive: pathlib.Path) -> None:
             info.type = tarfile.DIRTYPE
             info.mode = 0o755
             tar.addfile(info)
-        for vol, chunks in _volume_chunks(flat).items():
-            info = tarfile.TarInfo(f"volumes/{vol}.tar")
+        for member, chunks in _chunks(flat).items():
+            info = tarfile.TarInfo(member)
             info.size, info.mode = sum(c.stat().st_size for c in chunks), 0o600
             tar.addfile(info, _Chunks(chunks))
         for p in sorted(flat.iterdir()):
@@ -210,25 +216,32 @@ class _Exactly:
         return bytes(data)
 
 
-def _xattrs(path: pathlib.Path) -> dict[str, str]:
-    """``path``'s extended attributes as PAX records (values as raw bytes)."""
+def _xattrs(path: pathlib.Path, overlay: bool) -> dict[str, str]:
+    """``path``'s extended attributes as PAX records (values as raw bytes), without
+    overlayfs' own (``trusted.overlay.*``) for an overlay upper directory."""
     out = {}
     with contextlib.suppress(OSError):
         for name in os.listxattr(path, follow_symlinks=False):
+            if overlay and name.startswith("trusted.overlay."):
+                continue
             with contextlib.suppress(OSError):
                 value = os.getxattr(path, name, follow_symlinks=False)
                 out[f"SCHILY.xattr.{name}"] = value.decode("utf-8", "surrogateescape")
     return out
 
 
-def volume_tar(root: pathlib.Path, out: pathlib.Path, name: str) -> None:
-    """The chunks (in ``out``) of a tar of volume ``name``'s directory ``root``, laid out
-    for pre-copy: the root, directories by name, then everything else oldest first
-    (mtime, then name), with fixed owner names and each file's extended attributes (PAX
-    ``SCHILY.xattr.*``, as podman's own tars). A file that grows or changes then moves
-    only what follows it in the tar, usually little, so the chunks before it stay as
-    they were. (Podman's own volume tars follow the directory order, which on a tmpfs is
-    newest first.)"""
+def tree_tar(root: pathlib.Path, out: pathlib.Path, member: str, *,
+             overlay: bool = False) -> None:
+    """The chunks (in ``out``) of archive member ``member``, a tar of directory ``root`` (a
+    volume's, or with ``overlay`` the container's overlay upper directory: its whiteouts
+    are left out, ``deleted.files`` says what was deleted), laid out for pre-copy:
+    everything but directories oldest first (mtime, then name), then the directories by
+    name, the root last (a directory's mtime changes with every file made or removed in
+    it; extractors make missing parents and set directories' times at the end), with
+    fixed owner names and each entry's extended attributes (PAX ``SCHILY.xattr.*``, as
+    podman's own tars). A file that grows or changes then moves only what follows it in
+    the tar, usually little, so the chunks before it stay as they were. (Podman's own
+    volume tars follow the directory order, which on a tmpfs is newest first.)"""
     dirs: list[tuple[str, pathlib.Path]] = []
     rest: list[tuple[int, str, pathlib.Path]] = []
     for top, dnames, fnames in os.walk(root):
@@ -243,17 +256,19 @@ def volume_tar(root: pathlib.Path, out: pathlib.Path, name: str) -> None:
                 dirs.append((rel, p))
             else:
                 rest.append((st.st_mtime_ns, rel, p))
-    writer = ChunkWriter(out, name)
+    writer = ChunkWriter(out, member)
     with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-        for rel, p in [(".", root), *sorted(dirs), *[(r, q) for _, r, q in sorted(rest)]]:
+        for rel, p in [*[(r, q) for _, r, q in sorted(rest)], *sorted(dirs), (".", root)]:
             try:
                 info = tar.gettarinfo(str(p), arcname=rel)
             except FileNotFoundError:
                 continue
             if info is None:
                 continue  # a socket: nothing a tar can hold
+            if overlay and info.ischr() and (info.devmajor, info.devminor) == (0, 0):
+                continue  # a whiteout: a deletion, which deleted.files carries
             info.uname = info.gname = ""
-            info.pax_headers = _xattrs(p)
+            info.pax_headers = _xattrs(p, overlay)
             if info.isreg():
                 try:
                     with open(p, "rb") as f:
@@ -277,11 +292,11 @@ def check_members(images_dir: pathlib.Path, *, allow_devices: bool) -> list[str]
     """Refuse (RestoreSpecError) a flattened archive with members podman's restore does
     not read, more than one image, malformed tars or lists; returns the volume names."""
     images = 0
-    volumes = _volume_chunks(images_dir)
-    for vol, chunks in volumes.items():
-        field = f"archive.{TOP}volumes+{vol}.tar"
+    chunked = _chunks(images_dir)
+    for member, chunks in chunked.items():
+        field = f"archive.{TOP}{member.replace('/', '+')}"
         names = [c.name for c in chunks]
-        if names != [f"{TOP}volumes+{vol}.tar+{i:05d}" for i in range(len(chunks))] or any(
+        if names != [f"{TOP}{member.replace('/', '+')}+{i:05d}" for i in range(len(chunks))] or any(
                 c.stat().st_size != CHUNK for c in chunks[:-1]):
             checks.refuse(field, f"{field}: its chunks are not 0 to {len(chunks) - 1} of "
                                  f"{CHUNK} bytes each but the last")
@@ -302,6 +317,8 @@ def check_members(images_dir: pathlib.Path, *, allow_devices: bool) -> list[str]
         if not p.name.startswith(TOP):
             continue  # CRIU's own images: plain names, checked by the change stream
         member = p.name[len(TOP):].replace("+", "/")
+        if _chunked(member):
+            checks.refuse(field, f"{member} must travel in chunks ({p.name}+00000, …)")
         if member not in _KNOWN:
             checks.refuse(field, f"the podman archive has a member podman's restore does not "
                                  f"read: {member[:120]!r}")
@@ -310,7 +327,7 @@ def check_members(images_dir: pathlib.Path, *, allow_devices: bool) -> list[str]
                 check_tar(f, field, allow_devices=allow_devices)
         elif member in ("deleted.files", "bind.mounts"):
             _check_paths(p, field)
-    return list(volumes)
+    return [v.group(1) for m in chunked if (v := _VOLUME.match(m))]
 
 
 def _clean(name: str, field: str) -> str:

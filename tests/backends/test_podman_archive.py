@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pathlib
+import stat
 import tarfile
 from collections.abc import Callable
 
@@ -52,8 +53,8 @@ def test_every_member_travels_and_the_archive_comes_back(tmp_path: pathlib.Path)
     flat.mkdir()
     pa.flatten(src, flat)
     assert sorted(p.name for p in flat.iterdir()) == [
-        "pages-1.img", "podman+config.dump", "podman+deleted.files", "podman+rootfs-diff.tar",
-        "podman+volumes+data.tar+00000"]
+        "pages-1.img", "podman+config.dump", "podman+deleted.files",
+        "podman+rootfs-diff.tar+00000", "podman+volumes+data.tar+00000"]
     (flat / f"{pa.IMAGE_PREFIX}{'0' * 64}.tar").write_bytes(b"loaded on its own")
     assert pa.check_members(flat, allow_devices=False) == ["data"]
     out = tmp_path / "restore.tar"
@@ -77,12 +78,13 @@ def test_a_volume_travels_in_chunks_that_stay_put_when_a_file_grows(
     except OSError:
         pytest.skip("no user xattrs on this filesystem")
     (vol / "log").write_text("1\n")
-    pa.volume_tar(vol, flat, "data")
+    pa.tree_tar(vol, flat, "volumes/data.tar")
+    (vol / "sub" / "new").write_text("")  # a directory's mtime changes: it comes last
     before = {p.name: p.read_bytes() for p in flat.iterdir()}
     assert len(before) == 3 and pa.check_members(flat, allow_devices=False) == ["data"]
     with open(vol / "log", "a") as f:
         f.write("2\n")
-    pa.volume_tar(vol, flat, "data")
+    pa.tree_tar(vol, flat, "volumes/data.tar")
     after = {p.name: p.read_bytes() for p in flat.iterdir()}
     # The old blob comes before the growing log: only the last chunk changed.
     changed = sorted(n for n in after if after[n] != before.get(n))
@@ -134,10 +136,31 @@ def test_a_volume_tar_is_checked(tmp_path: pathlib.Path,
 
 def test_overlay_whiteouts_pass_and_compressed_tars_do_not(tmp_path: pathlib.Path) -> None:
     whiteout = [(entry("etc/gone", tarfile.CHRTYPE, dev=(0, 0)), b"")]
-    (tmp_path / "podman+rootfs-diff.tar").write_bytes(tar_bytes(whiteout))
+    (tmp_path / "podman+rootfs-diff.tar+00000").write_bytes(tar_bytes(whiteout))
     assert pa.check_members(tmp_path, allow_devices=False) == []
-    (tmp_path / "podman+rootfs-diff.tar").write_bytes(tar_bytes(files(a=b"x"), "w:gz"))
+    (tmp_path / "podman+rootfs-diff.tar+00000").write_bytes(tar_bytes(files(a=b"x"), "w:gz"))
     refused(tmp_path, "archive.podman+rootfs-diff.tar", "not an uncompressed tar")
+    (tmp_path / "podman+rootfs-diff.tar+00000").rename(tmp_path / "podman+rootfs-diff.tar")
+    refused(tmp_path, "archive.podman+rootfs-diff.tar", "must travel in chunks")
+
+
+def test_the_rootfs_diff_is_the_upper_directory_without_overlay_internals(
+        tmp_path: pathlib.Path) -> None:
+    upper, flat = tmp_path / "upper", tmp_path / "flat"
+    (upper / "etc").mkdir(parents=True)
+    flat.mkdir()
+    (upper / "etc" / "motd").write_text("hello\n")
+    os.mknod(upper / "etc" / "gone", 0o600 | stat.S_IFCHR, os.makedev(0, 0))  # a whiteout
+    try:
+        os.setxattr(upper / "etc", "trusted.overlay.opaque", b"y")
+    except OSError:
+        pytest.skip("no trusted xattrs here")
+    pa.tree_tar(upper, flat, "rootfs-diff.tar", overlay=True)
+    out = tmp_path / "restore.tar"
+    pa.unflatten(flat, out)
+    with tarfile.open(out) as t, tarfile.open(fileobj=t.extractfile("rootfs-diff.tar")) as diff:
+        assert diff.getnames() == ["etc/motd", "etc", "."]
+        assert not any("overlay" in k for k in diff.getmember("etc").pax_headers)
 
 
 CASES: list[tuple[str, Callable[[pathlib.Path], None], str, str]] = [

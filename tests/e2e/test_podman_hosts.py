@@ -124,6 +124,7 @@ def busybox_image(shared: pathlib.Path) -> pathlib.Path:
     shutil.copy(busybox, rootfs / "bin" / "busybox")
     for tool in ("sh", "sleep"):
         (rootfs / "bin" / tool).symlink_to("busybox")
+    (rootfs / "gone").write_text("deleted in the container\n")
     tar = shared / "rootfs.tar"
 
     subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
@@ -177,6 +178,8 @@ class Setup:
         podman(self.a, "run", "-d", "--name", self.name, "--network",
                f"ns:/run/netns/{self.name}", "--ulimit", "nofile=1024:1024", "--ulimit",
                "nproc=4096:4096", "-v", "data:/data", IMAGE, "sh", "-c", MAIN)
+        # The rootfs diff: a file made and one of the image's deleted in the container.
+        podman(self.a, "exec", self.name, "sh", "-c", "echo made > /tmp/made; rm /gone")
         start_receiver(self.b, shared, loop, pause_at)
         time.sleep(0.3)
         self.client = Echoes((self.addr, PORT))
@@ -243,6 +246,7 @@ def test_podman_container_with_a_volume_and_tcp_between_two_hosts(
         assert not a.path(f"/run/netns/{name}").exists()
         assert podman(b, "ps", "--format", "{{.Names}}") == name
         assert podman(b, "inspect", "--format", "{{.State.Status}}", name) == "running"
+        assert podman(b, "exec", name, "sh", "-c", "cat /tmp/made; test ! -e /gone") == "made"
         # The image travelled once, in iteration 0 (later ones send far less than it).
         size = int(podman(a, "image", "inspect", "--format", "{{.Size}}", IMAGE))
         its = result["iterations"]
