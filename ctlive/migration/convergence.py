@@ -8,8 +8,10 @@ when the dirty set stops shrinking, or at ``max_iterations``. When pre-copy
 iterations are full ``dump --leave-running`` (a backend with ``live_read=False`` on a
 kernel without soft-dirty tracking), each freezes the workload as long as the final
 dump does; the policy then also stops as soon as another iteration could save less
-time than the freeze it costs. Users can pass any
-object with the same ``decide`` method.
+time than the freeze it costs. On the pre-dump path (CRIU ``pre-dump`` with soft-dirty
+tracking) the dirty rate comes from the pages CRIU wrote (exactly the pages dirtied since
+the previous pre-dump), and ``predump_freeze_cost`` can weigh each pre-dump's own, short,
+freeze the same way. Users can pass any object with the same ``decide`` method.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ class Convergence:
     predicted final transfer is below this multiple of the freeze another iteration
     would cost (0 disables the rule)."""
 
+    predump_freeze_cost: float = attrs.field(default=0.0, validator=_positive)
+    """On the pre-dump path, stop once the predicted final transfer is below this
+    multiple of the freeze another pre-dump would cost (CRIU's frozen time of the last
+    one; 0, the default, disables the rule: a pre-dump's freeze is short)."""
+
     def __attrs_post_init__(self) -> None:
         if self.max_iterations < 1:
             raise ConfigError("max_iterations must be at least 1")
@@ -76,7 +83,10 @@ class Convergence:
         a = self.smoothing
         for it, dt in zip(history, intervals, strict=True):
             if it.index > 0 and dt > 0:
-                sample = it.pages_changed * 4096 / dt
+                # A pre-dump counts what the kernel saw dirtied, not only what changed.
+                pages = (it.pages_written if it.method == DumpMethod.PRE_DUMP
+                         and it.pages_written is not None else it.pages_changed)
+                sample = pages * 4096 / dt
                 dirty_rate = sample if dirty_rate == 0 else a * sample + (1 - a) * dirty_rate
             if it.transfer_seconds > 0:
                 sample = it.wire_bytes / it.transfer_seconds
@@ -89,10 +99,14 @@ class Convergence:
         ratio = last.wire_bytes / max(last.pages_changed * 4096, 1)
         wire_bytes = dirty_bytes * min(max(ratio, 0.01), 1.0)
         frozen = (last.frozen_time_us or 0) / 1e6 or last.dump_seconds
+        # What another iteration would freeze the workload for: a whole dump, or a pre-dump.
+        freeze = last.freeze_seconds if last.freeze_seconds is not None else frozen
         predicted = (frozen + wire_bytes / max(link_rate, 1.0)
                      + last.image_bytes / self.restore_rate)
         inputs = {"dirty_rate": dirty_rate, "link_rate": link_rate, "dirty_bytes": dirty_bytes,
-                  "predicted_wire_bytes": wire_bytes, "final_dump_seconds": frozen}
+                  "predicted_wire_bytes": wire_bytes, "final_dump_seconds": frozen,
+                  "iteration_freeze_seconds": freeze,
+                  "pages_written": float(last.pages_written or 0)}
         transfer = wire_bytes / max(link_rate, 1.0)
         inputs["predicted_transfer_seconds"] = transfer
         if k + 2 >= self.max_iterations:
@@ -105,6 +119,10 @@ class Convergence:
             # time, and would freeze the workload for a whole dump to do so.
             reason, final = (f"another full-dump iteration would freeze {frozen:.3f}s to "
                              f"save at most {transfer:.3f}s of transfer", True)
+        elif (k > 0 and last.method == DumpMethod.PRE_DUMP
+              and transfer < self.predump_freeze_cost * freeze):
+            reason, final = (f"another pre-dump would freeze {freeze:.3f}s to save at most "
+                             f"{transfer:.3f}s of transfer", True)
         elif k > 1 and history[-2].pages_changed > 0 and (
                 last.pages_changed > history[-2].pages_changed * (1 - self.min_shrink)):
             reason, final = ("dirty set stopped shrinking "
