@@ -125,7 +125,8 @@ MIGRATE_PYTHON_ONLY = {
     "progress_channel": "an anyio memory stream, for Python consumers",
 }
 CONVERGENCE_KNOBS = {f: f for f in ("max_iterations", "max_downtime", "min_shrink",
-                                    "smoothing", "restore_rate", "freeze_cost")}
+                                    "smoothing", "restore_rate", "freeze_cost",
+                                    "predump_freeze_cost")}
 WORKLOAD_KNOBS = {  # the target's options: Process, RuncContainer, PodmanContainer
     "pid": "target", "container_id": "target", "name": "target",
     "tcp_established": "tcp_established", "external": "external", "shell_job": "shell_job",
@@ -249,3 +250,18 @@ def test_serve_on_a_port_in_use(tmp_path: pathlib.Path, memory_path: pathlib.Pat
     assert out.returncode == 2, out.stderr
     assert f"ctlive: error: cannot listen on 127.0.0.1:{port}: Address already in use" in \
         out.stderr and "Traceback" not in out.stderr
+
+
+def test_config_show_output_is_a_valid_config_file(tmp_path: pathlib.Path) -> None:
+    """An operator can start from `ctlive config show > ctlive.toml`: it checks, and
+    loading it changes no setting."""
+    shown = subprocess.run([CTLIVE, "config", "show"], capture_output=True, text=True,
+                           check=True).stdout
+    f = tmp_path / "ctlive.toml"
+    f.write_text(shown)
+    ok = subprocess.run([CTLIVE, "config", "check", str(f)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    again = subprocess.run([CTLIVE, "config", "show", "--config", str(f)],
+                           capture_output=True, text=True, check=True).stdout
+    assert "[serve]" in shown and "[migrate]" in shown
+    assert again == shown

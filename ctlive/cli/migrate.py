@@ -68,6 +68,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     conv.add_argument("--freeze-cost", type=float, default=1.0,
                       help="with --criu-precopy: stop once the final transfer is below this "
                       "multiple of another iteration's freeze (0: off)")
+    conv.add_argument("--predump-freeze-cost", type=float, default=0.0,
+                      help="on the pre-dump (soft-dirty) path: the same rule for each "
+                      "pre-dump's own, short, freeze (0: off)")
     m.add_argument("--tcp-established", action="store_true",
                    help="keep the workload's established TCP connections (runc: by default "
                    "when the container joins a named network namespace)")
@@ -169,7 +172,7 @@ def _migrate(args: argparse.Namespace) -> int:
     convergence = Convergence(
         max_downtime=args.max_downtime, max_iterations=args.max_iterations,
         min_shrink=args.min_shrink, smoothing=args.smoothing, restore_rate=args.restore_rate,
-        freeze_cost=args.freeze_cost)
+        freeze_cost=args.freeze_cost, predump_freeze_cost=args.predump_freeze_cost)
     if args.check:
         return _check(args, workload, identity, policy)
     with _exporter(args.metrics) as metrics:

@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="keep the state in an encrypted spool in FILE instead (fscrypt v2 "
                    "on a loop device, a key made here and never written; for images larger "
                    "than memory; docs/backends.md)")
-    s.add_argument("--spool-size", type=_size, default="4G", metavar="SIZE",
+    s.add_argument("--spool-size", type=_size, default=4 << 30, metavar="SIZE",
                    help="the spool's size, e.g. 64G (default 4G)")
     s.add_argument("--config", type=pathlib.Path, metavar="FILE",
                    help="settings from the [serve] table of FILE (flags override it)")
