@@ -85,7 +85,8 @@ def test_migrate_a_podman_container_between_two_hosts(shared: pathlib.Path) -> N
         time.sleep(0.3)
         out = a.run([CTLIVE, "migrate", "podman:web", f"{b.ip}:7791", "--key",
                      str(shared / "src.key"), "--policy", str(shared / "policy.toml"),
-                     "--max-iterations", "3", "--json"], timeout=180)
+                     "--state", "/run/ctlive-src", "--max-iterations", "3", "--json"],
+                    timeout=180)
         report = json.loads(ok(out))
         assert report["workload"] == "podman" and len(report["iterations"]) == 3
         assert all(i["image_bytes"] < size // 2 for i in report["iterations"])
