@@ -250,17 +250,26 @@ class _PodmanRestored(Restored):
 
     def __init__(self, pid: int, *, container_id: str, undo: store.Undo | None = None) -> None:
         super().__init__(pid, container_id=container_id)
-        # Adopted by a restarted receiver (no undo record): only the container is known.
-        self._undo = undo or store.Undo(container_id)
+        # None: adopted by a restarted receiver; the record is read from podman's store.
+        self._undo = undo
+
+    async def _record(self) -> store.Undo:
+        if self._undo is None:
+            assert self._id is not None
+            self._undo = await store.Undo.of(self._id)
+        return self._undo
 
     async def resume(self) -> None:
         assert self._id is not None
+        undo = await self._record()
         await run_runtime(["unpause", self._id], phase=Phase.COMMIT, tool="podman")
-        if self._undo.netns is not None:  # traffic may come here now: the source is gone
-            await netns.announce(self._undo.netns)
+        if undo.netns is not None:  # traffic may come here now: the source is gone
+            await netns.announce(undo.netns)
+        if undo.record is not None:  # committed: nothing will be undone
+            undo.record.unlink(missing_ok=True)
 
     async def discard(self) -> None:
-        await self._undo.run()
+        await (await self._record()).run()
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -425,8 +434,10 @@ async def restore_podman(images_dir: pathlib.Path, spec: dict[str, Any],
         await run_runtime(args, phase=Phase.RESTORE, tool="podman")
         # Not atomic: the container runs for the moment between restore and pause.
         await run_runtime(["pause", new_name], phase=Phase.RESTORE, tool="podman")
-        pid = int((await run_runtime(["inspect", new_name, "--format", "{{.State.Pid}}"],
-                                     phase=Phase.RESTORE, tool="podman")).strip())
+        pid, _, static_dir = (await run_runtime(
+            ["inspect", new_name, "--format", "{{.State.Pid}} {{.StaticDir}}"],
+            phase=Phase.RESTORE, tool="podman")).strip().partition(" ")
+        await anyio.to_thread.run_sync(undo.save, static_dir)
     except BaseException:
         await undo.run()
         raise
@@ -435,4 +446,4 @@ async def restore_podman(images_dir: pathlib.Path, spec: dict[str, Any],
         rebuilt.unlink(missing_ok=True)
         if (img := archive.image_file(images_dir)) is not None:
             img[0].unlink(missing_ok=True)
-    return _PodmanRestored(pid, container_id=new_name, undo=undo)
+    return _PodmanRestored(int(pid), container_id=new_name, undo=undo)

@@ -5,6 +5,7 @@ that; and the store's facts a source asks for (``podman_images``)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import pathlib
 import re
 import subprocess
@@ -18,9 +19,15 @@ from ctlive.backends import netns
 from ctlive.backends.criu import run_runtime
 from ctlive.errors import CtliveError, Phase
 
-__all__ = ["StoreState", "Undo", "ensure_image", "podman_images", "store_state", "thaw"]
+__all__ = ["RECORD", "StoreState", "Undo", "ensure_image", "podman_images", "store_state",
+           "thaw"]
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME_OR_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
+RECORD = "ctlive-undo.json"
+"""The file of an :class:`Undo` record in a restored container's directory of podman's
+store."""
 
 
 def podman_images() -> list[str]:
@@ -48,6 +55,33 @@ class Undo:
         self.image: str | None = None
         self.tag: str | None = None
         self.netns: netns.Namespace | None = None
+        self.record: pathlib.Path | None = None  # where save() kept it
+
+    def save(self, static_dir: str) -> None:
+        """Keep this record in the container's own directory of podman's store (gone with
+        the container), so that a restarted receiver that adopts the copy can still
+        discard all of it."""
+        record = {"volumes": self.volumes, "image": self.image, "tag": self.tag,
+                  "netns": self.netns.as_dict() if self.netns is not None else None}
+        self.record = pathlib.Path(static_dir) / RECORD
+        checks.write_private(self.record, json.dumps(record))
+
+    @classmethod
+    async def of(cls, container: str) -> Undo:
+        """The record :meth:`save` kept for ``container`` (only the container if none)."""
+        undo = cls(container)
+        with contextlib.suppress(CtliveError, OSError, ValueError, TypeError, AttributeError):
+            where = await run_runtime(["container", "inspect", "--format", "{{.StaticDir}}",
+                                       container], phase=Phase.ABORT, tool="podman")
+            undo.record = pathlib.Path(where.strip()) / RECORD
+            data = json.loads(undo.record.read_text())
+            undo.volumes = [v for v in data["volumes"] if isinstance(v, str) and _NAME.match(v)]
+            for key in ("image", "tag"):
+                if isinstance(data[key], str) and _NAME_OR_REF.match(data[key]):
+                    setattr(undo, key, data[key])
+            if data["netns"] is not None:
+                undo.netns = netns.parse(data["netns"])
+        return undo
 
     async def run(self) -> None:
         with anyio.CancelScope(shield=True):

@@ -247,6 +247,8 @@ def test_podman_container_with_a_volume_and_tcp_between_two_hosts(
         assert podman(b, "ps", "--format", "{{.Names}}") == name
         assert podman(b, "inspect", "--format", "{{.State.Status}}", name) == "running"
         assert podman(b, "exec", name, "sh", "-c", "cat /tmp/made; test ! -e /gone") == "made"
+        # Committed: the record of what a discard would remove is gone too.
+        assert b.run(["find", "/var/tmp/containers", "-name", "ctlive-undo.json"]).stdout == ""
         # The image travelled once, in iteration 0 (later ones send far less than it).
         size = int(podman(a, "image", "inspect", "--format", "{{.Size}}", IMAGE))
         its = result["iterations"]
@@ -306,6 +308,49 @@ def test_a_discarded_copy_leaves_nothing_in_the_destination_store(
         s.client.close()
         assert s.client.failure is None, s.client.failure
         s.leftovers()
+
+
+ADOPTED_DISCARD = """
+import sys, anyio
+from ctlive.backends import podman, podman_store
+from ctlive.backends.criu import run_runtime
+from ctlive.errors import Phase
+
+async def main(name):
+    where = await run_runtime(["inspect", "--format", "{{.StaticDir}} {{.State.Pid}}", name],
+                              phase=Phase.RESTORE, tool="podman")
+    static_dir, pid = where.split()
+    undo = podman_store.Undo(name)
+    undo.volumes, undo.image = ["data"], sys.argv[3]
+    undo.save(static_dir)  # as restore_podman keeps it
+    # What a restarted receiver has: the journal's pid and container name, nothing else.
+    await podman._PodmanRestored(int(pid), container_id=name).discard()
+
+anyio.run(main, sys.argv[2], backend=sys.argv[1])
+"""
+
+
+def test_a_restarted_receiver_discards_all_an_adopted_copy_added(
+        anyio_backend: str, shared: pathlib.Path) -> None:
+    """The undo record lives in the container's own directory of podman's store, so a
+    discard by a receiver that adopted the copy after a restart also removes the volume
+    and the image the restore added."""
+    from ctlive.testing.hosts import Network
+
+    with Network(index=233) as net:
+        a = net.host("adopting")
+        podman(a, "import", "--quiet", str(busybox_image(shared)), IMAGE)
+        image_id = podman(a, "image", "inspect", "--format", "{{.Id}}", IMAGE)
+        podman(a, "volume", "create", "data")
+        podman(a, "run", "-d", "--name", "adopted", "--network", "none", "--ulimit",
+               "nofile=1024:1024", "--ulimit", "nproc=4096:4096", "-v", "data:/data", IMAGE,
+               "sleep", "1000")
+        out = a.run([sys.executable, "-c", ADOPTED_DISCARD, anyio_backend, "adopted",
+                     image_id])
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert podman(a, "ps", "--all", "--quiet") == ""
+        assert podman(a, "volume", "ls", "--quiet") == ""
+        assert podman(a, "images", "--all", "--quiet") == ""
 
 
 async def _source(cfg: dict[str, Any]) -> None:
