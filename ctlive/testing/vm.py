@@ -82,9 +82,12 @@ def portable_shell(command: str, *, keep: Sequence[str] = _KEEP, tunables: bool 
     :data:`PORTABLE_TUNABLES` unless ``tunables`` is false."""
     cases = "|".join(shlex.quote(k) for k in keep)
     env = f"export GLIBC_TUNABLES={shlex.quote(PORTABLE_TUNABLES)}; " if tunables else ""
-    return ("mount --make-rprivate /; "
+    # Several passes: a mount hidden under a later one (virtme-ng's /usr/lib overlay under
+    # its /usr overlay) can be unmounted only once the one above it is gone.
+    return ("mount --make-rprivate /; for pass in 1 2 3 4; do "
             "awk '{print $5}' /proc/self/mountinfo | sort -r | while read -r m; do "
             f"case \"$m\" in {cases}) ;; *) umount -l \"$m\" 2>/dev/null ;; esac; done; "
+            "done; "
             f"cd /; {env}exec setsid {command} </dev/null >/dev/null 2>&1")
 
 
@@ -289,8 +292,15 @@ class PortableService(SampleService):
             subprocess.run(cmd.split(), check=True, capture_output=True)
 
     def _connect(self) -> socket.socket:
-        return socket.create_connection((self.ip, 7000), timeout=60,
-                                        source_address=(self.vm.network.gateway, 0))
+        deadline = time.monotonic() + 60  # the service may still be starting
+        while True:
+            try:
+                return socket.create_connection((self.ip, 7000), timeout=60,
+                                                source_address=(self.vm.network.gateway, 0))
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def workload(self) -> Process:
         """The source backend: TCP connections, the veth and ``/dev`` external."""
