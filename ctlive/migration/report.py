@@ -27,7 +27,7 @@ class ProgressEvent:
 
     phase: Phase
     """The phase entered (or, for ``iterate``, the iteration finished): connect,
-    attest, iterate, final-dump, send, restore, commit, done, failed."""
+    attest, preflight, iterate, final-dump, send, restore, commit, done, failed."""
     iteration: int
     bytes_done: int
     bytes_predicted: int

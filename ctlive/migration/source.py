@@ -243,6 +243,7 @@ class _Migration:
                 extra={"peer": peer_name(s.remote_static), "verdict": "accepted",
                        "platform": att.platform if att else None,
                        "insecure": att.insecure if att else None})
+        await self.progress(Phase.PREFLIGHT)
         self.preflight = await preflight.exchange(s, self.source)  # refusals raise here
         getattr(self.source, "use_destination_facts", lambda _: None)(self.preflight.destination)
         await s.send(MigrationMeta({"id": self.mid, "kind": self.source.kind,

@@ -45,7 +45,7 @@ async def test_mutating_process_three_iterations(mutator: Mutator, receiver_fact
     # Every phase of a migration that succeeds is announced, in order.
     phases = [e.phase for e in events]
     assert [p for i, p in enumerate(phases) if i == 0 or p != phases[i - 1]] == [
-        Phase.CONNECT, Phase.ATTEST, Phase.ITERATE, Phase.FINAL_DUMP, Phase.SEND,
+        Phase.CONNECT, Phase.ATTEST, Phase.PREFLIGHT, Phase.ITERATE, Phase.FINAL_DUMP, Phase.SEND,
         Phase.RESTORE, Phase.COMMIT, Phase.DONE]
     assert phases.count(Phase.ITERATE) == len(report.iterations) - 1
     assert report.iterations[-1].final
