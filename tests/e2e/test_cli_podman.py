@@ -3,7 +3,7 @@ machines: the receiver is `ctlive serve --config FILE.toml` inside host B (its s
 B's own tmpfs), the source the command line inside host A, where the container and its
 image live. It exits 0 with the report on stdout, and the container runs in B, its named
 volume carried with every line. Host B holds the image already (the preflight says so),
-so it does not travel."""
+so it does not travel. The same commands also move a container on one machine."""
 
 from __future__ import annotations
 
@@ -101,3 +101,48 @@ def test_migrate_a_podman_container_between_two_hosts(shared: pathlib.Path) -> N
         assert got == list(range(1, len(got) + 1)) and len(got) > 10
         rx.kill()
         rx.wait()
+
+
+def test_migrate_a_podman_container_on_one_machine(tmp_path: pathlib.Path,
+                                                   memory_path: pathlib.Path) -> None:
+    """The same commands with source and receiver on this machine (one podman store), as
+    tests/e2e/test_cli.py runs pid: and runc: targets; the receiver's state on memory."""
+    from criu_harness import PodmanBox, require_criu
+
+    require_criu()
+    name = f"ctlive-clipm-{time.monotonic_ns() % 100000}"
+    box = PodmanBox(tmp_path, name)
+    for key in ("src.key", "dst.key"):
+        ok(subprocess.run([CTLIVE, "keygen", "-o", str(tmp_path / key)], capture_output=True,
+                          text=True))
+    (tmp_path / "allow.txt").write_text((tmp_path / "src.key.pub").read_text())
+    (tmp_path / "serve.toml").write_text(
+        f'[serve]\nlisten = "127.0.0.1:0"\nkey = "{tmp_path / "dst.key"}"\n'
+        f'allow = "{tmp_path / "allow.txt"}"\nstate = "{memory_path / "rx"}"\n'
+        f'provider = "simulated"\nsimulated_chain = "{tmp_path / "chain.pem"}"\n')
+    (tmp_path / "policy.toml").write_text('[snp]\nallow_any_measurement = true\n'
+                                          'simulated_chain = "chain.pem"\n')
+    rx = subprocess.Popen([CTLIVE, "serve", "--config", str(tmp_path / "serve.toml")],
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        assert rx.stderr is not None
+        banner, deadline = "", time.monotonic() + 60
+        while "listening on" not in banner:
+            assert time.monotonic() < deadline and rx.poll() is None, banner
+            banner += rx.stderr.readline()
+        addr = banner.rsplit("listening on ", 1)[1].split()[0]
+        before = box.count(name)
+        out = subprocess.run([CTLIVE, "migrate", f"podman:{name}", addr, "--key",
+                              str(tmp_path / "src.key"), "--policy",
+                              str(tmp_path / "policy.toml"), "--max-iterations", "3", "--json"],
+                             capture_output=True, text=True, timeout=180)
+        report = json.loads(ok(out))
+        restored = f"{name}-{report['migration_id'][:8]}"
+        assert box.pid_of(name) == 0  # the source container is gone
+        at_handover = box.count(restored)
+        time.sleep(0.5)
+        assert box.count(restored) > at_handover >= before
+    finally:
+        rx.kill()
+        rx.wait()
+        box.cleanup()
