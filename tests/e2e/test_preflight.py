@@ -79,3 +79,19 @@ def test_cli_check_runs_the_preflight_alone(mutator: Mutator, tmp_path: Any,
         assert not any(p.is_dir() for p in rx.state.iterdir())
     finally:
         rx.close()
+
+
+async def test_check_returns_the_destinations_extensible_facts(
+        mutator: Mutator, receiver_factory: Any, verifier: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctlive.migration.check import check
+
+    # A receiver's owner adds facts (the podman backend: the base images it holds).
+    monkeypatch.setitem(pf.DESTINATION_FACTS, "podman_images", lambda: ["sha256:ab"])
+    rx = await receiver_factory()
+    result = await check(Process(mutator.pid), rx.addr, identity=SRC, attestation=verifier)
+    assert result.destination["podman_images"] == ["sha256:ab"]
+    assert result.destination["kernel"]["release"] == result.source["kernel"]["release"]
+    assert pf.refusals(result.differences) == []
+    assert state(mutator.pid) in ("S", "R", "D")
+    assert rx.errors == []
