@@ -377,8 +377,10 @@ async def _podman_storage() -> tuple[str, ...]:
     return _storage
 
 
-def _image_facts(images_dir: pathlib.Path) -> tuple[str | None, str | None, list[str]]:
-    """config.dump's image id and name (checked), and the named volumes it lists."""
+def _image_facts(images_dir: pathlib.Path
+                 ) -> tuple[str | None, str | None, list[str], str | None]:
+    """config.dump's image id and name (checked), the named volumes it lists, and the
+    source container's id."""
     config = _metadata(images_dir, "config.dump")
     image_id = config.get("rootfsImageID") or None
     if image_id is not None:
@@ -391,7 +393,8 @@ def _image_facts(images_dir: pathlib.Path) -> tuple[str | None, str | None, list
         field = f"config.dump.namedVolumes[{i}].volumeName"
         vols.append(checks.string(checks.obj(v, field).get("volumeName"), field, max_len=128,
                                   pattern=_NAME))
-    return image_id, name, vols
+    source_id = config.get("id") if isinstance(config.get("id"), str) else None
+    return image_id, name, vols, source_id
 
 
 async def restore_podman(images_dir: pathlib.Path, spec: dict[str, Any],
@@ -407,15 +410,18 @@ async def restore_podman(images_dir: pathlib.Path, spec: dict[str, Any],
                          own_netns=f"{netns.NETNS_DIR}/{net.name}" if net else None)
     carried = await anyio.to_thread.run_sync(
         lambda: archive.check_members(images_dir, allow_devices=policy.allow_devices))
-    image_id, image_name, named = _image_facts(images_dir)
+    image_id, image_name, named, source_id = _image_facts(images_dir)
     undo = store.Undo()
     rebuilt = images_dir.parent / "restore.tar"
     try:
         state = await store.store_state()
+        # The source's own container in this store: one host, and its volumes are the
+        # very ones the archive carries (they stay as they are).
+        same_store = source_id in state.container_ids
         for vol in named:
             if vol not in state.volumes:
                 undo.volumes.append(vol)  # podman's restore creates it
-            elif vol in carried:
+            elif vol in carried and not same_store:
                 checks.refuse(f"volumes.{vol}", f"volume {vol} exists on this receiver: the "
                                                 "carried one would be unpacked over it")
         # Podman 4 restores established connections only under the archive's own name.
@@ -427,6 +433,7 @@ async def restore_podman(images_dir: pathlib.Path, spec: dict[str, Any],
         await anyio.to_thread.run_sync(archive.unflatten, images_dir, rebuilt)
         args = ["container", "restore", "--import", str(rebuilt)]
         args += ["--tcp-established"] if tcp else ["--name", new_name]
+        args += ["--ignore-volumes"] if same_store else []
         if net is not None:  # before the restore: CRIU reconnects the sockets inside it
             await netns.rebuild(net, policy.bridge_for)
             undo.netns = net

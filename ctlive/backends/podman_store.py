@@ -108,6 +108,8 @@ class StoreState:
 
     volumes: frozenset[str]
     containers: frozenset[str]
+    """Names."""
+    container_ids: frozenset[str]
     images: frozenset[str]
     """Image ids (sha256 hex)."""
     names: frozenset[str]
@@ -123,11 +125,14 @@ async def store_state() -> StoreState:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(ask, "volumes", "volume", "ls", "--format", "{{.Name}}")
-        tg.start_soon(ask, "containers", "ps", "--all", "--format", "{{.Names}}")
+        tg.start_soon(ask, "containers", "ps", "--all", "--no-trunc", "--format",
+                      "{{.ID}} {{.Names}}")
         tg.start_soon(ask, "images", "images", "--all", "--no-trunc", "--format",
                       "{{.ID}} {{.Repository}}:{{.Tag}}")
     images = [line.split() for line in out["images"].splitlines() if line.strip()]
-    return StoreState(frozenset(out["volumes"].split()), frozenset(out["containers"].split()),
+    ctrs = [line.split() for line in out["containers"].splitlines() if line.strip()]
+    return StoreState(frozenset(out["volumes"].split()),
+                      frozenset(c[1] for c in ctrs if len(c) > 1), frozenset(c[0] for c in ctrs),
                       frozenset(i[0].removeprefix("sha256:") for i in images),
                       frozenset(i[1] for i in images if len(i) > 1 and "<none>" not in i[1]))
 
