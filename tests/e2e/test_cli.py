@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from criu_harness import Mutator, require_criu, workload_pids
+from criu_harness import Mutator, read_counter, require_criu, workload_pids
 
 CTLIVE = str(pathlib.Path(sys.executable).with_name("ctlive"))
 pytestmark = pytest.mark.criu
@@ -133,8 +133,17 @@ def test_migrate_a_runc_container(receiver: Receiver, tmp_path: pathlib.Path) ->
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["workload"] == "runc"
         assert subprocess.run(["runc", "state", name], capture_output=True).returncode != 0
+        # The restored container counts on in its own root filesystem (the receiver's
+        # copy when the rootfs was carried).
+        restored = json.loads(subprocess.run(
+            ["runc", "--root", str(receiver.state / "runc"), "state", name],
+            capture_output=True, text=True, check=True).stdout)
+        rootfs = json.loads((pathlib.Path(restored["bundle"]) / "config.json").read_text())[
+            "root"]["path"]
+        counter = pathlib.Path(restored["bundle"], rootfs, "tmp", "c")
+        at_handover = read_counter(counter)
         time.sleep(0.5)
-        assert box.count() > before
+        assert read_counter(counter) > at_handover >= before
         # What is left: at the receiver only the running container's own (its bundle,
         # runc's state, the journal); at the source no dump.
         deadline = time.monotonic() + 10
