@@ -289,7 +289,10 @@ class PortableService(SampleService):
         waits behind the veth's own (metric 0) until that is gone."""
         for cmd in (f"nsenter -t {self.pid} -n ip route add default via {self.host_ip}",
                     f"ip route replace {self.net_prefix} via {self.vm.ip} metric 50"):
-            subprocess.run(cmd.split(), check=True, capture_output=True)
+            done = subprocess.run(cmd.split(), capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                self.cleanup()  # nothing else would stop the started service
+                raise ConfigError(f"{cmd}: {done.stderr.strip()}")
 
     def _connect(self) -> socket.socket:
         deadline = time.monotonic() + 60  # the service may still be starting
