@@ -22,7 +22,14 @@ from ctlive.backends.restore import (
     refuse,
     string,
 )
-from ctlive.backends.workload import Backend, DumpMethod, DumpResult, Restored, signal_tree
+from ctlive.backends.workload import (
+    Backend,
+    DumpMethod,
+    DumpResult,
+    Restored,
+    signal_tree,
+    visible_tmpfs,
+)
 from ctlive.errors import CheckpointError, ConfigError, Phase, RestoreError
 from ctlive.images.criu_format import read_stats
 from ctlive.images.tree_apply import TreeReceiver
@@ -84,6 +91,13 @@ class Process(Backend):
     async def _dump(self, images_dir: pathlib.Path, *, final: bool,
                     parent: pathlib.Path | None) -> DumpResult:
         images_dir.mkdir(parents=True, exist_ok=True)
+        if (seen := visible_tmpfs(self.pid, images_dir)) is not None:
+            raise ConfigError(
+                f"the dump directory {images_dir} is on a tmpfs that process {self.pid} sees "
+                f"at {seen}: CRIU archives every tmpfs in the workload's mount namespace, so "
+                "each dump would carry the ones before it (more bytes, a longer freeze); give "
+                "migrate a work directory (--workdir) on a disk or on a tmpfs the workload "
+                "does not see")
         tracking = find_criu().dirty_tracking
         if not final and (self.live_read or (self.live_read is None and not tracking)):
             return await live_read_dump(self.pid, images_dir)

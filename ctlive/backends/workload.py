@@ -25,6 +25,7 @@ __all__ = [
     "process_start_time",
     "process_tree",
     "signal_tree",
+    "visible_tmpfs",
 ]
 
 
@@ -33,6 +34,26 @@ def signal_tree(pid: int, sig: int) -> None:
     for p in process_tree(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, sig)
+
+
+def visible_tmpfs(pid: int, path: pathlib.Path) -> str | None:
+    """Where ``pid`` sees the tmpfs that holds ``path``, if it lives in a mount namespace
+    of its own (CRIU then archives the contents of every tmpfs in that namespace,
+    overmounted ones included); None otherwise."""
+    try:
+        if os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+            return None
+        dev = os.stat(path).st_dev
+        text = pathlib.Path(f"/proc/{pid}/mountinfo").read_text()
+    except OSError:
+        return None
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    for line in text.splitlines():
+        fields, _, fs = line.partition(" - ")
+        f = fields.split()
+        if len(f) >= 5 and f[2] == want and fs.split()[:1] == ["tmpfs"]:
+            return f[4]
+    return None
 
 
 def process_start_time(pid: int) -> int | None:

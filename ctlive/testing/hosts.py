@@ -31,10 +31,17 @@ from typing import Any
 from ctlive.errors import ConfigError
 from ctlive.testing.memory import HIDE_MEMORY
 
-__all__ = ["HOST_BRIDGE", "PODMAN_STORAGE_CONF", "Host", "Network"]
+__all__ = ["FRESH_RUN_DIRS", "HOST_BRIDGE", "PODMAN_STORAGE_CONF", "Host", "Network"]
 
 HOST_BRIDGE = "br0"
 """The bridge every host has for its containers (eth0 is one of its ports)."""
+
+FRESH_RUN_DIRS = ("umount -l /var/tmp /run 2>/dev/null; mount -t tmpfs -o mode=1777 tmpfs "
+                  "/var/tmp; mount -t tmpfs -o mode=0755 tmpfs /run; ")
+"""A shell prefix for a workload with a mount namespace of its own inside a host: it
+replaces the host's ``/var/tmp`` and ``/run`` (where ctlive keeps its dumps and journals)
+with empty tmpfs mounts, since CRIU archives every tmpfs the workload's namespace holds
+(``migrate()`` refuses a dump directory the workload sees on one)."""
 
 _PRIVATE = ("/tmp", "/var/tmp", "/run")
 PODMAN_STORAGE_CONF = "/run/ctlive-host/storage.conf"

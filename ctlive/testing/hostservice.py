@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from ctlive.errors import ConfigError
-from ctlive.testing.hosts import Host
+from ctlive.testing.hosts import FRESH_RUN_DIRS, Host
 from ctlive.testing.memory import HIDE_MEMORY
 from ctlive.testing.workloads import SampleService, script_pids, script_text
 
@@ -29,10 +29,6 @@ __all__ = ["HostService"]
 OUTER = "vdemo"
 """The outer end's name, at the source and (through the receiver's external map) at
 the destination."""
-
-
-_FRESH = ("umount -l /var/tmp /run; mount -t tmpfs -o mode=1777 tmpfs /var/tmp; "
-          "mount -t tmpfs -o mode=0755 tmpfs /run; ")
 
 
 def _ns_pid(pid: int) -> int:
@@ -65,8 +61,8 @@ class HostService(SampleService):
         """Start ``argv`` inside the host in its own PID, mount and net namespace."""
         # CRIU archives every tmpfs in the workload's mount namespace, overmounted ones too:
         # the host's /var/tmp and /run (ctlive's own dumps and journal) are replaced.
-        shell = (f"{HIDE_MEMORY}{_FRESH}exec setsid {shlex.join(argv)} </dev/null >/dev/null"
-                 " 2>&1")
+        shell = (f"{HIDE_MEMORY}{FRESH_RUN_DIRS}exec setsid {shlex.join(argv)} </dev/null"
+                 " >/dev/null 2>&1")
         self._launcher = self.host.popen(
             ["unshare", "--pid", "--net", "--fork", "--mount-proc", "sh", "-c", shell],
             stdout=os.open(os.devnull, os.O_WRONLY), stderr=os.open(os.devnull, os.O_WRONLY),

@@ -13,7 +13,7 @@ import pytest
 from criu_harness import require_criu
 
 from ctlive.identity import Identity
-from ctlive.testing.hosts import Network
+from ctlive.testing.hosts import FRESH_RUN_DIRS, Network
 
 pytestmark = pytest.mark.criu
 HELPERS = pathlib.Path(__file__).resolve().parents[1] / "helpers"
@@ -39,7 +39,7 @@ def test_process_between_two_hosts(tmp_path: pathlib.Path) -> None:
             a, b = net.host("host-a"), net.host("host-b")
             assert a.run(["sh", "-c", f"cat > /tmp/w.py <<'EOF'\n{WORKLOAD}EOF"]).returncode == 0
             a.popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
-                     f"exec setsid {py} /tmp/w.py </dev/null >/dev/null 2>&1"],
+                     f"{FRESH_RUN_DIRS}exec setsid {py} /tmp/w.py </dev/null >/dev/null 2>&1"],
                     start_new_session=True)
             deadline = time.monotonic() + 10
             while not (pids := a.run(["pgrep", "-x", "-f", f"{py} /tmp/w.py"]).stdout.split()):
