@@ -18,6 +18,7 @@ Needs root, CRIU, podman and redis-server (scripts/install-criu).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -32,6 +33,7 @@ import attrs
 
 from benchmarks import dataplane, tools
 from benchmarks.workloads import MutatingService, RedisService, have_redis, in_podman
+from ctlive.testing.memory import podman_memory_store
 from ctlive.testing.workloads import SampleService
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -201,8 +203,12 @@ def main(argv: list[str] | None = None) -> None:
                                a for a in (argv or __import__("sys").argv[1:])),
                            "date": time.strftime("%Y-%m-%d %H:%M")}
     t0 = time.monotonic()
+    stack = contextlib.ExitStack()
     try:
         if "tools" not in args.skip:
+            # The podman rows use a store on memory, as a receiver needs (on a disk its
+            # graph root would keep the restored container and the unpacked checkpoint).
+            stack.enter_context(podman_memory_store("bench-podman-"))
             print("== tools: every workload, every tool", flush=True)
             specs = ([Spec("mutating", 16)] if q else
                      [Spec("mutating", 256), Spec("mutating", 1024)])
@@ -232,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             res["dataplane"] = (dataplane.run(16, dumps=3, ciphers=("AESGCM",)) if q
                                 else dataplane.run(256, dumps=4))
     finally:
+        stack.close()
         shutil.rmtree(run.work, ignore_errors=True)
     res["seconds"] = time.monotonic() - t0
     from benchmarks.report import render

@@ -126,7 +126,9 @@ def _ensure_image() -> None:
 
 def in_podman(cls: type[SampleService]) -> type[SampleService]:
     """The same workload in a podman container joined to a network namespace that a
-    holder process keeps open, so that podman restores it into the same network."""
+    holder process keeps open, so that podman restores it into the same network. Podman's
+    store is the one ``CONTAINERS_STORAGE_CONF`` names (``python -m benchmarks`` puts it on
+    memory, ``ctlive.testing.memory.podman_memory_store``); the image is imported into it."""
 
     class Podman(cls):  # type: ignore[valid-type,misc]
         python = "/usr/bin/python3"

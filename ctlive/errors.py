@@ -35,6 +35,7 @@ __all__ = [
     "CriuError",
     "CriuNotFoundError",
     "CtliveError",
+    "DataAtRestError",
     "DebugPolicyError",
     "DeltaFormatError",
     "EvidenceFormatError",
@@ -231,6 +232,12 @@ class CheckpointError(CtliveError):
 
 class RestoreError(CtliveError):
     """The destination could not restore the workload."""
+
+
+class DataAtRestError(RestoreError):
+    """The receiver refuses to restore where the workload's data would rest in plaintext
+    on a disk (e.g. a podman store on a disk-backed filesystem); the message says what to
+    configure."""
 
 
 class RestoreSpecError(RestoreError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import sys
 from collections.abc import Iterator
 
@@ -36,6 +37,21 @@ def memory_path() -> Iterator[pathlib.Path]:
     if os.geteuid() != 0:
         pytest.skip("needs root (mounts a tmpfs)")
     with temporary_memory_dir("test-") as d:
+        yield d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def podman_store() -> Iterator[pathlib.Path | None]:
+    """Podman's store for the whole session, on memory (``CONTAINERS_STORAGE_CONF``): a
+    receiver refuses a podman store on disk, where the restored container's files and the
+    checkpoint podman unpacks would rest in plaintext. Tests import their images into it;
+    hosts (ctlive.testing.hosts) have stores of their own. None without root or podman."""
+    if os.geteuid() != 0 or shutil.which("podman") is None:
+        yield None
+        return
+    from ctlive.testing.memory import podman_memory_store
+
+    with podman_memory_store("test-podman-") as d:
         yield d
 
 

@@ -279,7 +279,6 @@ _HOST_FILES = ("logPath", "conmonPidFile", "pid_file", "staticDir", "ShmDir", "s
 # config.dump: namespaces shared with another container of this host.
 _SHARED_NS = ("IPCNsCtr", "MountNsCtr", "NetNsCtr", "PIDNsCtr", "UserNsCtr", "UTSNsCtr",
               "CgroupNsCtr")
-_storage: tuple[str, ...] | None = None
 
 
 def podman_restore_name(spec: dict[str, Any]) -> str:
@@ -367,16 +366,6 @@ def check_podman_archive(images_dir: pathlib.Path, policy: RestorePolicy, *,
             checks.write_private(images_dir / (_TOP + name), json.dumps(data))
 
 
-async def _podman_storage() -> tuple[str, ...]:
-    """Podman's graph root and run root here (asked once)."""
-    global _storage
-    if _storage is None:
-        out = await run_runtime(["info", "--format", "{{.Store.GraphRoot}}\n{{.Store.RunRoot}}"],
-                                phase=Phase.RESTORE, tool="podman")
-        _storage = tuple(line.strip() for line in out.splitlines() if line.strip())
-    return _storage
-
-
 def _image_facts(images_dir: pathlib.Path
                  ) -> tuple[str | None, str | None, list[str], str | None]:
     """config.dump's image id and name (checked), the named volumes it lists, and the
@@ -402,10 +391,14 @@ async def restore_podman(images_dir: pathlib.Path, spec: dict[str, Any],
     """Restore a podman container from the rebuilt archive (once :func:`podman_restore_name`
     and :func:`check_podman_archive` passed, and every member of the archive and the
     carried image were checked), then pause it at once. A failure, like a later
-    discard, removes what the restore added to the store: container, volumes, image."""
+    discard, removes what the restore added to the store: container, volumes, image.
+    Before anything is written, podman's store must keep nothing in plaintext on a disk
+    (:func:`~ctlive.backends.podman_store.check_at_rest`)."""
+    storage = await store.storage_roots()  # asked once (already at the preflight)
+    store.check_at_rest(storage)
     name = podman_restore_name(spec)
     net = netns.parse(spec["network"]) if spec.get("network") is not None else None
-    check_podman_archive(images_dir, policy, storage=await _podman_storage(),
+    check_podman_archive(images_dir, policy, storage=storage,
                          store=policy.store_for(images_dir.parent.parent),
                          own_netns=f"{netns.NETNS_DIR}/{net.name}" if net else None)
     carried = await anyio.to_thread.run_sync(

@@ -1,11 +1,13 @@
 """What a podman restore adds to the destination's store (the base image, its tag,
 volumes, the container, a rebuilt network namespace), so that a discard removes exactly
-that; and the store's facts a source asks for (``podman_images``)."""
+that; the store's facts a source asks for (``podman_images``); and the check that the
+store keeps nothing in plaintext on a disk (:func:`check_at_rest`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -17,10 +19,11 @@ import ctlive.backends.podman_archive as archive
 import ctlive.backends.restore as checks
 from ctlive.backends import netns
 from ctlive.backends.criu import run_runtime
-from ctlive.errors import CtliveError, Phase
+from ctlive.errors import CtliveError, DataAtRestError, Phase
+from ctlive.migration.spool import fstype, private_at_rest
 
-__all__ = ["RECORD", "StoreState", "Undo", "ensure_image", "podman_images", "store_state",
-           "thaw"]
+__all__ = ["RECORD", "StoreState", "Undo", "check_at_rest", "ensure_image", "podman_images",
+           "storage_roots", "store_state", "thaw"]
 
 _ID = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -41,7 +44,61 @@ def podman_images() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     ids = {line.strip().removeprefix("sha256:") for line in proc.stdout.split()}
+    with contextlib.suppress(CtliveError, OSError, subprocess.SubprocessError):
+        _ask_roots()  # at the session's start: no podman info in a restore's downtime
     return sorted(i for i in ids if _ID.match(i))
+
+
+_ROOTS: dict[str | None, tuple[str, ...]] = {}
+_INFO = ["podman", "info", "--format", "{{.Store.GraphRoot}}\n{{.Store.RunRoot}}"]
+
+
+def _roots_key() -> str | None:
+    return os.environ.get("CONTAINERS_STORAGE_CONF")  # what podman's storage.conf can be
+
+
+def _parse_roots(out: str) -> tuple[str, ...]:
+    return tuple(line.strip() for line in out.splitlines() if line.strip())
+
+
+def _ask_roots() -> tuple[str, ...]:
+    """:func:`storage_roots`, blocking (the preflight's worker thread warms it)."""
+    key = _roots_key()
+    if key not in _ROOTS:
+        proc = subprocess.run(_INFO, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=60)
+        if proc.returncode != 0:
+            raise CtliveError(f"podman info failed: {proc.stderr.strip()[-300:]}")
+        _ROOTS[key] = _parse_roots(proc.stdout)
+    return _ROOTS[key]
+
+
+async def storage_roots() -> tuple[str, ...]:
+    """Podman's graph root and run root here, asked of ``podman info`` once per
+    ``CONTAINERS_STORAGE_CONF`` (a receiver's preflight answer asks already)."""
+    key = _roots_key()
+    if key not in _ROOTS:
+        _ROOTS[key] = _parse_roots(await run_runtime(_INFO[1:], phase=Phase.RESTORE,
+                                                     tool="podman"))
+    return _ROOTS[key]
+
+
+def check_at_rest(roots: tuple[str, ...]) -> None:
+    """Refuse (:class:`~ctlive.errors.DataAtRestError`) podman's graph root or run root
+    (``roots``) unless it is memory, a dm-crypt filesystem, or inside this receiver's open
+    encrypted spool, the rule of its state directory
+    (:func:`~ctlive.migration.spool.check_state_dir`): the restored container's files and
+    the checkpoint podman unpacks there would otherwise rest in plaintext on a disk."""
+    for what, root in zip(("graphroot", "runroot"), roots, strict=False):
+        if not private_at_rest(root):
+            raise DataAtRestError(
+                f"podman's {what} {root} is on a disk-backed filesystem ({fstype(root)}): the "
+                "restored container's files and podman's unpacked checkpoint (the workload's "
+                "memory images) would be plaintext on disk. Give the receiver a podman "
+                "storage.conf with graphroot and runroot on a tmpfs (CONTAINERS_STORAGE_CONF="
+                "FILE; e.g. graphroot = \"/run/ctlive-podman/storage\", runroot = "
+                "\"/run/ctlive-podman/run\", /run a tmpfs), in its encrypted spool, or on a "
+                "dm-crypt (LUKS) filesystem", phase=Phase.RESTORE)
 
 
 class Undo:

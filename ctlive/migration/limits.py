@@ -9,6 +9,7 @@ import attrs
 from ctlive.errors import (
     ConfigError,
     CtliveError,
+    DataAtRestError,
     ImageTooLargeError,
     ReceiverLimitError,
     RestoreSpecError,
@@ -54,4 +55,6 @@ def refusal_code(exc: CtliveError) -> str:
         return "limit-reached"
     if isinstance(exc, RestoreSpecError):
         return "restore-spec-refused"
+    if isinstance(exc, DataAtRestError):
+        return "data-at-rest-refused"
     return "receiver-failed"

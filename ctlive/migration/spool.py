@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from ctlive.errors import ConfigError, StorageError
 
 __all__ = ["EncryptedSpool", "check_state_dir", "closed_on_error", "dm_crypt_backed",
-           "memory_backed", "parse_size"]
+           "fstype", "memory_backed", "parse_size", "private_at_rest"]
 
 
 def _ioc(direction: int, nr: int, size: int) -> int:
@@ -42,6 +42,7 @@ FS_IOC_ADD_ENCRYPTION_KEY = _ioc(_RW, 23, 80)
 FS_IOC_REMOVE_ENCRYPTION_KEY = _ioc(_RW, 24, 64)
 _KEY_SPEC_IDENTIFIER = 2
 _AES_256_XTS, _AES_256_CTS, _PAD_16 = 1, 4, 2
+_OPEN: set[str] = set()  # the directories of this process's open spools (resolved)
 
 
 def _run(cmd: list[str]) -> str:
@@ -79,6 +80,7 @@ class EncryptedSpool:
             self.path.mkdir(mode=0o700)
             self._identifier = self._add_key()
             self._set_policy(self.path, self._identifier)
+            _OPEN.add(os.path.realpath(self.path))
         except OSError as exc:
             self.close()
             raise StorageError(f"cannot make the encrypted spool {self.image}: {exc}",
@@ -113,6 +115,7 @@ class EncryptedSpool:
     def lock(self) -> None:
         """Remove the key from the kernel: every file in the spool becomes unreadable
         (its contents and its name), for good."""
+        _OPEN.discard(os.path.realpath(self.path))
         if self._identifier is not None and self.mount.is_dir():
             arg = bytearray(struct.pack("<II16s16xI20x", _KEY_SPEC_IDENTIFIER, 0,
                                         self._identifier, 0))
@@ -143,7 +146,7 @@ class EncryptedSpool:
 
 def memory_backed(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` lies on tmpfs or ramfs (memory; encrypted inside an SEV guest)."""
-    return _fstype(path) in ("tmpfs", "ramfs")
+    return fstype(path) in ("tmpfs", "ramfs")
 
 
 def _mount_of(path: str | os.PathLike[str]) -> tuple[str, str]:
@@ -161,7 +164,8 @@ def _mount_of(path: str | os.PathLike[str]) -> tuple[str, str]:
     return found
 
 
-def _fstype(path: str | os.PathLike[str]) -> str:
+def fstype(path: str | os.PathLike[str]) -> str:
+    """The type of the filesystem that holds ``path`` (``?`` if none is found)."""
     return _mount_of(path)[0]
 
 
@@ -190,6 +194,16 @@ def closed_on_error(spool: EncryptedSpool | None) -> Iterator[None]:
         raise
 
 
+def private_at_rest(path: str | os.PathLike[str]) -> bool:
+    """Whether what is written at ``path`` stays out of reach at rest, by the rule of
+    :func:`check_state_dir`: memory (tmpfs, ramfs), a filesystem on a dm-crypt mapping, or
+    inside an encrypted spool this process holds open."""
+    real = os.path.realpath(path)
+    if any(real == d or real.startswith(d + "/") for d in _OPEN):
+        return True
+    return memory_backed(path) or dm_crypt_backed(path)
+
+
 def check_state_dir(path: str | os.PathLike[str], spool: EncryptedSpool | None = None) -> None:
     """ConfigError unless a receiver may keep its state in ``path``: memory (tmpfs or
     ramfs), a filesystem on a dm-crypt mapping (LUKS with an ephemeral key, set up by the
@@ -206,7 +220,7 @@ def check_state_dir(path: str | os.PathLike[str], spool: EncryptedSpool | None =
     if not memory_backed(path) and not dm_crypt_backed(path):
         raise ConfigError(
             f"the receiver's state directory {path} is on a disk-backed filesystem "
-            f"({_fstype(path)}): it would hold the workload's memory images in plaintext at "
+            f"({fstype(path)}): it would hold the workload's memory images in plaintext at "
             "rest. Give a directory on a tmpfs or ramfs (--state, e.g. /run/ctlive where /run "
             "is a tmpfs, or a tmpfs mounted for it), or an encrypted spool for images larger "
             "than memory (ctlive serve --spool FILE --spool-size SIZE; serve(spool=...)), or "

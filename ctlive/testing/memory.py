@@ -9,12 +9,18 @@ come back at the restore), so a receiver's state on a tmpfs that the workload se
 travel inside the workload's next dump. Workloads started by ``ctlive.testing`` and the
 test harness unmount :data:`MEMORY_ROOT` in their own mount namespace first
 (:data:`HIDE_MEMORY`); a launcher of your own should do the same.
+
+A receiver also refuses a podman store on disk (the restored container's files and the
+checkpoint podman unpacks would rest there in plaintext): :func:`podman_memory_store`
+gives the tests and benchmarks that restore podman containers on this machine a store on
+memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import pathlib
 import shlex
 import shutil
@@ -25,7 +31,8 @@ from collections.abc import Iterator
 from ctlive.errors import StorageError
 from ctlive.migration.spool import memory_backed
 
-__all__ = ["HIDE_MEMORY", "MEMORY_ROOT", "memory_dir", "memory_root", "temporary_memory_dir"]
+__all__ = ["HIDE_MEMORY", "MEMORY_ROOT", "memory_dir", "memory_root", "podman_memory_store",
+           "temporary_memory_dir"]
 
 MEMORY_ROOT = pathlib.Path("/run/ctlive-testing")
 """Where the shared tmpfs is mounted."""
@@ -71,4 +78,36 @@ def temporary_memory_dir(prefix: str = "ctlive-") -> Iterator[pathlib.Path]:
     try:
         yield d
     finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def podman_memory_store(prefix: str = "podman-") -> Iterator[pathlib.Path]:
+    """A podman store on memory for this process and its children: a storage.conf whose
+    graph and run roots are in a :func:`memory_dir`, named by ``CONTAINERS_STORAGE_CONF``
+    until exit (images must be imported into it). On exit its containers are removed, its
+    mounts dropped and the directory deleted; the previous ``CONTAINERS_STORAGE_CONF``
+    comes back."""
+    d = memory_dir(prefix)
+    conf = d / "storage.conf"
+    conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{d / "graph"}"\n'
+                    f'runroot = "{d / "run"}"\n')
+    before = os.environ.get("CONTAINERS_STORAGE_CONF")
+    os.environ["CONTAINERS_STORAGE_CONF"] = str(conf)
+    try:
+        yield d
+    finally:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["podman", "rm", "--all", "--force", "--time", "0"],
+                           capture_output=True, timeout=120)
+            subprocess.run(["podman", "volume", "prune", "--force"], capture_output=True,
+                           timeout=60)
+        if before is None:
+            os.environ.pop("CONTAINERS_STORAGE_CONF", None)
+        else:
+            os.environ["CONTAINERS_STORAGE_CONF"] = before
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split()[4] for line in f]
+        for m in sorted((m for m in mounts if m.startswith(f"{d}/")), key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True)
         shutil.rmtree(d, ignore_errors=True)

@@ -188,7 +188,9 @@ class RuncBundle:
 
 
 class PodmanBox:
-    """A podman container from a busybox rootfs imported with `podman import`."""
+    """A podman container from a busybox rootfs imported with `podman import`, in the
+    store ``CONTAINERS_STORAGE_CONF`` names: the session's, on memory (tests/conftest.py),
+    since a receiver refuses a podman store on disk."""
 
     IMAGE = "localhost/ctlive-busybox:test"
 
