@@ -217,9 +217,9 @@ class VmHost:
         while True:
             with contextlib.suppress(OSError), socket.create_connection((self.ip, port), 2):
                 return pid, log
-            if time.monotonic() > deadline:
-                raise ConfigError(f"ctlive serve did not start in the guest: "
-                                  f"{log.read_text(errors='replace')[-2000:]}")
+            text = log.read_text(errors="replace") if log.exists() else ""
+            if time.monotonic() > deadline or "Traceback (most recent call last)" in text:
+                raise ConfigError(f"ctlive serve did not start in the guest: {text[-2000:]}")
             time.sleep(0.5)
 
     def close(self) -> None:
