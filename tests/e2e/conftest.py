@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -37,6 +38,18 @@ def mutator(tmp_path: pathlib.Path) -> Iterator[Mutator]:
         yield m
     finally:
         m.kill()
+
+
+@pytest.fixture
+def shared(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A directory every host of `ctlive.testing.hosts` sees (outside their private /tmp,
+    /var/tmp and /run), removed afterwards."""
+    d = pathlib.Path("/var/lib") / f"ctlive-test-{tmp_path.name}"
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class Receiver:

@@ -6,9 +6,7 @@ container whose rootfs exists only in host A's private /tmp appends a line every
 a file in its rootfs. Each moves to host B (the source inside host A, the receiver a
 process of its own inside host B, its state on host B's memory /run). Afterwards the
 destination's copy of the file has every line once, in order, and goes on growing; host A
-no longer runs the workload.
-
-Run as `python test_carry.py receiver|source CONFIG_JSON` it is one of the two processes.
+no longer runs the workload. The two processes are tests/helpers/host_procs.py's.
 """
 
 from __future__ import annotations
@@ -23,9 +21,9 @@ import time
 from typing import Any
 
 import pytest
+from host_procs import run_source, start_receiver
 
 pytestmark = pytest.mark.criu
-SRC_KEY, DST_KEY = bytes(range(1, 33)), bytes(range(33, 65))
 APPENDER = ("import sys, time\nf = open(sys.argv[1], 'a', buffering=1)\ni = 0\n"
             "while True:\n    i += 1\n    f.write(f'{i}\\n')\n    time.sleep(0.05)\n")
 CONTAINER = "i=0; while true; do i=$((i+1)); echo $i >> /data/lines; sleep 0.05; done"
@@ -64,96 +62,69 @@ def _start_appender(a: Any, script: pathlib.Path, target: str) -> tuple[int, str
 def _run_pair(a: Any, b: Any, shared: pathlib.Path, src: dict[str, Any], loop: str, *,
               ok: bool = True) -> dict[str, Any]:
     """The receiver inside host B, then the source inside host A; the source's result."""
-    from ctlive.attest import SimulatedSnpPlatform
-
-    ctl = shared / "ctl"
-    ctl.mkdir(parents=True, exist_ok=True)
-    platform = shared / "platform.pem"
-    SimulatedSnpPlatform(key_file=platform)
-    me = str(pathlib.Path(__file__).resolve())
-    rx = {"ctl": str(ctl), "platform": str(platform), "state": "/run/ctlive", "loop": loop}
-    receiver = b.popen([sys.executable, me, "receiver", json.dumps(rx)])
-    deadline = time.monotonic() + 30
-    while not (ctl / "rx-addr.json").exists():
-        assert time.monotonic() < deadline and receiver.poll() is None, \
-            "the receiver did not start"
-        time.sleep(0.05)
-    cfg = {**src, "ctl": str(ctl), "platform": str(platform), "destination": [b.ip, 7788],
-           "state": "/run/ctlive-src", "loop": loop}
-    out = a.run([sys.executable, me, "source", json.dumps(cfg)], timeout=180)
-    result: dict[str, Any] = json.loads((ctl / "src-result.json").read_text())
-    assert result["ok"] == ok, (result, out.stderr[-3000:])
-    return result
+    start_receiver(b, shared, backend=loop)
+    return run_source(a, b, shared, ok=ok, backend=loop, **src)
 
 
-def test_process_carries_its_data_directory(anyio_backend: str, tmp_path: pathlib.Path) -> None:
+def _appender(shared: pathlib.Path) -> pathlib.Path:
+    """CRIU checked; the appender script in ``shared``."""
     from criu_harness import require_criu
 
-    from ctlive.testing.hosts import Network
-
     require_criu()
-    loop = anyio_backend
-    shared = pathlib.Path("/var/lib") / f"ctlive-test-{tmp_path.name}"
-    shared.mkdir(parents=True)
     script = shared / "appender.py"
     script.write_text(APPENDER)
+    return script
+
+
+def test_process_carries_its_data_directory(anyio_backend: str, shared: pathlib.Path) -> None:
+    from ctlive.testing.hosts import Network
+
+    loop = anyio_backend
+    script = _appender(shared)
     data = f"/tmp/carry-{os.getpid()}"
-    try:
-        with Network(index=240 if loop == "asyncio" else 241) as net:
-            a, b = net.host("host-a"), net.host("host-b")
-            a.run(["mkdir", "-p", f"{data}/sub"], check=True)
-            a.run(["sh", "-c", f"echo kept > {data}/sub/other; ln -s sub/other {data}/link"],
-                  check=True)
-            pid, match = _start_appender(a, script, f"{data}/log")
-            result = _run_pair(a, b, shared, {"kind": "process", "pid": pid, "carry": [data]},
-                               loop)
-            print(f"\nprocess with a carried directory ({loop}): file bytes per iteration "
-                  f"{result['file_bytes']}, downtime {result['downtime']:.3f} s")
-            assert a.run(["pgrep", "-f", match]).stdout.strip() == ""
-            assert b.run(["pgrep", "-f", match]).stdout.split() == [
-                str(result["restored_pid"])]
-            _check_lines(b.path(f"{data}/log"))
-            assert b.path(f"{data}/sub/other").read_text() == "kept\n"
-            assert os.readlink(b.path(f"{data}/link")) == "sub/other"
-            # Later iterations carried only what changed (the log), not the whole tree.
-            assert all(n > 0 for n in result["file_bytes"])
-            # No image left behind in host B's state directory.
-            assert list(b.path("/run/ctlive").rglob("pages-*.img")) == []
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
+    with Network(index=240 if loop == "asyncio" else 241) as net:
+        a, b = net.host("host-a"), net.host("host-b")
+        a.run(["mkdir", "-p", f"{data}/sub"], check=True)
+        a.run(["sh", "-c", f"echo kept > {data}/sub/other; ln -s sub/other {data}/link"],
+              check=True)
+        pid, match = _start_appender(a, script, f"{data}/log")
+        result = _run_pair(a, b, shared, {"kind": "process", "pid": pid, "carry": [data]},
+                           loop)
+        print(f"\nprocess with a carried directory ({loop}): file bytes per iteration "
+              f"{result['file_bytes']}, downtime {result['downtime']:.3f} s")
+        assert a.run(["pgrep", "-f", match]).stdout.strip() == ""
+        assert b.run(["pgrep", "-f", match]).stdout.split() == [str(result["restored_pid"])]
+        _check_lines(b.path(f"{data}/log"))
+        assert b.path(f"{data}/sub/other").read_text() == "kept\n"
+        assert os.readlink(b.path(f"{data}/link")) == "sub/other"
+        # Later iterations carried only what changed (the log), not the whole tree.
+        assert all(n > 0 for n in result["file_bytes"])
+        # No image left behind in host B's state directory.
+        assert list(b.path("/run/ctlive").rglob("pages-*.img")) == []
 
 
-def test_an_open_file_left_behind_is_named(anyio_backend: str, tmp_path: pathlib.Path) -> None:
+def test_an_open_file_left_behind_is_named(anyio_backend: str, shared: pathlib.Path) -> None:
     """The process holds open a file that is not carried: the receiver reads the dump's
     files.img, finds it missing, and refuses naming it; the source runs on."""
-    from criu_harness import require_criu
-
     from ctlive.testing.hosts import Network
 
-    require_criu()
     loop = anyio_backend
-    shared = pathlib.Path("/var/lib") / f"ctlive-test-{tmp_path.name}"
-    shared.mkdir(parents=True)
-    script = shared / "appender.py"
-    script.write_text(APPENDER)
-    try:
-        with Network(index=232 if loop == "asyncio" else 233) as net:
-            a, b = net.host("host-a"), net.host("host-b")
-            a.run(["mkdir", "-p", "/tmp/left"], check=True)
-            pid, match = _start_appender(a, script, "/tmp/left/log")
-            result = _run_pair(a, b, shared, {"kind": "process", "pid": pid, "carry": []},
-                               loop, ok=False)
-            assert "/tmp/left/log (missing here; not carried" in result["message"]
-            assert a.run(["pgrep", "-f", match]).stdout.split() == [str(pid)]
-            assert b.run(["pgrep", "-f", match]).stdout.strip() == ""
-            before = len(_lines(a.path("/tmp/left/log")))
-            time.sleep(0.3)
-            assert len(_lines(a.path("/tmp/left/log"))) > before  # it runs on at the source
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
+    script = _appender(shared)
+    with Network(index=232 if loop == "asyncio" else 233) as net:
+        a, b = net.host("host-a"), net.host("host-b")
+        a.run(["mkdir", "-p", "/tmp/left"], check=True)
+        pid, match = _start_appender(a, script, "/tmp/left/log")
+        result = _run_pair(a, b, shared, {"kind": "process", "pid": pid, "carry": []},
+                           loop, ok=False)
+        assert "/tmp/left/log (missing here; not carried" in result["message"]
+        assert a.run(["pgrep", "-f", match]).stdout.split() == [str(pid)]
+        assert b.run(["pgrep", "-f", match]).stdout.strip() == ""
+        before = len(_lines(a.path("/tmp/left/log")))
+        time.sleep(0.3)
+        assert len(_lines(a.path("/tmp/left/log"))) > before  # it runs on at the source
 
 
-def test_runc_rootfs_only_on_the_source_host(anyio_backend: str, tmp_path: pathlib.Path) -> None:
+def test_runc_rootfs_only_on_the_source_host(anyio_backend: str, shared: pathlib.Path) -> None:
     from criu_harness import require_criu
 
     from ctlive.testing.hosts import Network
@@ -163,8 +134,6 @@ def test_runc_rootfs_only_on_the_source_host(anyio_backend: str, tmp_path: pathl
     if busybox is None or shutil.which("runc") is None:
         pytest.skip("runc or busybox-static missing: run scripts/install-criu")
     loop = anyio_backend
-    shared = pathlib.Path("/var/lib") / f"ctlive-test-{tmp_path.name}"
-    shared.mkdir(parents=True)
     cid = f"carry{os.getpid()}{loop[0]}"
     try:
         with Network(index=242 if loop == "asyncio" else 243) as net:
@@ -201,7 +170,6 @@ def test_runc_rootfs_only_on_the_source_host(anyio_backend: str, tmp_path: pathl
             assert first > 100_000 and all(n < first // 4 for n in rest)
             b.run(["runc", "--root", "/run/ctlive/runc", "delete", "--force", cid])
     finally:
-        shutil.rmtree(shared, ignore_errors=True)
         for cg in pathlib.Path("/sys/fs/cgroup").glob(f"**/{cid}*"):
             with contextlib.suppress(OSError):
                 cg.rmdir()
@@ -236,59 +204,3 @@ async def test_a_carry_the_receiver_refuses_leaves_the_source_running(
     before = mutator.count()
     await anyio.sleep(0.4)
     assert mutator.count() > before
-
-
-# --- the two processes ---------------------------------------------------------------
-
-async def _receiver(cfg: dict[str, Any]) -> None:
-    import anyio
-
-    from ctlive.attest import SimulatedSnpPlatform
-    from ctlive.identity import Identity
-    from ctlive.migration.destination import serve
-
-    async with anyio.create_task_group() as tg:
-        addr = await tg.start(lambda task_status: serve(
-            ("0.0.0.0", 7788), identity=Identity(DST_KEY),
-            provider=SimulatedSnpPlatform(key_file=cfg["platform"]),
-            allow={Identity(SRC_KEY).public_key}, state_dir=cfg["state"],
-            task_status=task_status))
-        (pathlib.Path(cfg["ctl"]) / "rx-addr.json").write_text(json.dumps(list(addr)))
-        await anyio.sleep_forever()
-
-
-async def _source(cfg: dict[str, Any]) -> None:
-    import hashlib
-
-    from ctlive.attest import SnpPolicy, SnpVerifier
-    from ctlive.attest.verifier import simulated_root
-    from ctlive.backends import Process, RuncContainer
-    from ctlive.errors import CtliveError
-    from ctlive.identity import Identity
-    from ctlive.migration.convergence import Convergence
-    from ctlive.migration.source import migrate
-
-    measurement = hashlib.sha384(b"ctlive simulated guest").digest()
-    verifier = SnpVerifier(SnpPolicy(measurements=[measurement]),
-                           trusted_roots=[simulated_root(cfg["platform"])])
-    workload = (Process(cfg["pid"], carry=cfg["carry"]) if cfg["kind"] == "process"
-                else RuncContainer(cfg["id"]))
-    try:
-        report = await migrate(
-            workload, tuple(cfg["destination"]), identity=Identity(SRC_KEY),
-            attestation=verifier, convergence=Convergence(max_iterations=3, max_downtime=0.0),
-            state_dir=cfg["state"], connect_timeout=5)
-        result: dict[str, Any] = {
-            "ok": True, "downtime": report.downtime,
-            "file_bytes": [i.file_bytes for i in report.iterations],
-            "restored_pid": report.destination_summary.get("restored_pid")}
-    except CtliveError as exc:
-        result = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
-    (pathlib.Path(cfg["ctl"]) / "src-result.json").write_text(json.dumps(result))
-
-
-if __name__ == "__main__":
-    import anyio
-
-    role, conf = sys.argv[1], json.loads(sys.argv[2])
-    anyio.run({"receiver": _receiver, "source": _source}[role], conf, backend=conf["loop"])

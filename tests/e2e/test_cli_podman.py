@@ -11,27 +11,14 @@ import json
 import pathlib
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 
 import pytest
+from cli_setup import CTLIVE, keys_and_policy, serve_config, wait_listening
 
 pytestmark = pytest.mark.criu
-CTLIVE = str(pathlib.Path(sys.executable).with_name("ctlive"))
 IMAGE = "localhost/ctlive-cli-only-a:test"
 LOOP = "i=0; while true; do i=$((i+1)); echo $i >> /data/log; sleep 0.05; done"
-
-
-@pytest.fixture
-def shared(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
-    """Keys, the policy and the config: where both hosts see them (not their /tmp)."""
-    d = pathlib.Path("/var/lib") / f"ctlive-test-{tmp_path.name}"
-    d.mkdir(parents=True, exist_ok=True)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def ok(proc: subprocess.CompletedProcess[str]) -> str:
@@ -55,16 +42,8 @@ def test_migrate_a_podman_container_between_two_hosts(shared: pathlib.Path) -> N
         (rootfs / "bin" / tool).symlink_to("busybox")
     subprocess.run(["tar", "-C", str(rootfs), "-cf", str(shared / "rootfs.tar"), "."],
                    check=True)
-    for key in ("src.key", "dst.key"):
-        ok(subprocess.run([CTLIVE, "keygen", "-o", str(shared / key)], capture_output=True,
-                          text=True))
-    (shared / "allow.txt").write_text((shared / "src.key.pub").read_text())
-    (shared / "serve.toml").write_text(
-        f'[serve]\nlisten = "0.0.0.0:7791"\nkey = "{shared / "dst.key"}"\n'
-        f'allow = "{shared / "allow.txt"}"\nstate = "/run/ctlive-rx"\n'
-        f'provider = "simulated"\nsimulated_chain = "{shared / "chain.pem"}"\n')
-    (shared / "policy.toml").write_text('[snp]\nallow_any_measurement = true\n'
-                                        'simulated_chain = "chain.pem"\n')
+    keys_and_policy(shared)
+    config = serve_config(shared, "0.0.0.0:7791", "/run/ctlive-rx")
     with Network(index=238) as net:
         a, b = net.host("cli-a"), net.host("cli-b")
         ok(a.run(["podman", "import", "--quiet", str(shared / "rootfs.tar"), IMAGE]))
@@ -75,13 +54,9 @@ def test_migrate_a_podman_container_between_two_hosts(shared: pathlib.Path) -> N
         ok(a.run(["podman", "run", "-d", "--name", "web", "--network", "none", "--ulimit",
                   "nofile=1024:1024", "--ulimit", "nproc=4096:4096", "-v", "data:/data",
                   IMAGE, "sh", "-c", LOOP]))
-        rx = b.popen([CTLIVE, "serve", "--config", str(shared / "serve.toml")],
-                     stderr=subprocess.PIPE, text=True)
-        assert rx.stderr is not None
-        banner, deadline = "", time.monotonic() + 60
-        while "listening on" not in banner:
-            assert time.monotonic() < deadline and rx.poll() is None, banner
-            banner += rx.stderr.readline()
+        rx = b.popen([CTLIVE, "serve", "--config", str(config)], stderr=subprocess.PIPE,
+                     text=True)
+        wait_listening(rx)
         time.sleep(0.3)
         out = a.run([CTLIVE, "migrate", "podman:web", f"{b.ip}:7791", "--key",
                      str(shared / "src.key"), "--policy", str(shared / "policy.toml"),
@@ -116,18 +91,10 @@ def test_migrate_a_podman_container_on_one_machine(tmp_path: pathlib.Path,
     box.cleanup()
     vol = f"{name}-data"
     pm = ["podman"]
-    for key in ("src.key", "dst.key"):
-        ok(subprocess.run([CTLIVE, "keygen", "-o", str(tmp_path / key)], capture_output=True,
-                          text=True))
-    (tmp_path / "allow.txt").write_text((tmp_path / "src.key.pub").read_text())
-    (tmp_path / "serve.toml").write_text(
-        f'[serve]\nlisten = "127.0.0.1:0"\nkey = "{tmp_path / "dst.key"}"\n'
-        f'allow = "{tmp_path / "allow.txt"}"\nstate = "{memory_path / "rx"}"\n'
-        f'provider = "simulated"\nsimulated_chain = "{tmp_path / "chain.pem"}"\n')
-    (tmp_path / "policy.toml").write_text('[snp]\nallow_any_measurement = true\n'
-                                          'simulated_chain = "chain.pem"\n')
-    rx = subprocess.Popen([CTLIVE, "serve", "--config", str(tmp_path / "serve.toml")],
-                          stderr=subprocess.PIPE, text=True)
+    keys_and_policy(tmp_path)
+    config = serve_config(tmp_path, "127.0.0.1:0", memory_path / "rx")
+    rx = subprocess.Popen([CTLIVE, "serve", "--config", str(config)], stderr=subprocess.PIPE,
+                          text=True)
     try:
         ok(subprocess.run([*pm, "run", "-d", "--name", name, "--ulimit", "nofile=1024:1024",
                            "--ulimit", "nproc=4096:4096", "-v", f"{vol}:/data", box.IMAGE,
@@ -135,11 +102,7 @@ def test_migrate_a_podman_container_on_one_machine(tmp_path: pathlib.Path,
         log = pathlib.Path(ok(subprocess.run([*pm, "volume", "inspect", "--format",
                                               "{{.Mountpoint}}", vol], capture_output=True,
                                              text=True))) / "log"
-        assert rx.stderr is not None
-        banner, deadline = "", time.monotonic() + 60
-        while "listening on" not in banner:
-            assert time.monotonic() < deadline and rx.poll() is None, banner
-            banner += rx.stderr.readline()
+        banner = wait_listening(rx)
         addr = banner.rsplit("listening on ", 1)[1].split()[0]
         out = subprocess.run([CTLIVE, "migrate", f"podman:{name}", addr, "--key",
                               str(tmp_path / "src.key"), "--policy",

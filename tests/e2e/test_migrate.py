@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 from criu_harness import Mutator, state, workload_pids
-from mitm import Mitm
+from mitm import Mitm, refused_through
 
 from ctlive import errors
 from ctlive.backends.criu import find_criu
@@ -24,6 +24,17 @@ from ctlive.testing.hooks import FaultHooks
 from tests.e2e.conftest import SRC
 
 pytestmark = pytest.mark.anyio
+
+
+def assert_read_live(report: Any, workload: str) -> None:
+    """Three iterations of ``workload``: pre-copy read the running container's memory,
+    only the final dump froze it, and pages were found in that read by address."""
+    assert report.workload == workload and len(report.iterations) == 3
+    # Pre-copy read the running container's memory; only the final dump froze it.
+    assert [i.method for i in report.iterations] == ["live-read", "live-read", "final"]
+    final = report.iterations[-1]
+    # The read was its base: pages are found there by address (sent as deltas).
+    assert final.pages_raw <= final.pages_total // 4
 
 
 def alive(pid: int) -> bool:
@@ -98,12 +109,8 @@ async def test_attestation_refused_sends_no_image_bytes(mutator: Mutator, receiv
     rx = await receiver_factory()
     strict = SnpVerifier(SnpPolicy(measurements=[bytes(48)]),
                          trusted_roots=[platform.trusted_root()])
-    async with anyio.create_task_group() as tg:
-        mitm = Mitm(rx.addr)
-        paddr = await tg.start(mitm.serve)
-        with pytest.raises(errors.MigrationError) as info:
-            await migrate(Process(mutator.pid), paddr, identity=SRC, attestation=strict)
-        tg.cancel_scope.cancel()
+    mitm, info = await refused_through(rx.addr, errors.MigrationError, Process(mutator.pid),
+                                       identity=SRC, attestation=strict)
     assert info.value.phase == "attest"
     assert isinstance(info.value.cause, errors.MeasurementMismatchError)
     assert mitm.bytes_after_msg1 == 0
@@ -206,12 +213,7 @@ async def test_runc_container(receiver_factory: Any, verifier: Any, tmp_path: An
         report = await migrate(RuncContainer(name), rx.addr, identity=SRC,
                                attestation=verifier,
                                convergence=Convergence(max_iterations=3, max_downtime=0.0))
-        assert report.workload == "runc" and len(report.iterations) == 3
-        # Pre-copy read the running container's memory; only the final dump froze it.
-        assert [i.method for i in report.iterations] == ["live-read", "live-read", "final"]
-        final = report.iterations[-1]
-        # The read was its base: pages are found there by address (sent as deltas).
-        assert final.pages_raw <= final.pages_total // 4
+        assert_read_live(report, "runc")
         # The source container is gone; the restored one counts on from its state.
         gone = await anyio.run_process(["runc", "state", name], check=False)
         assert gone.returncode != 0
@@ -241,12 +243,7 @@ async def test_podman_container(receiver_factory: Any, verifier: Any, tmp_path: 
         report = await migrate(PodmanContainer(name), rx.addr, identity=SRC,
                                attestation=verifier,
                                convergence=Convergence(max_iterations=3, max_downtime=0.0))
-        assert report.workload == "podman" and len(report.iterations) == 3
-        # Pre-copy read the running container's memory; only the final dump froze it.
-        assert [i.method for i in report.iterations] == ["live-read", "live-read", "final"]
-        final = report.iterations[-1]
-        # The read was its base: pages are found there by address (sent as deltas).
-        assert final.pages_raw <= final.pages_total // 4
+        assert_read_live(report, "podman")
         restored = f"{name}-{report.migration_id[:8]}"
         assert box.pid_of(name) == 0  # the source container is gone
         at_handover = box.count(restored)

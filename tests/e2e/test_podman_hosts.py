@@ -9,31 +9,34 @@ line once and grows at the destination, the image was loaded there by digest, th
 host runs nothing and keeps no namespace, and ctlive left no archive or image copy on
 either host.
 
-Run as a script, ``python test_podman_hosts.py source CONFIG_JSON`` is the source, and
+The two processes are tests/helpers/host_procs.py's. Run as a script,
 ``python test_podman_hosts.py measure`` prints, for the same container with and without
 its volume (and with the image already at the destination), the bytes of files each
 iteration carried (archive members, volume, image) and the downtime."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 HELPERS = pathlib.Path(__file__).resolve().parents[1] / "helpers"
+sys.path.insert(0, str(HELPERS))  # run as a script too (``measure``)
+from echo_client import EchoClient  # noqa: E402
+from host_procs import control, run_source, source_argv, source_result  # noqa: E402
+from host_procs import start_receiver as start_host_receiver  # noqa: E402
+
 pytestmark = pytest.mark.criu
 IMAGE = "localhost/ctlive-only-a:test"
 PORT = 8080
+# The source's: the image may take a while to load at the destination.
+TIMEOUTS = {"ready_timeout": 60, "abort_timeout": 30}
 # An echo server per connection (nc -ll: keep listening) and the volume's appender.
 MAIN = (f"busybox nc -ll -p {PORT} -e busybox cat & "
         "i=0; while true; do i=$((i+1)); echo $i >> /data/log; sleep 0.05; done")
@@ -41,46 +44,6 @@ MAIN = (f"busybox nc -ll -p {PORT} -e busybox cat & "
 LEFTOVERS = ("find /tmp /var/tmp /run -path /var/tmp/containers -prune -o -path "
              "/run/containers -prune -o -type f \\( -name '*.tar' -o -name '*.tar+*' "
              "-o -name '*.img' \\) -print")
-
-
-class Echoes:
-    """A client on the shared bridge: one request every 50 ms on one connection, each
-    reply checked against its request; the first failure (reset, wrong or lost reply)
-    stops it."""
-
-    def __init__(self, addr: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(addr, timeout=10)
-        self.sock.settimeout(30)  # longer than any retransmission back-off of a move
-        self.times: list[float] = []
-        self.failure: str | None = None
-        self.done = threading.Event()
-        self.worker = threading.Thread(target=self._talk, daemon=True)
-        self.worker.start()
-
-    def _talk(self) -> None:
-        replies = self.sock.makefile("rb")
-        for n in range(1, 1 << 30):
-            if self.done.is_set():
-                return
-            try:
-                self.sock.sendall(b"%d\n" % n)
-                got = replies.readline()
-            except OSError as exc:
-                self.failure = f"request {n}: {exc!r}"
-                return
-            if got != b"%d\n" % n:
-                self.failure = f"request {n}: reply {got!r}"
-                return
-            self.times.append(time.monotonic())
-            time.sleep(0.05)
-
-    def longest_gap(self) -> float:
-        return max(b - a for a, b in zip(self.times, self.times[1:], strict=False))
-
-    def close(self) -> None:
-        self.done.set()
-        self.worker.join(timeout=35)
-        self.sock.close()
 
 
 def named_netns(host: Any, name: str, addr: str, gateway: str) -> None:
@@ -94,17 +57,6 @@ def named_netns(host: Any, name: str, addr: str, gateway: str) -> None:
                  ["-n", name, "link", "set", "eth0", "up"],
                  ["-n", name, "route", "add", "default", "via", gateway]):
         host.run(["ip", *argv], check=True)
-
-
-@pytest.fixture
-def shared(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A directory every host sees (outside their private /tmp, /var/tmp and /run)."""
-    d = pathlib.Path("/var/lib") / f"ctlive-test-{tmp_path.name}"
-    d.mkdir(parents=True, exist_ok=True)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def podman(host: Any, *args: str, check: bool = True) -> str:
@@ -137,23 +89,12 @@ def lines(host: Any, path: str) -> list[int]:
 
 
 def start_receiver(b: Any, shared: pathlib.Path, loop: str, pause_at: str | None = None) -> None:
-    """fault_procs' receiver inside ``b`` (paused at stage ``pause_at`` until rx-go), its
+    """host_procs' receiver inside ``b`` (paused at stage ``pause_at`` until rx-go), its
     state on b's tmpfs /run."""
     from criu_harness import require_criu
 
-    from ctlive.identity import Identity
-
     require_criu()
-    dst, src = Identity(bytes(range(33, 65))), Identity(bytes(range(1, 33)))
-    rx_cfg = {"ctl": str(shared / "ctl"), "platform": str(shared / "platform.pem"),
-              "port": 7788, "listen": "0.0.0.0", "key": dst.private_key.hex(),
-              "allow": src.public_key.hex(), "state": "/run/ctlive", "backend": loop,
-              "pause_at": pause_at}
-    b.popen([sys.executable, str(HELPERS / "fault_procs.py"), "receiver", json.dumps(rx_cfg)])
-    deadline = time.monotonic() + 30
-    while not (shared / "ctl" / "rx-addr.json").exists():
-        assert time.monotonic() < deadline, "the receiver did not start"
-        time.sleep(0.05)
+    start_host_receiver(b, shared, backend=loop, pause_at=pause_at)
 
 
 class Setup:
@@ -182,20 +123,18 @@ class Setup:
         podman(self.a, "exec", self.name, "sh", "-c", "echo made > /tmp/made; rm /gone")
         start_receiver(self.b, shared, loop, pause_at)
         time.sleep(0.3)
-        self.client = Echoes((self.addr, PORT))
+        self.client = EchoClient((self.addr, PORT))
         time.sleep(0.5)
 
-    def source(self, **extra: Any) -> Any:
-        cfg = {"ctl": str(self.shared / "ctl"), "platform": str(self.shared / "platform.pem"),
-               "name": self.name, "destination": [self.b.ip, 7788], "backend": self.loop,
-               "state": "/var/tmp/ctlive-src", **extra}
-        return self.a.popen([sys.executable, __file__, "source", json.dumps(cfg)],
-                            stderr=subprocess.PIPE, text=True)
+    def source(self, **timeouts: Any) -> Any:
+        argv = source_argv(self.b, self.shared, kind="podman", name=self.name,
+                           backend=self.loop, state="/var/tmp/ctlive-src",
+                           timeouts=TIMEOUTS | timeouts)
+        return self.a.popen(argv, stderr=subprocess.PIPE, text=True)
 
     def result(self, proc: Any) -> dict[str, Any]:
         _, err = proc.communicate(timeout=180)
-        out: dict[str, Any] = json.loads((self.shared / "ctl" / "src-result.json").read_text())
-        return out | {"stderr": err[-3000:]}
+        return source_result(self.shared) | {"stderr": err[-3000:]}
 
     def log(self, host: Any) -> list[int]:
         where = podman(host, "volume", "inspect", "--format", "{{.Mountpoint}}", "data")
@@ -213,11 +152,8 @@ class Setup:
 def setup(shared: pathlib.Path) -> None:
     from criu_harness import require_criu
 
-    from ctlive.attest import SimulatedSnpPlatform
-
     require_criu()
-    (shared / "ctl").mkdir()
-    SimulatedSnpPlatform(key_file=shared / "platform.pem")
+    control(shared)
 
 
 def test_podman_container_with_a_volume_and_tcp_between_two_hosts(
@@ -236,10 +172,10 @@ def test_podman_container_with_a_volume_and_tcp_between_two_hosts(
         held = b.run(["ip", "netns", "exec", name, "ss", "-tnH", "state", "established"])
         assert f"{s.addr}]:{PORT} " in held.stdout, held  # busybox nc listens on IPv6 too
         client.close()
-        assert client.failure is None, client.failure
-        assert client.times[-1] > time.monotonic() - 1.5, "replies stopped"
+        assert client.error is None, client.error
+        assert client.replies[-1] > time.monotonic() - 1.5, "replies stopped"
         print(f"\npodman across hosts ({loop}): longest reply gap {client.longest_gap():.2f}"
-              f" s, downtime {result['downtime']:.2f} s, {len(client.times)} replies")
+              f" s, downtime {result['downtime']:.2f} s, {len(client.replies)} replies")
         # The source host runs nothing any more and keeps no namespace. Podman restores
         # established connections only under their own name.
         assert podman(a, "ps", "--all", "--quiet") == ""
@@ -306,7 +242,7 @@ def test_a_discarded_copy_leaves_nothing_in_the_destination_store(
         later = s.log(s.a)
         assert later == list(range(1, len(later) + 1)) and len(later) > len(first) > 10
         s.client.close()
-        assert s.client.failure is None, s.client.failure
+        assert s.client.error is None, s.client.error
         s.leftovers()
 
 
@@ -353,53 +289,9 @@ def test_a_restarted_receiver_discards_all_an_adopted_copy_added(
         assert podman(a, "images", "--all", "--quiet") == ""
 
 
-async def _source(cfg: dict[str, Any]) -> None:
-    sys.path.insert(0, str(HELPERS))
-    from fault_procs import verifier
-
-    from ctlive import errors
-    from ctlive.backends.podman import PodmanContainer
-    from ctlive.identity import Identity
-    from ctlive.migration.convergence import Convergence
-    from ctlive.migration.source import migrate
-
-    sizes: list[dict[str, int]] = []
-
-    class Recorded(PodmanContainer):
-        """Notes what each dump holds, by kind of file (for ``measure``)."""
-
-        async def _dump(self, images_dir: pathlib.Path, **kw: Any) -> Any:
-            res = await super()._dump(images_dir, **kw)
-            kinds: dict[str, int] = {}
-            for f in images_dir.iterdir():
-                kind = ("image" if f.name.startswith("podman-image+") else
-                        "volumes" if f.name.startswith("podman+volumes+") else
-                        "archive" if f.name.startswith("podman+") else
-                        "pages" if f.name.startswith("pages-") else "criu")
-                kinds[kind] = kinds.get(kind, 0) + f.stat().st_size
-            sizes.append(kinds)
-            return res
-
-    result: dict[str, Any]
-    try:
-        report = await migrate(
-            Recorded(cfg["name"], tcp_established=cfg.get("tcp")),
-            tuple(cfg["destination"]), identity=Identity(bytes(range(1, 33))),
-            attestation=verifier(cfg["platform"]),
-            convergence=Convergence(max_iterations=3, max_downtime=0.0),
-            state_dir=cfg["state"], connect_timeout=5,
-            ready_timeout=cfg.get("ready_timeout", 60), abort_timeout=30)
-        result = {"ok": True, **report.to_dict(), "sizes": sizes}
-    except errors.CtliveError as exc:
-        result = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
-    (pathlib.Path(cfg["ctl"]) / "src-result.json").write_text(json.dumps(result, default=str))
-
-
 def _measure() -> None:
     """One migration per case, same container (4 MiB of random data in its volume besides
     the log, or in its /tmp without one), no TCP; prints one line per iteration."""
-    sys.path.insert(0, str(HELPERS))
-    from ctlive.attest import SimulatedSnpPlatform
     from ctlive.testing.hosts import Network
 
     cases = (("volume, image carried", True, False), ("no volume, image carried", False, False),
@@ -407,10 +299,9 @@ def _measure() -> None:
     for n, (label, volume, image_at_b) in enumerate(cases):
         shared = pathlib.Path(f"/var/lib/ctlive-measure-{n}")
         shutil.rmtree(shared, ignore_errors=True)
-        (shared / "ctl").mkdir(parents=True)
         try:
+            control(shared)
             tar = busybox_image(shared)
-            SimulatedSnpPlatform(key_file=shared / "platform.pem")
             with Network(index=239) as net:
                 a, b = net.host("m-a"), net.host("m-b")
                 podman(a, "import", "--quiet", str(tar), IMAGE)
@@ -425,12 +316,8 @@ def _measure() -> None:
                        fill + MAIN.split("& ", 1)[1].replace("/data", where))
                 start_receiver(b, shared, "asyncio")
                 time.sleep(0.5)
-                cfg = {"ctl": str(shared / "ctl"), "platform": str(shared / "platform.pem"),
-                       "name": "m", "destination": [b.ip, 7788], "backend": "asyncio",
-                       "state": "/var/tmp/ctlive-src"}
-                a.run([sys.executable, __file__, "source", json.dumps(cfg)], timeout=180)
-                r = json.loads((shared / "ctl" / "src-result.json").read_text())
-                assert r["ok"], r
+                r = run_source(a, b, shared, kind="podman", name="m",
+                               state="/var/tmp/ctlive-src", timeouts=TIMEOUTS)
                 phases = ", ".join(f"{k} {v * 1000:.0f}" for k, v in r["downtime_phases"].items())
                 print(f"{label}: downtime {r['downtime'] * 1000:.0f} ms ({phases})")
                 for it, kinds in zip(r["iterations"], r["sizes"], strict=True):
@@ -442,10 +329,4 @@ def _measure() -> None:
 
 
 if __name__ == "__main__":
-    import anyio
-
-    if sys.argv[1] == "measure":
-        _measure()
-    else:
-        conf = json.loads(sys.argv[2])
-        anyio.run(_source, conf, backend=conf["backend"])
+    _measure()

@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import anyio
 import pytest
 from criu_harness import Mutator, state
-from mitm import Mitm
+from mitm import refused_through
 
 from ctlive import errors
 from ctlive.backends.process import Process
@@ -47,12 +46,8 @@ async def test_missing_cpu_feature_refused_before_any_image_byte(
 
     monkeypatch.setattr(pf, "destination_facts", without)
     rx = await receiver_factory()
-    async with anyio.create_task_group() as tg:
-        mitm = Mitm(rx.addr)
-        paddr = await tg.start(mitm.serve)
-        with pytest.raises(pf.PreflightError) as info:
-            await migrate(Process(mutator.pid), paddr, identity=SRC, attestation=verifier)
-        tg.cancel_scope.cancel()
+    mitm, info = await refused_through(rx.addr, pf.PreflightError, Process(mutator.pid),
+                                       identity=SRC, attestation=verifier)
     assert info.value.phase == errors.Phase.PREFLIGHT
     assert f"CPU features missing at the destination: {gone}" in str(info.value)
     assert [d.fact for d in info.value.differences if d.refuse] == ["cpu"]

@@ -8,10 +8,8 @@ sends a request every 50 ms over one connection while the container moves to hos
 container also appends a line to a file in its rootfs every 50 ms. Afterwards: no reset,
 no lost reply, the connection is held by host B's copy (its socket, and the shared
 bridge forwards the container's MAC to host B), host A runs no container and has no
-namespace left, and the file has every line once and goes on growing.
-
-Run as `python test_runc_tcp_hosts.py receiver|source CONFIG_JSON` it is one of the two
-processes.
+namespace left, and the file has every line once and goes on growing. The two
+processes are tests/helpers/host_procs.py's.
 """
 
 from __future__ import annotations
@@ -21,68 +19,24 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
+from cli_setup import keys_and_policy, wait_listening
+from echo_client import EchoClient
+from host_procs import run_source, start_receiver
 
 pytestmark = pytest.mark.criu
 PORT = 9000
-SRC_KEY, DST_KEY = bytes(range(1, 33)), bytes(range(33, 65))
 # Replies echo the request; the appender writes one numbered line per 50 ms.
 SERVER = "#!/bin/sh\nwhile read l; do echo \"$l\"; done\n"
 MAIN = ("i=0; (while true; do i=$((i+1)); echo $i >> /data/log; sleep 0.05; done) & "
         f"exec nc -l -p {PORT} -e /bin/srv")
-
-
-class Client:
-    """One connection; a request every 50 ms, each reply checked, gaps measured."""
-
-    def __init__(self, addr: tuple[str, int]) -> None:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.sock = socket.create_connection(addr, timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"nothing listens on {addr}"
-                time.sleep(0.1)
-        self.sock.settimeout(30)
-        self.replies: list[float] = []
-        self.error: str | None = None
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        f = self.sock.makefile("rb")
-        n = 0
-        try:
-            while not self.stop.is_set():
-                n += 1
-                self.sock.sendall(f"{n}\n".encode())
-                line = f.readline()
-                if line != f"{n}\n".encode():
-                    self.error = f"request {n} got {line!r}"
-                    return
-                self.replies.append(time.monotonic())
-                time.sleep(0.05)
-        except OSError as exc:
-            self.error = f"request {n}: {type(exc).__name__}: {exc}"
-
-    def longest_gap(self) -> float:
-        return max(b - a for a, b in zip(self.replies, self.replies[1:], strict=False))
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=35)
-        self.sock.close()
 
 
 def _make_rootfs(rootfs: pathlib.Path) -> None:
@@ -132,7 +86,7 @@ class Scene:
         # stdio on /dev/null: a host log file would be outside the container's mounts.
         assert self.a.popen(["runc", "run", "--detach", "--bundle", self.inside, self.cid],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait() == 0
-        self.client = Client((self.addr, PORT))
+        self.client = EchoClient((self.addr, PORT))
         time.sleep(0.5)
 
     def check_moved(self, label: str, downtime: float) -> None:
@@ -205,33 +159,12 @@ def scene(tag: str, index: int, b_bridge: str = "br0") -> Iterator[Scene]:
                 cg.rmdir()
 
 
-def _wait_for(path: pathlib.Path, proc: subprocess.Popen[Any]) -> None:
-    deadline = time.monotonic() + 30
-    while not path.exists():
-        assert time.monotonic() < deadline and proc.poll() is None, "the receiver did not start"
-        time.sleep(0.05)
-
-
 def test_runc_keeps_tcp_between_two_hosts(anyio_backend: str) -> None:
     loop = anyio_backend  # the loop both processes run under
-    from ctlive.attest import SimulatedSnpPlatform
-
     with scene(loop, 246 if loop == "asyncio" else 245) as sc:
-        ctl = sc.shared / "ctl"
-        ctl.mkdir()
-        platform = sc.shared / "platform.pem"
-        SimulatedSnpPlatform(key_file=platform)
-        me = str(pathlib.Path(__file__).resolve())
-        rx = {"ctl": str(ctl), "platform": str(platform), "key": DST_KEY.hex(),
-              "allow": SRC_KEY.hex(), "state": "/run/ctlive", "loop": loop}
-        _wait_for(ctl / "rx-addr.json", sc.b.popen([sys.executable, me, "receiver",
-                                                    json.dumps(rx)]))
-        src = {"ctl": str(ctl), "platform": str(platform), "id": sc.cid,
-               "destination": [sc.b.ip, 7788], "key": SRC_KEY.hex(),
-               "state": "/run/ctlive-src", "loop": loop}
-        out = sc.a.run([sys.executable, me, "source", json.dumps(src)], timeout=180)
-        result = json.loads((ctl / "src-result.json").read_text())
-        assert result["ok"], (result, out.stderr[-3000:])
+        start_receiver(sc.b, sc.shared, backend=loop)
+        result = run_source(sc.a, sc.b, sc.shared, kind="runc", id=sc.cid, max_downtime=0.3,
+                            backend=loop)
         sc.check_moved(loop, result["downtime"])
 
 
@@ -239,24 +172,11 @@ def test_an_aborted_move_keeps_the_connection_at_the_source() -> None:
     """The receiver fails after the restore (before READY): the source resumes its copy,
     whose connection goes on (its veth up again, its namespace kept), and the copy at the
     destination goes with the namespace rebuilt for it."""
-    from ctlive.attest import SimulatedSnpPlatform
-
     with scene("abort", 243) as sc:
         ctl = sc.shared / "ctl"
-        ctl.mkdir()
-        platform = sc.shared / "platform.pem"
-        SimulatedSnpPlatform(key_file=platform)
-        me = str(pathlib.Path(__file__).resolve())
-        rx = {"ctl": str(ctl), "platform": str(platform), "key": DST_KEY.hex(),
-              "allow": SRC_KEY.hex(), "state": "/run/ctlive", "loop": "asyncio",
-              "fail_before_ready": True}
-        _wait_for(ctl / "rx-addr.json", sc.b.popen([sys.executable, me, "receiver",
-                                                    json.dumps(rx)]))
-        src = {"ctl": str(ctl), "platform": str(platform), "id": sc.cid,
-               "destination": [sc.b.ip, 7788], "key": SRC_KEY.hex(),
-               "state": "/run/ctlive-src", "loop": "asyncio"}
-        sc.a.run([sys.executable, me, "source", json.dumps(src)], timeout=180)
-        result = json.loads((ctl / "src-result.json").read_text())
+        start_receiver(sc.b, sc.shared, fail_before_ready=True)
+        result = run_source(sc.a, sc.b, sc.shared, ok=None, kind="runc", id=sc.cid,
+                            max_downtime=0.3)
         assert not result["ok"] and "before READY" in result["message"], result
         assert (ctl / "rx-restored").exists()  # it failed after the namespace was rebuilt
         n = len(sc.client.replies)
@@ -277,23 +197,13 @@ def test_cli_migrates_a_runc_container_between_two_hosts() -> None:
     ctlive = str(pathlib.Path(sys.executable).with_name("ctlive"))
     with scene("cli", 244, b_bridge="brguest") as sc:
         d = sc.shared
-        for who in ("src", "dst"):
-            assert subprocess.run([ctlive, "keygen", "-o", str(d / f"{who}.key")],
-                                  capture_output=True).returncode == 0
-        (d / "allow.txt").write_text((d / "src.key.pub").read_text())
-        (d / "policy.toml").write_text('[snp]\nallow_any_measurement = true\n'
-                                       'simulated_chain = "chain.pem"\n')
+        keys_and_policy(d)
         rx = sc.b.popen([ctlive, "serve", "--listen", "0.0.0.0:7788", "--key",
                          str(d / "dst.key"), "--allow", str(d / "allow.txt"), "--state",
                          "/run/ctlive", "--provider", "simulated", "--simulated-chain",
                          str(d / "chain.pem"), "--bridge-map", "br0=brguest"],
                         stderr=subprocess.PIPE, text=True)
-        banner = ""
-        deadline = time.monotonic() + 60
-        while "listening on" not in banner:
-            assert time.monotonic() < deadline and rx.poll() is None, banner
-            banner += rx.stderr.readline()
-        assert "INSECURE" in banner
+        assert "INSECURE" in wait_listening(rx)
         # The source's journal in host A's own /run.
         env = dict(os.environ, CTLIVE_STATE_DIR="/run/ctlive-src")
         out = sc.a.run([ctlive, "migrate", f"runc:{sc.cid}", f"{sc.b.ip}:7788", "--key",
@@ -349,58 +259,3 @@ async def test_tcp_in_a_namespace_runc_made_is_refused_clearly(
         assert json.loads(state.stdout)["status"] == "running"
     finally:
         subprocess.run(["runc", "delete", "--force", cid], capture_output=True)
-
-
-# --- the two processes ---------------------------------------------------------------
-
-async def _receiver(cfg: dict[str, Any]) -> None:
-    from ctlive.attest import SimulatedSnpPlatform
-    from ctlive.errors import RestoreError
-    from ctlive.identity import Identity
-    from ctlive.migration.destination import serve
-    from ctlive.testing.hooks import FaultHooks
-
-    def fail() -> None:
-        (pathlib.Path(cfg["ctl"]) / "rx-restored").touch()
-        raise RestoreError("injected: the receiver fails before READY")
-
-    hooks = FaultHooks(before_ready=fail) if cfg.get("fail_before_ready") else None
-    async with anyio.create_task_group() as tg:
-        addr = await tg.start(lambda task_status: serve(
-            ("0.0.0.0", 7788), identity=Identity(bytes.fromhex(cfg["key"])),
-            provider=SimulatedSnpPlatform(key_file=cfg["platform"]),
-            allow={Identity(SRC_KEY).public_key}, state_dir=cfg["state"], hooks=hooks,
-            task_status=task_status))
-        (pathlib.Path(cfg["ctl"]) / "rx-addr.json").write_text(json.dumps(list(addr)))
-        await anyio.sleep_forever()
-
-
-async def _source(cfg: dict[str, Any]) -> None:
-    import hashlib
-
-    from ctlive.attest import SnpPolicy, SnpVerifier
-    from ctlive.attest.verifier import simulated_root
-    from ctlive.backends import RuncContainer
-    from ctlive.errors import CtliveError
-    from ctlive.identity import Identity
-    from ctlive.migration.convergence import Convergence
-    from ctlive.migration.source import migrate
-
-    measurement = hashlib.sha384(b"ctlive simulated guest").digest()
-    verifier = SnpVerifier(SnpPolicy(measurements=[measurement]),
-                           trusted_roots=[simulated_root(cfg["platform"])])
-    try:
-        report = await migrate(
-            RuncContainer(cfg["id"]), tuple(cfg["destination"]),
-            identity=Identity(bytes.fromhex(cfg["key"])), attestation=verifier,
-            convergence=Convergence(max_iterations=3, max_downtime=0.3),
-            state_dir=cfg["state"], connect_timeout=5)
-        result: dict[str, Any] = {"ok": True, "downtime": report.downtime}
-    except CtliveError as exc:
-        result = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
-    (pathlib.Path(cfg["ctl"]) / "src-result.json").write_text(json.dumps(result))
-
-
-if __name__ == "__main__":
-    role, conf = sys.argv[1], json.loads(sys.argv[2])
-    anyio.run({"receiver": _receiver, "source": _source}[role], conf, backend=conf["loop"])

@@ -1,6 +1,7 @@
 """The fault matrix's processes: a receiver and a source, each a process of its own so
 that a test can SIGKILL it, stopped at a named point until the test has injected its
-fault. Run as ``python fault_procs.py receiver|source CONFIG_JSON``.
+fault. Run as ``python fault_procs.py receiver|source CONFIG_JSON``; the receiver is
+``host_procs.receiver`` (its config described there).
 
 Control files in ``ctl`` (a directory): ``rx-<stage>`` / ``src-<phase>`` mark points
 reached; a pause waits for ``rx-go`` / ``src-go``; ``src-cancel`` cancels the migration
@@ -10,58 +11,19 @@ from inside (``migrate()`` cancelled, as a scheduler would); ``src-result.json``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pathlib
 import sys
-import time
 from typing import Any
 
 import anyio
+from host_procs import block_until, receiver, verifier
 
 from ctlive import errors
-from ctlive.attest import SimulatedSnpPlatform, SnpPolicy, SnpVerifier
-from ctlive.attest.verifier import simulated_root
 from ctlive.backends import Process
 from ctlive.identity import Identity
 from ctlive.migration.convergence import Convergence
-from ctlive.migration.destination import serve
 from ctlive.migration.source import migrate
-
-
-def _wait(path: pathlib.Path) -> None:
-    # Blocking on purpose: the whole process stands still at this point.
-    while not path.exists():
-        time.sleep(0.02)
-
-
-class PauseHooks:
-    def __init__(self, ctl: pathlib.Path, pause_at: str | None) -> None:
-        self.ctl, self.pause_at = ctl, pause_at
-
-    def on_stage(self, stage: str) -> None:
-        (self.ctl / f"rx-{stage}").touch()
-        if stage == self.pause_at:
-            _wait(self.ctl / "rx-go")
-
-
-async def receiver(cfg: dict[str, Any]) -> None:
-    ctl = pathlib.Path(cfg["ctl"])
-    platform = SimulatedSnpPlatform(key_file=cfg["platform"])
-    async with anyio.create_task_group() as tg:
-        addr = await tg.start(lambda task_status: serve(
-            (cfg.get("listen", "127.0.0.1"), cfg["port"]),
-            identity=Identity(bytes.fromhex(cfg["key"])),
-            provider=platform, allow={bytes.fromhex(cfg["allow"])}, state_dir=cfg["state"],
-            hooks=PauseHooks(ctl, cfg.get("pause_at")), task_status=task_status))
-        (ctl / "rx-addr.json").write_text(json.dumps(list(addr)))
-        await anyio.sleep_forever()
-
-
-def verifier(platform_file: str) -> SnpVerifier:
-    root = simulated_root(platform_file)  # the key file starts with the ARK and the ASK
-    measurement = hashlib.sha384(b"ctlive simulated guest").digest()  # the platform's default
-    return SnpVerifier(SnpPolicy(measurements=[measurement]), trusted_roots=[root])
 
 
 async def source(cfg: dict[str, Any]) -> None:
@@ -72,7 +34,7 @@ async def source(cfg: dict[str, Any]) -> None:
     def progress(ev: Any) -> None:
         (ctl / f"src-{ev.phase}").touch()
         if ev.phase == cfg.get("pause_at"):
-            _wait(ctl / "src-go")
+            block_until(ctl / "src-go")
         if ev.phase == cfg.get("cancel_at"):
             scope.cancel()
 

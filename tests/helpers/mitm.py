@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -98,3 +99,20 @@ class Mitm:
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
         scope.cancel()
+
+
+async def refused_through(target: tuple[str, int], expected: type[BaseException],
+                          workload: Any, **migrate_kw: Any) -> tuple[Mitm, Any]:
+    """``migrate(workload, ...)`` through a ``Mitm`` in front of ``target`` (no tampering),
+    which must raise ``expected``: the proxy (for its counts) and pytest's ExceptionInfo."""
+    import pytest
+
+    from ctlive.migration.source import migrate
+
+    async with anyio.create_task_group() as tg:
+        mitm = Mitm(target)
+        paddr = await tg.start(mitm.serve)
+        with pytest.raises(expected) as info:
+            await migrate(workload, paddr, **migrate_kw)
+        tg.cancel_scope.cancel()
+    return mitm, info
