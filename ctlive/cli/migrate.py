@@ -199,8 +199,9 @@ def _check(args: argparse.Namespace, workload: Any, identity: Any, policy: Any) 
     if args.json:
         print(json.dumps({"compatible": True, **result.summary()}, indent=2))
     else:
+        summary = result.summary()
         print(f"compatible: the destination can restore {workload.kind} "
-              f"(kernel {result.summary()['kernel']}, CRIU {result.summary()['criu']})")
+              f"(kernel {summary['kernel']}, CRIU {summary['criu']})")
         for d in result.differences:
             print(f"  note: {d.message}")
     return 0
@@ -247,17 +248,15 @@ def _run(args: argparse.Namespace, workload: Any, identity: Any, policy: Any,
         def show(ev: Any) -> None:
             if metrics is not None:
                 metrics.progress(ev)
+            figures = (f"{ev.bytes_done / 1e6:.1f} MB sent, dirty {ev.dirty_rate / 1e6:.1f} "
+                       f"MB/s, link {ev.link_rate / 1e6:.0f} MB/s, predicted downtime "
+                       f"{ev.predicted_downtime * 1000:.0f} ms")
             if plain:  # not a terminal: one whole line per event, no bar
-                print(f"{ev.phase} iteration {ev.iteration}: {ev.bytes_done / 1e6:.1f} MB sent, "
-                      f"dirty {ev.dirty_rate / 1e6:.1f} MB/s, link {ev.link_rate / 1e6:.0f} "
-                      f"MB/s, predicted downtime {ev.predicted_downtime * 1000:.0f} ms",
-                      file=sys.stderr, flush=True)
+                print(f"{ev.phase} iteration {ev.iteration}: {figures}", file=sys.stderr,
+                      flush=True)
                 return
             bar.update(task, completed=min(ev.iteration + 1, args.max_iterations),
-                       description=f"{ev.phase} #{ev.iteration}",
-                       info=f"{ev.bytes_done / 1e6:.1f} MB sent, dirty "
-                            f"{ev.dirty_rate / 1e6:.1f} MB/s, link {ev.link_rate / 1e6:.0f} MB/s, "
-                            f"predicted downtime {ev.predicted_downtime * 1000:.0f} ms")
+                       description=f"{ev.phase} #{ev.iteration}", info=figures)
 
         try:
             report = anyio.run(lambda: migrate(
