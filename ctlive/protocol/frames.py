@@ -230,6 +230,13 @@ def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> An
     return value
 
 
+def _choice(body: dict[str, Any], name: str, allowed: tuple[str, ...], what: str) -> str:
+    value: str = _field(body, name, str)
+    if value not in allowed:
+        raise RemoteProtocolError(f"unknown {what} {value!r}")
+    return value
+
+
 def decode_frame(frame: bytes) -> Event:
     """Parse one frame; anything malformed is a RemoteProtocolError."""
     if len(frame) < 2:
@@ -276,18 +283,14 @@ def decode_frame(frame: bytes) -> Event:
     if cls is Abort:
         return Abort(_field(body, "reason", str))
     if cls is Resolve:
-        action = _field(body, "action", str)
-        if action not in ("query", "abort"):
-            raise RemoteProtocolError(f"unknown RESOLVE action {action!r}")
+        action = _choice(body, "action", ("query", "abort"), "RESOLVE action")
         return Resolve(_field(body, "migration_id", str), action)
     if cls is Outcome:
         return Outcome(_field(body, "migration_id", str), _field(body, "state", str))
     if cls is Preflight:
         return Preflight(_field(body, "facts", dict))
     if cls is PreflightReply:
-        verdict = _field(body, "verdict", str)
-        if verdict not in ("ok", "refused"):
-            raise RemoteProtocolError(f"unknown PREFLIGHT_REPLY verdict {verdict!r}")
+        verdict = _choice(body, "verdict", ("ok", "refused"), "PREFLIGHT_REPLY verdict")
         return PreflightReply(_field(body, "facts", dict), verdict,
                               _field(body, "differences", list))
     return Error(_field(body, "code", str), _field(body, "message", str))
