@@ -56,6 +56,9 @@ async def test_each_task_logs_its_own_migration_id(json_log: io.StringIO) -> Non
     assert all(r["phase"] == "iterate" and r["peer"] == "0011223344556677"
                for r in got if r["message"] == "step")
     assert "migration_id" not in got[-1]
+    # The records of the thread started from a child task carry the id too.
+    assert sorted(r.get("migration_id") for r in got if r["message"] == "in a thread") == [
+        "aaaa", "bbbb"]
     for r in got:
         assert {"time", "level", "logger", "message"} <= set(r)
 

@@ -50,6 +50,7 @@ def test_hide_memory_keeps_the_tmpfs_out_of_a_workloads_mount_namespace() -> Non
             assert any("/run/netns" in ln for ln in mounts("").splitlines())
         finally:
             subprocess.run(["ip", "netns", "delete", f"ctlive-hide-{os.getpid()}"])
-        assert pathlib.Path(d).is_dir()  # unmounted only in that namespace
+        assert memory_backed(d) and mounted(pathlib.Path("/proc/self/mountinfo").read_text())
+        # (unmounted only in that namespace)
     finally:
         d.rmdir()

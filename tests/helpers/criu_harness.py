@@ -122,10 +122,6 @@ def state(pid: int) -> str:
     return "?"
 
 
-def copy_dump(src: pathlib.Path, dst: pathlib.Path) -> None:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.log"))
-
-
 def _python_pid(script: pathlib.Path, timeout: float = 10.0,
                 states: tuple[str, ...] = ("S", "R", "D")) -> int:
     deadline = time.monotonic() + timeout
