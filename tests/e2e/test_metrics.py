@@ -39,7 +39,8 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def value(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """A sample that must be exported: a misnamed metric fails, rather than reading 0."""
+    return samples[(name, tuple(sorted(labels.items())))]
 
 
 class ScrapeAt:
