@@ -22,6 +22,7 @@ import attrs
 
 from ctlive.backends.workload import Restored
 from ctlive.errors import ConfigError, Phase, RestoreError, RestoreSpecError, map_os_errors
+from ctlive.images.files import create_private
 from ctlive.images.tree_apply import TreeReceiver
 
 __all__ = [
@@ -189,11 +190,8 @@ async def restore(kind: str, images_dir: pathlib.Path, spec: dict[str, Any], *,
 
 def write_private(path: pathlib.Path, text: str) -> None:
     """Write ``text`` to ``path``, mode 0600 whatever the umask, never through a symlink."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(fd, 0o600)
-        f.write(text)
+    with create_private(path) as f:
+        f.write(text.encode())
 
 
 def refuse(field: str, message: str) -> NoReturn:
