@@ -11,7 +11,7 @@ import shutil
 import stat
 from typing import Any
 
-from ctlive.backends.restore import RestorePolicy, clean_path, refuse
+from ctlive.backends.restore import RestorePolicy, clean_path, refuse, within
 from ctlive.errors import ImageFormatError, Phase, RestoreError
 from ctlive.images.criu_format import decode_message, read_entries
 from ctlive.images.tree_apply import TreeReceiver
@@ -28,11 +28,6 @@ _TMPFS = 5  # CRIU's fstype enum: it restores a tmpfs's contents itself
 _MAX_FILES = 1 << 16
 
 
-def _within(path: str, root: str) -> bool:
-    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
-    return rel == "." or not (rel == ".." or rel.startswith("../"))
-
-
 def carried_paths(value: Any, policy: RestorePolicy, state_dir: pathlib.Path) -> list[str]:
     """The absolute paths of a process spec's ``carry`` list, each allowed by
     ``policy.allowed_carry_prefixes``, on a memory filesystem, outside the receiver's
@@ -43,19 +38,19 @@ def carried_paths(value: Any, policy: RestorePolicy, state_dir: pathlib.Path) ->
     for i, p in enumerate(value):
         field = f"carry[{i}]"
         path = clean_path(p, field)
-        if not any(_within(path, root) and os.path.realpath(path) != os.path.realpath(root)
+        if not any(within(path, root) and os.path.realpath(path) != os.path.realpath(root)
                    for root in policy.allowed_carry_prefixes):
             refuse(field, f"carried directory {path} ({field}) is outside the places this "
                           "receiver rebuilds carried files (RestorePolicy."
                           f"allowed_carry_prefixes: {', '.join(policy.allowed_carry_prefixes)})")
-        if _within(path, str(state_dir)) or _within(str(state_dir), path):
+        if within(path, str(state_dir)) or within(str(state_dir), path):
             refuse(field, f"carried directory {path} ({field}) overlaps this receiver's state "
                           f"directory {state_dir}")
         if not memory_backed(path):
             refuse(field, f"carried directory {path} ({field}) is not on a memory filesystem "
                           "(tmpfs): carried files would rest on disk here; allow a tmpfs path "
                           "(RestorePolicy.allowed_carry_prefixes)")
-        if any(_within(path, o) or _within(o, path) for o in out):
+        if any(within(path, o) or within(o, path) for o in out):
             refuse(field, f"carried directory {path} ({field}) overlaps another one")
         out.append(path)
     return out
@@ -167,7 +162,7 @@ def check_open_files(images_dir: pathlib.Path, carried: list[str]) -> None:
                    else "not a regular file here")
         except OSError:
             why = "missing here"
-        was = "carried" if any(_within(path, c) for c in carried) else (
+        was = "carried" if any(within(path, c) for c in carried) else (
             "not carried: add its directory to Process(carry=[...])")
         bad.append(f"{path} ({why}; {was})")
     if bad:

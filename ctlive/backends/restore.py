@@ -259,7 +259,8 @@ def clean_path(value: Any, field: str) -> str:
     return os.path.normpath(p)
 
 
-def _within(path: str, root: str) -> bool:
+def within(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or lies under it, both with symlinks resolved."""
     rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
     return rel == "." or not (rel == ".." or rel.startswith("../"))
 
@@ -284,7 +285,7 @@ def bind_allowed(source: str, policy: RestorePolicy, extra_roots: Iterable[str] 
     """Whether host path ``source`` may be bind-mounted under ``policy`` (``extra_roots``:
     directories the runtime itself manages, e.g. podman's storage)."""
     return policy.allow_host_mounts or any(
-        _within(source, root) for root in (*policy.allowed_bind_sources, *extra_roots))
+        within(source, root) for root in (*policy.allowed_bind_sources, *extra_roots))
 
 
 def check_hooks(config: dict[str, Any], policy: RestorePolicy, where: str) -> dict[str, Any]:
@@ -452,7 +453,7 @@ def check_namespaces(linux: dict[str, Any], policy: RestorePolicy, where: str, *
         if "path" in ns:
             path = clean_path(ns["path"], f"{f}.path")
             if not policy.allow_host_namespaces and not any(
-                    _within(path, root) for root in runtime_paths):
+                    within(path, root) for root in runtime_paths):
                 refuse(f"{f}.path", f"joining the existing {kind} namespace {path} "
                                     f"({f}.path) is not allowed on this receiver "
                                     "(RestorePolicy.allow_host_namespaces)")
