@@ -154,15 +154,13 @@ def parse_target(text: str | None, *, pid: int | None = None, runc_root: str | N
 
 def _migrate(args: argparse.Namespace) -> int:
     from ctlive.attest import SnpPolicy
+    from ctlive.cli.config import apply
     from ctlive.identity import Identity
     from ctlive.migration.convergence import Convergence
     from ctlive.ops.logs import configure
 
-    configure(args.log_level, args.log_format)
-
-    from ctlive.cli.config import apply
-
     apply(args.parser, args, args.argv, "migrate", required=("key", "policy"))
+    configure(args.log_level, args.log_format)  # after apply: the file may set them
     workload = parse_target(args.target, pid=args.pid, runc_root=args.runc_root,
                             tcp_established=args.tcp_established,
                             external=tuple(args.external), criu_precopy=args.criu_precopy,
