@@ -172,11 +172,8 @@ class TreeReceiver:
 
 
 def _hash_file(path: pathlib.Path) -> str:
-    h = hashlib.blake2b(digest_size=32)
     with open(path, "rb") as f:
-        while chunk := f.read(_COPY):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=32)).hexdigest()
 
 
 class _Dirs:
@@ -230,16 +227,20 @@ def _write_file(fd: int, e: Entry, blob: pathlib.Path) -> None:
     os.ftruncate(fd, e.size)
     if not e.extents:
         return
-    with open(blob, "rb") as src:
+    src = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pos = 0  # the blob is the extents' bytes, concatenated
         for off, length in e.extents:
-            done = 0
-            while done < length:
-                chunk = src.read(min(_COPY, length - done))
-                if not chunk:
+            os.lseek(fd, off, os.SEEK_SET)
+            end = pos + length
+            while pos < end:  # the kernel's copy, at fd's position: no buffer of ours
+                n = os.sendfile(fd, src, pos, end - pos)
+                if not n:
                     raise RestoreError(f"blob {e.digest} is shorter than its extents",
                                        phase=Phase.RESTORE)
-                os.pwrite(fd, chunk, off + done)
-                done += len(chunk)
+                pos += n
+    finally:
+        os.close(src)
 
 
 def _link_blob(e: Entry, src: pathlib.Path, name: str, pfd: int, dev: int,
