@@ -82,6 +82,7 @@ class RuncContainer(Backend):
         self.live_read = live_read
         """Pre-copy by reading the container's memory while it runs (no freeze) instead
         of ``runc checkpoint --leave-running``."""
+        self._netns_name: str | None = None  # "": none (asked); see _netns
 
     def _config(self) -> dict[str, Any]:
         """The container's config.json (its bundle directory under ``__bundle``)."""
@@ -98,11 +99,12 @@ class RuncContainer(Backend):
         return config
 
     def _netns(self) -> str | None:
-        """The named network namespace the container joins, if any."""
-        for ns in (self._config().get("linux") or {}).get("namespaces") or []:
-            if ns.get("type") == "network" and ns.get("path"):
-                return netns.netns_name(ns["path"])
-        return None
+        """The named network namespace the container joins, if any (``runc state``: once)."""
+        if self._netns_name is None:
+            nss = (self._config().get("linux") or {}).get("namespaces") or []
+            paths = [ns["path"] for ns in nss if ns.get("type") == "network" and ns.get("path")]
+            self._netns_name = (netns.netns_name(paths[0]) or "") if paths else ""
+        return self._netns_name or None
 
     def _tcp(self) -> list[str]:
         tcp = self.tcp_established
