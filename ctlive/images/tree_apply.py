@@ -115,7 +115,7 @@ class TreeReceiver:
             self.held.add(digest)
             self._sizes[digest] = p.size
 
-    def end_iteration(self, final: bool) -> None:
+    def end_iteration(self) -> None:
         """The iteration's items are all in: every blob is complete, every tree has its
         manifest, and every blob a manifest names is held. Blobs no manifest names are
         dropped (the source forgets them too)."""

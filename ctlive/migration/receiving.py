@@ -106,7 +106,7 @@ async def receive_iterations(session: Session, rec: MigrationRecord, workdir: pa
             frags.end_iteration()
             t = time.monotonic()
             await anyio.to_thread.run_sync(rb.finish)
-            await anyio.to_thread.run_sync(trees.end_iteration, ev.final)
+            await anyio.to_thread.run_sync(trees.end_iteration)
             if ev.final:
                 rec.timings["verify"] = time.monotonic() - t
             hashes = rb.page_hashes

@@ -58,7 +58,7 @@ def make_tree(root: pathlib.Path) -> None:
     os.utime(root / "etc", ns=(1_000_000_000, 1_500_000_123))
 
 
-def send(sender: TreeSender, rx: TreeReceiver, *, final: bool = False) -> int:
+def send(sender: TreeSender, rx: TreeReceiver) -> int:
     """One iteration through the wire codec; returns its bytes."""
     total = 0
     items = list(sender.items())
@@ -66,7 +66,7 @@ def send(sender: TreeSender, rx: TreeReceiver, *, final: bool = False) -> int:
         blob = encode_change(it)
         total += len(blob)
         rx.apply(decode_change(blob))
-    rx.end_iteration(final)
+    rx.end_iteration()
     return total
 
 
@@ -83,7 +83,7 @@ def test_round_trip_keeps_links_modes_owners_xattrs_and_holes(shm: pathlib.Path)
     make_tree(src)
     sender = TreeSender({"data": str(src)})
     rx = TreeReceiver(shm / "work")
-    wire = send(sender, rx, final=True)
+    wire = send(sender, rx)
     # zstd, and holes not sent: far less than the 64 MiB sparse file's apparent size.
     assert wire < 5 * MiB
     rx.materialize("data", dst)
@@ -128,7 +128,7 @@ def test_later_iterations_send_only_what_changed(shm: pathlib.Path) -> None:
         f.write(os.urandom(100))
     os.utime(src / "f5", ns=(st5.st_atime_ns, st5.st_mtime_ns))
     assert (src / "f5").stat().st_mtime_ns == st5.st_mtime_ns
-    later = send(sender, rx, final=True)
+    later = send(sender, rx)
     # f0 and f5 again (about 130 KiB of random data), f1's 10 bytes, the manifest; the
     # renamed 5 MiB file is not resent.
     assert 128 << 10 < later < 160 << 10
@@ -205,7 +205,7 @@ def test_a_manifest_naming_a_blob_never_sent_is_refused(shm: pathlib.Path) -> No
     rx.apply(manifest_item("data", [ROOT, {"p": "f", "k": "file", "m": 0o644, "u": 0, "g": 0,
                                            "t": 0, "s": 4, "h": "cd" * 32, "e": [[0, 4]]}]))
     with pytest.raises(DeltaFormatError, match="does not hold"):
-        rx.end_iteration(True)
+        rx.end_iteration()
 
 
 def test_materializing_refuses_a_tree_that_does_not_verify(shm: pathlib.Path) -> None:
@@ -213,7 +213,7 @@ def test_materializing_refuses_a_tree_that_does_not_verify(shm: pathlib.Path) ->
     src.mkdir()
     (src / "f").write_text("hello")
     rx = TreeReceiver(shm / "work")
-    send(TreeSender({"data": str(src)}), rx, final=True)
+    send(TreeSender({"data": str(src)}), rx)
     # The blob store was tampered with after receipt: the tree does not verify.
     (blob,) = [p for p in (shm / "work" / "trees").iterdir()]
     blob.write_text("HELLO")
@@ -225,7 +225,7 @@ def test_materializing_refuses_a_non_empty_destination(shm: pathlib.Path) -> Non
     src = shm / "src"
     src.mkdir()
     rx = TreeReceiver(shm / "work")
-    send(TreeSender({"data": str(src)}), rx, final=True)
+    send(TreeSender({"data": str(src)}), rx)
     (shm / "dst").mkdir()
     (shm / "dst" / "x").write_text("there")
     with pytest.raises(RestoreError, match="not empty"):
@@ -320,7 +320,7 @@ def test_names_that_are_not_utf8_round_trip(shm: pathlib.Path) -> None:
     (src / odd).write_text("x")
     (src / "ln").symlink_to(odd)
     rx = TreeReceiver(shm / "work")
-    send(TreeSender({"data": str(src)}), rx, final=True)
+    send(TreeSender({"data": str(src)}), rx)
     rx.materialize("data", shm / "dst")
     assert sorted(os.listdir(os.fsencode(shm / "dst"))) == [b"caf\xe9", b"ln"]
     bad = [ROOT, {**ROOT, "p": "\ud800"}]  # a lone surrogate names no file
@@ -347,7 +347,7 @@ def test_a_large_changed_file_goes_through_a_spill_file(shm: pathlib.Path,
     src.mkdir()
     (src / "big").write_bytes(os.urandom(9 * MiB + 123))
     rx = TreeReceiver(shm / "work")
-    send(TreeSender({"data": str(src)}), rx, final=True)
+    send(TreeSender({"data": str(src)}), rx)
     rx.materialize("data", shm / "dst")
     assert (shm / "dst" / "big").read_bytes() == (src / "big").read_bytes()
     assert spills == ["/var/tmp"]  # on disk, not in the source's memory
@@ -368,7 +368,7 @@ def test_overlapping_or_missing_blob_parts_are_refused(shm: pathlib.Path) -> Non
         rx.apply(_part("ab" * 32, 9, 4, b"efgh"))
     # The iteration ends with the blob half received.
     with pytest.raises(DeltaFormatError, match="incomplete"):
-        rx.end_iteration(False)
+        rx.end_iteration()
 
 
 def test_every_iteration_carries_the_same_trees(shm: pathlib.Path) -> None:
@@ -392,7 +392,7 @@ def test_a_blob_becomes_one_file_at_most(shm: pathlib.Path) -> None:
         (d / "same").chmod(mode)
         (d / "twin").write_bytes(b"z" * 10000)
     rx = TreeReceiver(shm / "work")
-    send(TreeSender({"a": str(a), "b": str(b)}), rx, final=True)
+    send(TreeSender({"a": str(a), "b": str(b)}), rx)
     (blob,) = [p for p in (shm / "work" / "trees").iterdir()]
     rx.materialize("a", shm / "ra")
     rx.materialize("b", shm / "rb")
