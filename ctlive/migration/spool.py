@@ -144,9 +144,12 @@ class EncryptedSpool:
         self.close()
 
 
+_MEMORY = ("tmpfs", "ramfs")
+
+
 def memory_backed(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` lies on tmpfs or ramfs (memory; encrypted inside an SEV guest)."""
-    return fstype(path) in ("tmpfs", "ramfs")
+    return fstype(path) in _MEMORY
 
 
 def _mount_of(path: str | os.PathLike[str]) -> tuple[str, str]:
@@ -172,8 +175,11 @@ def fstype(path: str | os.PathLike[str]) -> str:
 def dm_crypt_backed(path: str | os.PathLike[str], sys_root: str = "/sys") -> bool:
     """Whether ``path`` lies on a filesystem whose device is a dm-crypt mapping (LUKS or
     plain): device-mapper's uuid of such a mapping starts with ``CRYPT-``."""
-    device = os.path.realpath(_mount_of(path)[1])
-    name = os.path.basename(device)
+    return _dm_crypt(_mount_of(path)[1], sys_root)
+
+
+def _dm_crypt(device: str, sys_root: str = "/sys") -> bool:
+    name = os.path.basename(os.path.realpath(device))
     if not name.startswith("dm-"):
         return False
     try:
@@ -194,14 +200,22 @@ def closed_on_error(spool: EncryptedSpool | None) -> Iterator[None]:
         raise
 
 
+def _private_fs(path: str | os.PathLike[str]) -> bool:
+    """Memory or dm-crypt: the rule of both checks below (one read of mountinfo)."""
+    kind, device = _mount_of(path)
+    return kind in _MEMORY or _dm_crypt(device)
+
+
+def _within(path: str | os.PathLike[str], directory: str) -> bool:
+    real = os.path.realpath(path)
+    return real == directory or real.startswith(directory + "/")
+
+
 def private_at_rest(path: str | os.PathLike[str]) -> bool:
     """Whether what is written at ``path`` stays out of reach at rest, by the rule of
     :func:`check_state_dir`: memory (tmpfs, ramfs), a filesystem on a dm-crypt mapping, or
     inside an encrypted spool this process holds open."""
-    real = os.path.realpath(path)
-    if any(real == d or real.startswith(d + "/") for d in _OPEN):
-        return True
-    return memory_backed(path) or dm_crypt_backed(path)
+    return any(_within(path, d) for d in _OPEN) or _private_fs(path)
 
 
 def check_state_dir(path: str | os.PathLike[str], spool: EncryptedSpool | None = None) -> None:
@@ -210,14 +224,12 @@ def check_state_dir(path: str | os.PathLike[str], spool: EncryptedSpool | None =
     guest's operator), or inside the open encrypted ``spool``. The state directory holds the
     workload's memory images in plaintext; on a disk they would stay readable after the
     migration, outside the guest's encrypted memory."""
-    real = os.path.realpath(path)
     if spool is not None:
-        inside = os.path.realpath(spool.path)
-        if spool._identifier is None or not (real == inside or real.startswith(inside + "/")):
+        if spool._identifier is None or not _within(path, os.path.realpath(spool.path)):
             raise ConfigError(f"the state directory {path} is not inside the open encrypted "
                               f"spool {spool.path}")
         return
-    if not memory_backed(path) and not dm_crypt_backed(path):
+    if not _private_fs(path):
         raise ConfigError(
             f"the receiver's state directory {path} is on a disk-backed filesystem "
             f"({fstype(path)}): it would hold the workload's memory images in plaintext at "
