@@ -21,7 +21,7 @@ from typing import Any
 
 from ctlive.errors import ConfigError
 
-__all__ = ["CONFIGURABLE", "apply", "check_file", "load", "register"]
+__all__ = ["CONFIGURABLE", "apply", "check_address", "check_file", "load", "register"]
 
 CONFIGURABLE = ("migrate", "serve")
 """The commands a configuration file may have a table for."""
@@ -132,6 +132,19 @@ def apply(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Seque
             raise ConfigError(f"ctlive {command}: {flag} is required (on the command line, or "
                               f"as {dest} in the [{command}] table of --config FILE)")
     return args
+
+
+def check_address(flag: str, value: str | None) -> None:
+    """ConfigError naming ``flag`` unless ``value`` (when given) is ``HOST:PORT``: checked
+    before anything runs, as the file's types cannot."""
+    if value is None:
+        return
+    from ctlive.ops.metrics import parse_address
+
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from exc
 
 
 def check_file(path: str | pathlib.Path, parsers: dict[str, argparse.ArgumentParser]) -> None:

@@ -211,13 +211,11 @@ def _exporter(listen: str | None) -> Iterator[SourceMetrics | None]:
     if listen is None:
         yield None
         return
+    from ctlive.cli.config import check_address
     from ctlive.cli.source_metrics import SourceMetrics
-    from ctlive.ops.metrics import MetricsServer, parse_address
+    from ctlive.ops.metrics import MetricsServer
 
-    try:
-        parse_address(listen)
-    except ValueError as exc:
-        raise ConfigError(f"--metrics: {exc}") from exc
+    check_address("--metrics", listen)
     metrics = SourceMetrics()
     server = MetricsServer(metrics.registry, listen)
     try:

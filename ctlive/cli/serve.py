@@ -134,7 +134,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 def _serve(args: argparse.Namespace) -> int:
     from ctlive.attest import auto_provider
-    from ctlive.cli.config import apply
+    from ctlive.cli.config import apply, check_address
     from ctlive.identity import Identity, load_public_keys
     from ctlive.migration.destination import serve
     from ctlive.migration.limits import ReceiverLimits
@@ -146,13 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
         from ctlive.migration.spool import check_state_dir
 
         check_state_dir(args.state)
-    if args.metrics is not None:
-        from ctlive.ops.metrics import parse_address
-
-        try:
-            parse_address(args.metrics)
-        except ValueError as exc:
-            raise ConfigError(f"--metrics: {exc}") from exc
+    check_address("--metrics", args.metrics)
 
     if args.provider == "simulated":
         from ctlive.attest import INSECURE_BANNER, SimulatedSnpPlatform
