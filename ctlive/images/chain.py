@@ -9,7 +9,8 @@ copied in by virtual address from the parent's own flattened image, which is wha
 destination holds. The diff then sees the pages the destination really has, through any
 depth of chain (each flat image resolves its parent's, recursively).
 
-Memory is bounded: pages move a window at a time through read-only mappings.
+Memory is bounded: pages are copied by the kernel (``sendfile``), never through a
+buffer of ours.
 """
 
 from __future__ import annotations
@@ -34,9 +35,6 @@ from ctlive.images.criu_format import (
 )
 
 __all__ = ["FlattenStats", "flatten", "has_parent_pages"]
-
-_WINDOW = 1024  # pages copied at a time
-
 
 @attrs.define
 class FlattenStats:
@@ -73,15 +71,14 @@ def _parent_spans(runs: list[tuple[int, int, int]], starts: list[int], vaddr: in
     return out
 
 
-def _copy(dst: int, src: layout.MappedFile, first: int, count: int, where: str) -> None:
-    for at in range(first, first + count, _WINDOW):
-        k = min(_WINDOW, first + count - at)
-        chunk = memoryview(src.buf[at * PAGE_SIZE:(at + k) * PAGE_SIZE])
-        if len(chunk) != k * PAGE_SIZE:
+def _copy(dst: int, src: int, first: int, count: int, where: str) -> None:
+    """Append pages [first, first + count) of pages file ``src`` to ``dst``."""
+    pos, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
+    while pos < end:
+        n = os.sendfile(dst, src, pos, end - pos)
+        if not n:
             raise ImageFormatError("pages file shorter than its pagemap", path=where)
-        while chunk:
-            chunk = chunk[os.write(dst, chunk):]
-        src.drop(at, k)
+        pos += n
 
 
 def flatten(dump_dir: str | os.PathLike[str], parent_flat: str | os.PathLike[str] | None,
@@ -109,8 +106,8 @@ def _flatten_one(src: pathlib.Path, parent: pathlib.Path | None, out: pathlib.Pa
     parent_pm = None
     if parent is not None and (parent / name).is_file():
         parent_pm = read_pagemap(parent / name)
-    own = layout.MappedFile(src / pages) if (src / pages).is_file() else None
-    up = (layout.MappedFile(parent / f"pages-{parent_pm.pages_id}.img")
+    own = os.open(src / pages, os.O_RDONLY | os.O_CLOEXEC) if (src / pages).is_file() else None
+    up = (os.open(parent / f"pages-{parent_pm.pages_id}.img", os.O_RDONLY | os.O_CLOEXEC)
           if parent_pm is not None and parent is not None else None)
     # The parent's runs once per pagemap, not once per PE_PARENT entry.
     parent_runs = list(parent_pm.runs()) if parent_pm is not None else []
@@ -142,5 +139,5 @@ def _flatten_one(src: pathlib.Path, parent: pathlib.Path | None, out: pathlib.Pa
         os.close(fd)
         for m in (own, up):
             if m is not None:
-                m.close()
+                os.close(m)
     write_pagemap(out / name, pm.pages_id, entries)
