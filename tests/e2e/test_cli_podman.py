@@ -74,6 +74,9 @@ def test_migrate_a_podman_container_between_two_hosts(shared: pathlib.Path) -> N
         time.sleep(0.3)
         got = [int(x) for x in b.path(log).read_text().splitlines()[:-1]]
         assert got == list(range(1, len(got) + 1)) and len(got) > 10
+        time.sleep(0.5)  # and it goes on at the destination
+        later = [int(x) for x in b.path(log).read_text().splitlines()[:-1]]
+        assert later == list(range(1, len(later) + 1)) and len(later) > len(got)
         rx.kill()
         rx.wait()
 
