@@ -17,14 +17,21 @@ import json
 import pathlib
 import tomllib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
 
 from ctlive.errors import ConfigError
 
-__all__ = ["CONFIGURABLE", "apply", "check_address", "check_file", "load", "register"]
+if TYPE_CHECKING:
+    from attrs import AttrsInstance
+
+__all__ = ["CONFIGURABLE", "apply", "check_address", "check_file", "from_options", "load",
+           "register"]
 
 CONFIGURABLE = ("migrate", "serve")
 """The commands a configuration file may have a table for."""
+T = TypeVar("T", bound="AttrsInstance")
 _SKIP = {"help", "config", "func", "command", "target", "destination"}
 
 
@@ -145,6 +152,13 @@ def check_address(flag: str, value: str | None) -> None:
         parse_address(value)
     except ValueError as exc:
         raise ConfigError(f"{flag}: {exc}") from exc
+
+
+def from_options(cls: type[T], args: argparse.Namespace) -> T:
+    """An attrs class built from the options of the same names (``ctlive migrate``'s
+    convergence options for :class:`~ctlive.migration.convergence.Convergence`, ``ctlive
+    serve``'s limits for :class:`~ctlive.migration.limits.ReceiverLimits`)."""
+    return cls(**{f.name: getattr(args, f.name) for f in attrs.fields(cls)})
 
 
 def check_file(path: str | pathlib.Path, parsers: dict[str, argparse.ArgumentParser]) -> None:

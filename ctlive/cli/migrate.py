@@ -154,7 +154,7 @@ def parse_target(text: str | None, *, pid: int | None = None, runc_root: str | N
 
 def _migrate(args: argparse.Namespace) -> int:
     from ctlive.attest import SnpPolicy
-    from ctlive.cli.config import apply
+    from ctlive.cli.config import apply, from_options
     from ctlive.identity import Identity
     from ctlive.migration.convergence import Convergence
     from ctlive.ops.logs import configure
@@ -167,10 +167,7 @@ def _migrate(args: argparse.Namespace) -> int:
                             shell_job=args.shell_job, network_lock=args.network_lock,
                             carry=tuple(args.carry), no_carry_rootfs=args.no_carry_rootfs)
     identity, policy = Identity.load(args.key), SnpPolicy.from_toml(args.policy)
-    convergence = Convergence(
-        max_downtime=args.max_downtime, max_iterations=args.max_iterations,
-        min_shrink=args.min_shrink, smoothing=args.smoothing, restore_rate=args.restore_rate,
-        freeze_cost=args.freeze_cost, predump_freeze_cost=args.predump_freeze_cost)
+    convergence = from_options(Convergence, args)
     if args.check:
         return _check(args, workload, identity, policy)
     with _exporter(args.metrics) as metrics:

@@ -134,7 +134,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 def _serve(args: argparse.Namespace) -> int:
     from ctlive.attest import auto_provider
-    from ctlive.cli.config import apply, check_address
+    from ctlive.cli.config import apply, check_address, from_options
     from ctlive.identity import Identity, load_public_keys
     from ctlive.migration.destination import serve
     from ctlive.migration.limits import ReceiverLimits
@@ -182,12 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
         allow_host_namespaces=args.allow_host_namespaces, bridge_map=tuple(args.bridge_map),
         **({"allowed_carry_prefixes": tuple(args.carry_prefix)} if args.carry_prefix else {}))
     external_map = _pairs(args.external_map, "--external-map")
-    limits = ReceiverLimits(
-        max_sessions=args.max_sessions, max_handshakes=args.max_handshakes,
-        max_sessions_per_peer=args.max_sessions_per_peer,
-        max_migrations=args.max_migrations, max_image_bytes=args.max_image_bytes,
-        max_state_bytes=args.max_state_bytes, handshake_timeout=args.handshake_timeout,
-        idle_timeout=args.idle_timeout)
+    limits = from_options(ReceiverLimits, args)
 
     async def stop_on_sigterm(scope: anyio.CancelScope) -> None:
         # systemd stops a service with SIGTERM: shut down as on Ctrl-C, so that serve()
