@@ -19,7 +19,8 @@ import zstandard
 from ctlive.errors import DeltaFormatError, Phase, RestoreError, StorageError, map_os_errors
 from ctlive.fs import private_dir
 from ctlive.images.changes import ChangeItem, ChangeKind, check_part, safe_name
-from ctlive.images.tree import EMPTY_DIGEST, Entry, decode_manifest, referenced
+from ctlive.images.files import MAX_PART_RANGES
+from ctlive.images.tree import _DIGEST, EMPTY_DIGEST, Entry, decode_manifest, referenced
 
 __all__ = ["TreeReceiver"]
 
@@ -76,7 +77,7 @@ class TreeReceiver:
 
     def _part(self, item: ChangeItem) -> None:
         digest = item.name
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        if not _DIGEST.match(digest):
             raise DeltaFormatError(f"blob name {digest[:80]!r} is not a BLAKE2b-256 hex digest")
         if digest in self.held:
             raise DeltaFormatError(f"blob {digest}: sent again, though already held")
@@ -93,6 +94,8 @@ class TreeReceiver:
         if (i > 0 and sum(p.ranges[i - 1]) > item.offset) or (
                 i < len(p.ranges) and p.ranges[i][0] < item.offset + length):
             raise DeltaFormatError(f"blob {digest}: part at {item.offset} overlaps another")
+        if len(p.ranges) >= MAX_PART_RANGES:  # tiny parts would make each insert costlier
+            raise DeltaFormatError(f"blob {digest}: more than {MAX_PART_RANGES} parts")
         data = zstandard.ZstdDecompressor().decompress(item.data, max_output_size=length)
         if len(data) != length:
             raise DeltaFormatError(f"blob {digest}: part at {item.offset} is not the "

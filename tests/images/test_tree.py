@@ -371,6 +371,18 @@ def test_overlapping_or_missing_blob_parts_are_refused(shm: pathlib.Path) -> Non
         rx.end_iteration()
 
 
+def test_a_blob_in_too_many_parts_is_refused(shm: pathlib.Path) -> None:
+    """One-byte parts of a large blob would make the receiver's part list grow without
+    bound: past MAX_PART_RANGES parts it refuses."""
+    from ctlive.images.files import MAX_PART_RANGES
+
+    rx = TreeReceiver(shm / "work")
+    for i in range(MAX_PART_RANGES):
+        rx.apply(_part("ab" * 32, 1 << 20, 2 * i, b"x"))
+    with pytest.raises(DeltaFormatError, match="parts"):
+        rx.apply(_part("ab" * 32, 1 << 20, 2 * MAX_PART_RANGES, b"x"))
+
+
 def test_every_iteration_carries_the_same_trees(shm: pathlib.Path) -> None:
     (shm / "a").mkdir()
     (shm / "b").mkdir()
