@@ -20,8 +20,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server
 
-from ctlive.errors import ConfigError
+from ctlive.errors import ChannelError, ConfigError
 from ctlive.ops.logs import bind, get_logger, peer_name
+from ctlive.transport.socket import parse_address as socket_address
 
 __all__ = ["OUTCOMES", "PHASES", "MetricsServer", "ReceiverMetrics", "ReceiverObserver",
            "parse_address"]
@@ -92,13 +93,15 @@ class ReceiverMetrics:
 
 
 def parse_address(text: str | tuple[str, int]) -> tuple[str, int]:
-    """``"HOST:PORT"`` (``"[v6]:PORT"``) as a tuple."""
+    """``"HOST:PORT"`` (``"[v6]:PORT"``) as a tuple: the transport's parser, with ValueError
+    and an empty host meaning every address."""
     if isinstance(text, tuple):
         return text
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        host, port = socket_address(text)
+    except ChannelError:
+        raise ValueError(f"expected HOST:PORT, got {text!r}") from None
+    return host or "0.0.0.0", port
 
 
 class MetricsServer:
