@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import pathlib
-import re
 import subprocess
 import time
 from collections.abc import Mapping
@@ -34,8 +33,6 @@ __all__ = [
 ]
 
 _TOP = archive.TOP  # tests and callers name flattened metadata files with it
-_ID = re.compile(r"^[0-9a-f]{64}$")
-_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
 
 
 class PodmanContainer(Backend):
@@ -131,7 +128,7 @@ class PodmanContainer(Backend):
         (:func:`~ctlive.backends.podman_archive.tree_tar`; they replace the archive's own in
         the final dump, so the diff finds what the iterations sent)."""
         image, names, upper = await self._inspect(phase)
-        if _ID.match(image) and (self.destination_images is None
+        if store.IMAGE_ID.match(image) and (self.destination_images is None
                                  or image not in self.destination_images):
             if self._image is None:
                 saved = images_dir.parent / f"podman-image-{image[:12]}.tar"
@@ -272,7 +269,6 @@ class _PodmanRestored(Restored):
         await (await self._record()).run()
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAX_METADATA = 16 << 20
 # config.dump: host paths podman writes to (logs, pid files, its per-container dirs).
 _HOST_FILES = ("logPath", "conmonPidFile", "pid_file", "staticDir", "ShmDir", "secretsPath")
@@ -290,7 +286,7 @@ def podman_restore_name(spec: dict[str, Any]) -> str:
         checks.boolean(spec["tcp_established"], "tcp_established")
     if spec.get("network") is not None:
         netns.parse(spec["network"])
-    return checks.string(spec.get("name"), "name", max_len=64, pattern=_NAME)
+    return checks.string(spec.get("name"), "name", max_len=64, pattern=checks.NAME)
 
 
 def _metadata(images_dir: pathlib.Path, name: str) -> dict[str, Any]:
@@ -373,15 +369,16 @@ def _image_facts(images_dir: pathlib.Path
     config = _metadata(images_dir, "config.dump")
     image_id = config.get("rootfsImageID") or None
     if image_id is not None:
-        image_id = checks.string(image_id, "config.dump.rootfsImageID", pattern=_ID)
+        image_id = checks.string(image_id, "config.dump.rootfsImageID", pattern=store.IMAGE_ID)
     name = config.get("rootfsImageName") or None
     if name is not None:
-        name = checks.string(name, "config.dump.rootfsImageName", max_len=255, pattern=_REF)
+        name = checks.string(name, "config.dump.rootfsImageName", max_len=255,
+                             pattern=store.NAME_OR_REF)
     vols = []
     for i, v in enumerate(config.get("namedVolumes") or []):
         field = f"config.dump.namedVolumes[{i}].volumeName"
         vols.append(checks.string(checks.obj(v, field).get("volumeName"), field, max_len=128,
-                                  pattern=_NAME))
+                                  pattern=checks.NAME))
     source_id = config.get("id") if isinstance(config.get("id"), str) else None
     return image_id, name, vols, source_id
 

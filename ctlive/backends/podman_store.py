@@ -25,9 +25,9 @@ from ctlive.migration.spool import fstype, private_at_rest
 __all__ = ["RECORD", "StoreState", "Undo", "check_at_rest", "ensure_image", "podman_images",
            "storage_roots", "store_state", "thaw"]
 
-_ID = re.compile(r"^[0-9a-f]{64}$")
+IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_NAME_OR_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
+NAME_OR_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
 RECORD = "ctlive-undo.json"
 """The file of an :class:`Undo` record in a restored container's directory of podman's
 store."""
@@ -46,7 +46,7 @@ def podman_images() -> list[str]:
     ids = {line.strip().removeprefix("sha256:") for line in proc.stdout.split()}
     with contextlib.suppress(CtliveError, OSError, subprocess.SubprocessError):
         _ask_roots()  # at the session's start: no podman info in a restore's downtime
-    return sorted(i for i in ids if _ID.match(i))
+    return sorted(i for i in ids if IMAGE_ID.match(i))
 
 
 _ROOTS: dict[str | None, tuple[str, ...]] = {}
@@ -134,7 +134,7 @@ class Undo:
             data = json.loads(undo.record.read_text())
             undo.volumes = [v for v in data["volumes"] if isinstance(v, str) and _NAME.match(v)]
             for key in ("image", "tag"):
-                if isinstance(data[key], str) and _NAME_OR_REF.match(data[key]):
+                if isinstance(data[key], str) and NAME_OR_REF.match(data[key]):
                     setattr(undo, key, data[key])
             if data["netns"] is not None:
                 undo.netns = netns.parse(data["netns"])

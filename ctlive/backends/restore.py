@@ -391,7 +391,8 @@ def check_devices(linux: dict[str, Any], policy: RestorePolicy, where: str
 
 
 _OWN_FILESYSTEMS = ("tmpfs", "proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2")
-_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+"""A container's (runc id, podman name) or an own filesystem's name."""
 _OPTION = re.compile(r"^[\x21-\x7e]{1,256}$")
 
 
@@ -422,7 +423,7 @@ def check_mounts(mounts: Any, policy: RestorePolicy, where: str, *,
                                       f"({f}.source) is not allowed on this receiver "
                                       "(RestorePolicy.allow_host_mounts, "
                                       "RestorePolicy.allowed_bind_sources)")
-        elif ((kind not in _OWN_FILESYSTEMS or not _WORD.match(source))
+        elif ((kind not in _OWN_FILESYSTEMS or not NAME.match(source))
               and not policy.allow_host_mounts):
             refuse(f, f"a {kind[:20]} mount of {source[:80]!r} into {dest} ({f}) is not one of "
                       f"the container's own filesystems ({', '.join(_OWN_FILESYSTEMS)}) and not "

@@ -20,6 +20,7 @@ from ctlive.backends import carry, netns
 from ctlive.backends.criu import run_runtime, summarize_log
 from ctlive.backends.liveread import live_read_dump
 from ctlive.backends.restore import (
+    NAME,
     RestorePolicy,
     boolean,
     check_capabilities,
@@ -218,7 +219,6 @@ class _RuncRestored(Restored):
 
 # --- the receiver's config: its own template, and what it takes from the source ---
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")
 _ENV = re.compile(r"^[^=]+=", re.DOTALL)
 _CPUSET = re.compile(r"^[0-9,-]{0,256}$")
@@ -255,7 +255,7 @@ def runc_restore_config(spec: dict[str, Any], policy: RestorePolicy, *, store: p
     net = netns.parse(spec["network"]) if spec.get("network") is not None else None
     if "tcp_established" in spec:
         boolean(spec["tcp_established"], "tcp_established")
-    cid = string(spec.get("id"), "id", max_len=64, pattern=_ID)
+    cid = string(spec.get("id"), "id", max_len=64, pattern=NAME)
     src = obj(spec.get("config"), "config")
     if spec.get("carry") not in (None, "rootfs"):
         refuse("carry", "carry must be \"rootfs\" (the carried rootfs) or absent")
