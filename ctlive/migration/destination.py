@@ -119,8 +119,6 @@ class Destination:
         check_state_dir(state_dir, spool)
         self.state_dir = private_dir(state_dir)
         self.limits = limits or ReceiverLimits()
-        self.max_migrations = self.limits.max_migrations
-        self.max_image_bytes = self.limits.max_image_bytes
         self.max_state_bytes = self.limits.max_state_bytes or int(
             shutil.disk_usage(self.state_dir).total * 0.9)
         self.journal = Journal(self.state_dir, "destination")
@@ -185,11 +183,11 @@ class Destination:
         return [r for r in self.migrations.values() if r.state in ("receiving", "restoring")]
 
     def _check_size(self, rec: MigrationRecord) -> None:
-        if rec.image_bytes > self.max_image_bytes:
+        if rec.image_bytes > self.limits.max_image_bytes:
             raise ImageTooLargeError(
-                f"the image of migration {rec.migration_id} passed {self.max_image_bytes} "
-                "bytes, the most this receiver accepts for one migration", limit="max_image_bytes",
-                phase=Phase.ITERATE)
+                f"the image of migration {rec.migration_id} passed "
+                f"{self.limits.max_image_bytes} bytes, the most this receiver accepts for one "
+                "migration", limit="max_image_bytes", phase=Phase.ITERATE)
         in_use = sum(r.image_bytes for r in self._active())
         if in_use > self.max_state_bytes:
             raise ImageTooLargeError(
@@ -207,10 +205,10 @@ class Destination:
             self.obs.refused("bad-meta")
             await session.send_error("bad-meta", "missing, malformed or duplicate migration id")
             raise RemoteProtocolError(f"bad migration id {mid!r}")
-        if len(self._active()) >= self.max_migrations:
+        if len(self._active()) >= self.limits.max_migrations:
             await session.send_error("too-many-migrations",
-                                     f"this receiver takes {self.max_migrations} at once")
-            raise ReceiverLimitError(f"migration {mid} refused: {self.max_migrations} are "
+                                     f"this receiver takes {self.limits.max_migrations} at once")
+            raise ReceiverLimitError(f"migration {mid} refused: {self.limits.max_migrations} are "
                                      "already being received", limit="max_migrations")
         rec = self.migrations[mid] = MigrationRecord(mid)
         workdir = self.state_dir / mid
