@@ -227,6 +227,7 @@ def test_a_discarded_copy_leaves_nothing_in_the_destination_store(
         time.sleep(4)  # the source's READY timeout passes: it aborts
         (ctl / "rx-go").touch()
         result = s.result(proc)
+        aborted = time.monotonic()
         assert not result["ok"] and result["error"] == "MigrationError", result
         deadline = time.monotonic() + 30
         while podman(s.b, "ps", "--all", "--quiet") or podman(s.b, "volume", "ls", "--quiet"):
@@ -241,6 +242,11 @@ def test_a_discarded_copy_leaves_nothing_in_the_destination_store(
         time.sleep(0.6)
         later = s.log(s.a)
         assert later == list(range(1, len(later) + 1)) and len(later) > len(first) > 10
+        # Client and all: replies come again after the abort (TCP's back-off decides when).
+        deadline = time.monotonic() + 15
+        while not (s.client.replies and s.client.replies[-1] > aborted):
+            assert s.client.error is None and time.monotonic() < deadline, s.client.error
+            time.sleep(0.1)
         s.client.close()
         assert s.client.error is None, s.client.error
         s.leftovers()
