@@ -91,7 +91,8 @@ class Process(Backend):
     async def _dump(self, images_dir: pathlib.Path, *, final: bool,
                     parent: pathlib.Path | None) -> DumpResult:
         images_dir.mkdir(parents=True, exist_ok=True)
-        if (seen := visible_tmpfs(self.pid, images_dir)) is not None:
+        # Once, at the first dump: the later ones go to the same work directory.
+        if parent is None and (seen := visible_tmpfs(self.pid, images_dir)) is not None:
             raise ConfigError(
                 f"the dump directory {images_dir} is on a tmpfs that process {self.pid} sees "
                 f"at {seen}: CRIU archives every tmpfs in the workload's mount namespace, so "

@@ -47,3 +47,29 @@ def test_process_between_two_hosts(shared: pathlib.Path) -> None:
         assert int(b.run(["cat", f"/proc/{new}/root/tmp/counter"]).stdout) > first > 0
         # No image left in host B's state directory (it is host B's own /run).
         assert [p.name for p in b.path("/run/ctlive").iterdir() if p.is_dir()] == []
+
+
+def test_a_dump_directory_the_workload_sees_on_a_tmpfs_is_refused(shared: pathlib.Path
+                                                                  ) -> None:
+    """The same tree, but its mount namespace keeps host A's /var/tmp, where the source's
+    dumps go by default: CRIU would archive each dump into the next, so the migration is
+    refused before the first dump, saying why and what to set, and the tree runs on."""
+    require_criu()
+    py = sys.executable
+    with Network(index=249) as net:
+        a, b = net.host("host-a"), net.host("host-b")
+        assert a.run(["sh", "-c", f"cat > /tmp/w.py <<'EOF'\n{WORKLOAD}EOF"]).returncode == 0
+        a.popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
+                 f"exec setsid {py} /tmp/w.py </dev/null >/dev/null 2>&1"],
+                start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not (pids := a.run(["pgrep", "-x", "-f", f"{py} /tmp/w.py"]).stdout.split()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        start_receiver(b, shared)
+        result = run_source(a, b, shared, ok=False, kind="process", pid=int(pids[0]),
+                            state="/var/lib/ctlive-src", timeout=120)
+        assert "on a tmpfs that process" in result["message"], result
+        assert "--workdir" in result["message"], result
+        assert a.run(["pgrep", "-x", "-f", f"{py} /tmp/w.py"]).stdout.split() == pids
+        assert a.run(["cat", "/tmp/counter"]).returncode == 0
