@@ -87,6 +87,7 @@ def test_process_carries_its_data_directory(anyio_backend: str, shared: pathlib.
         a.run(["mkdir", "-p", f"{data}/sub"], check=True)
         a.run(["sh", "-c", f"echo kept > {data}/sub/other; ln -s sub/other {data}/link"],
               check=True)
+        a.path(f"{data}/sub/big").write_bytes(os.urandom(1 << 20))  # unchanged: sent once
         pid, match = _start_appender(a, script, f"{data}/log")
         result = _run_pair(a, b, shared, {"kind": "process", "pid": pid, "carry": [data]},
                            loop)
@@ -98,7 +99,9 @@ def test_process_carries_its_data_directory(anyio_backend: str, shared: pathlib.
         assert b.path(f"{data}/sub/other").read_text() == "kept\n"
         assert os.readlink(b.path(f"{data}/link")) == "sub/other"
         # Later iterations carried only what changed (the log), not the whole tree.
-        assert all(n > 0 for n in result["file_bytes"])
+        first, *rest = result["file_bytes"]
+        assert first > 1 << 20 and rest and all(0 < n < first // 4 for n in rest), result
+        assert b.path(f"{data}/sub/big").stat().st_size == 1 << 20
         # No image left behind in host B's state directory.
         assert list(b.path("/run/ctlive").rglob("pages-*.img")) == []
 
