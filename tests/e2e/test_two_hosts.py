@@ -56,7 +56,7 @@ def test_a_dump_directory_the_workload_sees_on_a_tmpfs_is_refused(shared: pathli
     refused before the first dump, saying why and what to set, and the tree runs on."""
     require_criu()
     py = sys.executable
-    with Network(index=249) as net:
+    with Network(index=247) as net:
         a, b = net.host("host-a"), net.host("host-b")
         assert a.run(["sh", "-c", f"cat > /tmp/w.py <<'EOF'\n{WORKLOAD}EOF"]).returncode == 0
         a.popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
