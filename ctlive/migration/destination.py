@@ -472,8 +472,7 @@ async def serve(
             except CtliveError as exc:  # images/ and backends/ map OSError to ctlive errors
                 code = refusal_code(exc)
                 if code != "receiver-failed":
-                    receiver.obs.refused("too-many-migrations" if getattr(exc, "limit", "")
-                                         == "max_migrations" else code, detail=str(exc))
+                    receiver.obs.refused(code, detail=str(exc))
                 await session.send_error(code, str(exc)[:500])
                 if on_session_error is not None:
                     on_session_error(exc)

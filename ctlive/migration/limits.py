@@ -52,7 +52,7 @@ def refusal_code(exc: CtliveError) -> str:
     if isinstance(exc, ImageTooLargeError):
         return "image-too-large"
     if isinstance(exc, ReceiverLimitError):
-        return "limit-reached"
+        return "too-many-migrations" if exc.limit == "max_migrations" else "limit-reached"
     if isinstance(exc, RestoreSpecError):
         return "restore-spec-refused"
     if isinstance(exc, DataAtRestError):
