@@ -18,6 +18,7 @@ import pathlib
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ctlive import backends
@@ -42,7 +43,11 @@ def wipe_images(workdir: pathlib.Path) -> None:
 
 def wipe_images_soon(workdir: pathlib.Path) -> threading.Thread:
     """:func:`wipe_images` in a daemon thread, started now; returns the thread."""
-    t = threading.Thread(target=wipe_images, args=(workdir,), name="ctlive-wipe", daemon=True)
+    return _soon(wipe_images, workdir)
+
+
+def _soon(target: Callable[..., object], *args: object) -> threading.Thread:
+    t = threading.Thread(target=target, args=args, name="ctlive-wipe", daemon=True)
     t.start()
     return t
 
@@ -61,5 +66,4 @@ async def discard_copy(state_dir: pathlib.Path, migration_id: str,
     if isinstance(cid, str) and _ID.match(cid) and not (state_dir / "runc" / cid).exists():
         shutil.rmtree(state_dir / "bundles" / cid, ignore_errors=True)
     # The images may be large: the source waits for the refusal to resume its copy.
-    threading.Thread(target=shutil.rmtree, args=(state_dir / migration_id, True),
-                     name="ctlive-wipe", daemon=True).start()
+    _soon(shutil.rmtree, state_dir / migration_id, True)
