@@ -157,7 +157,9 @@ class Cell:
             "the workload's state did not go on from where it was"
         journal = Journal(self.src_state, "source")
         try:
-            for e in journal.entries():
+            entries = list(journal.entries())
+            assert entries, "the source journalled no migration"  # else the loop checks nothing
+            for e in entries:
                 assert not pathlib.Path(e.data["workdir"]).exists(), "source images left"
                 assert e.state in ("committed", "aborted"), e.state
         finally:
