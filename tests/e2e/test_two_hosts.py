@@ -7,6 +7,7 @@ from __future__ import annotations
 import pathlib
 import sys
 import time
+from typing import Any
 
 import pytest
 from criu_harness import require_criu
@@ -19,21 +20,28 @@ WORKLOAD = ("import time\nn = 0\nwhile True:\n    n += 1\n"
             "    open('/tmp/counter', 'w').write(str(n))\n    time.sleep(0.05)\n")
 
 
+def _start_counter(a: Any, prefix: str) -> list[str]:
+    """The counter tree in host A, in PID and mount namespaces of its own (its shell
+    starting with ``prefix``); its pids as host A numbers them."""
+    py = sys.executable
+    assert a.run(["sh", "-c", f"cat > /tmp/w.py <<'EOF'\n{WORKLOAD}EOF"]).returncode == 0
+    a.popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
+             f"{prefix}exec setsid {py} /tmp/w.py </dev/null >/dev/null 2>&1"],
+            start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not (pids := a.run(["pgrep", "-x", "-f", f"{py} /tmp/w.py"]).stdout.split()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return pids
+
+
 def test_process_between_two_hosts(shared: pathlib.Path) -> None:
     require_criu()
     # `shared` is outside /tmp: the hosts' /tmp are private, the machine's root is shared.
     py = sys.executable
     with Network(index=248) as net:
         a, b = net.host("host-a"), net.host("host-b")
-        assert a.run(["sh", "-c", f"cat > /tmp/w.py <<'EOF'\n{WORKLOAD}EOF"]).returncode == 0
-        a.popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
-                 f"{FRESH_RUN_DIRS}exec setsid {py} /tmp/w.py </dev/null >/dev/null 2>&1"],
-                start_new_session=True)
-        deadline = time.monotonic() + 10
-        while not (pids := a.run(["pgrep", "-x", "-f", f"{py} /tmp/w.py"]).stdout.split()):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        pid = int(pids[0])
+        pid = int(_start_counter(a, FRESH_RUN_DIRS)[0])
         start_receiver(b, shared)
         result = run_source(a, b, shared, kind="process", pid=pid, state="/var/lib/ctlive-src",
                             timeout=120)
@@ -58,14 +66,7 @@ def test_a_dump_directory_the_workload_sees_on_a_tmpfs_is_refused(shared: pathli
     py = sys.executable
     with Network(index=247) as net:
         a, b = net.host("host-a"), net.host("host-b")
-        assert a.run(["sh", "-c", f"cat > /tmp/w.py <<'EOF'\n{WORKLOAD}EOF"]).returncode == 0
-        a.popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
-                 f"exec setsid {py} /tmp/w.py </dev/null >/dev/null 2>&1"],
-                start_new_session=True)
-        deadline = time.monotonic() + 10
-        while not (pids := a.run(["pgrep", "-x", "-f", f"{py} /tmp/w.py"]).stdout.split()):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        pids = _start_counter(a, "")
         start_receiver(b, shared)
         result = run_source(a, b, shared, ok=False, kind="process", pid=int(pids[0]),
                             state="/var/lib/ctlive-src", timeout=120)
